@@ -1,0 +1,106 @@
+"""``attach``: Speed Limited Optimization on an existing optimizer, without wrapping it.
+
+Registers a step pre-hook (and, for ``mode="update"``, a post-hook) on the optimizer instance. The
+optimizer object, its class and its checkpoints are unchanged; ``handle.remove()`` undoes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layers import SpeedSpec
+from .limiter import SpeedLimiter
+
+__all__ = ["attach", "SLOHandle"]
+
+
+class SLOHandle:
+    """Returned by :func:`attach`: read-outs of the limiter and ``remove()``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, limiter: SpeedLimiter) -> None:
+        self.optimizer = optimizer
+        self.limiter = limiter
+        self._skipped = False
+        self._handles = [optimizer.register_step_pre_hook(self._pre_hook)]
+        if limiter.mode == "update":
+            self._handles.append(optimizer.register_step_post_hook(self._post_hook))
+        optimizer._slo_attached = True  # type: ignore[attr-defined]
+
+    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
+        if len(args) > 1 or kwargs.get("closure") is not None:  # args[0] is the optimizer
+            raise RuntimeError(
+                "attach() cannot speed-limit a step with a closure (the gradients do not exist yet when "
+                "the hook runs); use SLOptimizer(optimizer, ...) instead"
+            )
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        found_inf = getattr(optimizer, "found_inf", None)
+        proceed = self.limiter.before_step(grad_scale, found_inf)
+        self._skipped = not proceed
+        if not proceed and (found_inf is None or not bool(found_inf)):
+            self.limiter.skip_all_grads()  # non-finite gradient: make the step a no-op
+
+    def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
+        if not self._skipped:
+            self.limiter.after_step()
+
+    @property
+    def mode(self) -> str:
+        """``"grad"`` or ``"update"``."""
+        return self.limiter.mode
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the speed-limited layers, in model order."""
+        return list(self.limiter.layer_names)
+
+    @property
+    def last_grad_norms(self) -> dict[str, Tensor]:
+        """Per-layer gradient norms of the last step, before normalisation (0-dim tensors)."""
+        return self.limiter.last_grad_norms
+
+    @property
+    def last_update_norms(self) -> dict[str, Tensor]:
+        """``mode="update"``: per-layer norms of the optimizer's update before rescaling."""
+        return self.limiter.last_update_norms
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Number of steps turned into no-ops because of a non-finite gradient."""
+        return self.limiter.nonfinite_steps
+
+    def remove(self) -> None:
+        """Detach: the optimizer steps as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.optimizer.__dict__.pop("_slo_attached", None)
+
+
+def attach(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module | None,
+    speeds: SpeedSpec,
+    mode: str = "grad",
+    eps: float = 0.0,
+    per_tensor: bool = False,
+    on_nonfinite: str = "skip",
+) -> SLOHandle:
+    """Speed-limit ``optimizer`` in place: ``g_l <- C_l g_l / (||g_l||_F + eps)`` before each step.
+
+    Same arguments and maths as :class:`SLOptimizer`. A non-finite gradient sets every gradient to
+    ``None`` so the step changes neither parameters nor (for ``torch.optim`` optimizers) their state.
+    Closures are not supported. Returns a handle; ``handle.remove()`` restores plain steps.
+    """
+    from .optimizer import SLOptimizer
+
+    if isinstance(optimizer, SLOptimizer):
+        raise ValueError("This optimizer is already an SLOptimizer; attach() to a plain optimizer only")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if getattr(optimizer, "_slo_attached", False):
+        raise ValueError("A speed limit is already attached to this optimizer; call handle.remove() first")
+    limiter = SpeedLimiter(optimizer, model, speeds, mode, eps, per_tensor, on_nonfinite)
+    return SLOHandle(optimizer, limiter)

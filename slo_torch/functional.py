@@ -1,0 +1,132 @@
+"""Speed Limited Optimization as plain functions of tensor lists.
+
+Tensors are assigned to layers by an integer tensor ``layer_index`` (one entry per tensor). All
+per-layer quantities stay on the device: norms come from ``torch._foreach_norm`` per
+(device, dtype) group, are combined per layer with ``index_add_`` and turned into coefficients with
+``torch.where``; nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+__all__ = ["layer_sq_norms", "slo_coefficients", "scale_layers_", "add_scaled_layers_", "slo_rescale_"]
+
+
+def _accumulate_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def layer_sq_norms(
+    tensors: Sequence[Tensor],
+    layer_index: Tensor,
+    num_layers: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    grouped: dict | None = None,
+) -> Tensor:
+    """Per-layer sums of squares: ``s_l = sum_{i: layer_index[i] = l} ||t_i||_F^2``.
+
+    One ``torch._foreach_norm`` per (device, dtype) group, then a segment sum (``index_add_``) on
+    ``device`` (default: the first tensor's). Accumulates in float64 if any tensor is float64, else
+    float32. Sparse tensors count their (coalesced) values. Returns a tensor of shape
+    ``(num_layers,)``; ``layer_index`` lives on ``device``.
+    ``grouped`` may pass a precomputed ``_group_tensors_by_device_and_dtype([tensors], True)``.
+    """
+    if device is None:
+        device = layer_index.device
+    if dtype is None:
+        dtype = _accumulate_dtype(tensors)
+    out = torch.zeros(num_layers, dtype=dtype, device=device)
+    if not tensors:
+        return out
+    if grouped is None:
+        grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)  # type: ignore[arg-type]
+    single = len(grouped) == 1
+    for (dev, dt), ((group,), indices) in grouped.items():
+        norm_dtype = dtype if dt in (torch.float16, torch.bfloat16) else None
+        try:
+            norms = torch._foreach_norm(group, 2, dtype=norm_dtype) if norm_dtype else torch._foreach_norm(group, 2)
+        except (RuntimeError, NotImplementedError):
+            if not any(t.is_sparse for t in group):
+                raise
+            norms = [torch.linalg.vector_norm(t.coalesce()._values() if t.is_sparse else t, dtype=norm_dtype)
+                     for t in group]
+        sq = torch.stack(norms).to(device=device, dtype=dtype, non_blocking=True).square_()
+        idx = layer_index if single else layer_index[torch.tensor(indices, device=device)]
+        out.index_add_(0, idx, sq)
+    return out
+
+
+def slo_coefficients(norms: Tensor, speeds: Tensor, eps: float = 0.0) -> Tensor:
+    """Per-layer scale ``c_l = C_l / (||g_l|| + eps)``, and ``c_l = 1`` where ``||g_l|| = 0``.
+
+    ``torch.where`` keeps it on the device; a zero layer therefore stays exactly zero.
+    """
+    denominator = norms + eps if eps else norms
+    return torch.where(norms > 0, speeds / denominator, 1.0)  # the 0/0 branch is never selected
+
+
+def scale_layers_(tensors: Sequence[Tensor], layer_index: Tensor, coefficients: Tensor) -> None:
+    """In place ``t_i <- c_{layer_index[i]} * t_i`` with one ``torch._foreach_mul_`` per (device, dtype)."""
+    if not tensors:
+        return
+    per_tensor = coefficients[layer_index]
+    if any(t.is_sparse for t in tensors):
+        for t, c in zip(tensors, per_tensor.unbind(0)):
+            t.mul_(c.to(t.device))
+        return
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)  # type: ignore[arg-type]
+    single = len(grouped) == 1
+    for (dev, _dt), ((group,), indices) in grouped.items():
+        coef = per_tensor if single else per_tensor[torch.tensor(indices, device=per_tensor.device)]
+        coef = coef.to(device=dev, non_blocking=True)
+        torch._foreach_mul_(group, coef.unbind(0))
+
+
+def add_scaled_layers_(
+    targets: Sequence[Tensor], sources: Sequence[Tensor], layer_index: Tensor, coefficients: Tensor
+) -> None:
+    """In place ``t_i <- t_i + c_{layer_index[i]} * s_i`` (one ``torch._foreach_addcmul_`` per group)."""
+    if not targets:
+        return
+    per_tensor = coefficients[layer_index]
+    grouped = _group_tensors_by_device_and_dtype([list(targets), list(sources)], with_indices=True)  # type: ignore[arg-type]
+    single = len(grouped) == 1
+    for (dev, _dt), ((group_t, group_s), indices) in grouped.items():
+        coef = per_tensor if single else per_tensor[torch.tensor(indices, device=per_tensor.device)]
+        coef = coef.to(device=dev, non_blocking=True)
+        torch._foreach_addcmul_(group_t, group_s, coef.unbind(0))
+
+
+def slo_rescale_(
+    layers: Sequence[Sequence[Tensor] | Tensor],
+    speeds: Sequence[float] | Tensor,
+    eps: float = 0.0,
+) -> Tensor:
+    """Rescale each layer's tensors jointly to norm ``C_l``: ``t <- C_l * t / (||t_l||_F + eps)``.
+
+    ``layers[l]`` is a tensor or a list of tensors (e.g. the gradients of a weight and its bias);
+    a layer of norm zero is left at zero. Returns the pre-rescaling norms ``||t_l||_F``, shape
+    ``(len(layers),)``. No host synchronisation.
+    """
+    flat: list[Tensor] = []
+    index: list[int] = []
+    for i, layer in enumerate(layers):
+        members = [layer] if isinstance(layer, Tensor) else list(layer)
+        flat.extend(members)
+        index.extend([i] * len(members))
+    if not flat:
+        return torch.zeros(0)
+    device = flat[0].device
+    layer_index = torch.tensor(index, device=device, dtype=torch.long)
+    norms = layer_sq_norms(flat, layer_index, len(layers)).sqrt_()
+    speed_t = torch.as_tensor(speeds, dtype=norms.dtype, device=device)
+    if speed_t.shape != norms.shape:
+        raise ValueError(f"speeds has {speed_t.numel()} entries, expected one per layer ({len(layers)})")
+    scale_layers_(flat, layer_index, slo_coefficients(norms, speed_t, eps))
+    return norms

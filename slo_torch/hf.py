@@ -1,0 +1,143 @@
+"""``transformers`` Trainer integration: log SLO's per-layer gradient norms.
+
+    trainer = Trainer(model, args, ..., optimizer_cls_and_kwargs=(SLOptimizer, dict(
+        base_optimizer=torch.optim.AdamW, model=model, speeds=promote(model, "layer", 10.0),
+        mode="update", lr=3e-4)), callbacks=[SLOCallback()])
+
+Logged at every logging step, averaged over the optimizer steps since the previous log:
+``slo/grad_norm/<layer>`` (``||g_l||_F`` before normalisation) and ``slo/nonfinite_steps``.
+At ``on_train_begin`` the callback moves itself ahead of the ``report_to`` reporters (so TensorBoard,
+W&B, ... receive its values) and warns once if the Trainer clips gradients (``max_grad_norm > 0``)
+while SLO runs in ``mode="grad"``: the per-layer normalisation undoes the common clipping factor.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler
+
+__all__ = ["SLOCallback", "find_slo", "run_before_reporters"]
+
+
+def run_before_reporters(callback: TrainerCallback) -> bool:
+    """Move ``callback`` to the front of the Trainer's callback list; call it from one of its events.
+
+    The Trainer registers the ``report_to`` reporters (TensorBoard, W&B, ...) before user callbacks,
+    so values a callback adds to ``logs`` in ``on_log`` would not reach them. Callbacks get no
+    reference to the list, so it is taken from the calling ``CallbackHandler.call_event`` frame.
+    Moving the element at index ``i`` to ``0`` while the handler iterates at ``i`` keeps every later
+    index, so no callback is skipped or called twice. Returns False (and changes nothing) if the
+    handler is not found; order by hand then:
+    ``trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))``.
+    """
+    frame = inspect.currentframe()
+    for _ in range(8):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return False
+        handler = frame.f_locals.get("self")
+        if isinstance(handler, CallbackHandler) and callback in handler.callbacks:
+            callbacks = handler.callbacks
+            callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
+            return True
+    return False
+
+
+def find_slo(optimizer: Any) -> Any | None:
+    """The object exposing ``last_grad_norms`` inside ``optimizer``.
+
+    Unwraps accelerate's ``AcceleratedOptimizer`` (and similar wrappers) through ``.optimizer``;
+    ``None`` when no SLOptimizer is found.
+    """
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if hasattr(type(optimizer), "last_grad_norms") or "last_grad_norms" in getattr(optimizer, "__dict__", {}):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return None
+
+
+class SLOCallback(TrainerCallback):
+    """Adds ``slo/grad_norm/<layer>`` and ``slo/nonfinite_steps`` to the Trainer's logs.
+
+    Finds the :class:`~slo_torch.SLOptimizer` in the Trainer's optimizer, or uses ``source`` (an
+    ``SLOptimizer`` or the handle returned by :func:`~slo_torch.attach`). Norms stay on the device
+    between logs (one host transfer per log). Values are written into the ``logs`` of ``on_log`` and
+    into ``state.log_history``; callbacks that report ``logs`` see them if they run after this one.
+    """
+
+    def __init__(self, source: Any | None = None, prefix: str = "slo/grad_norm/") -> None:
+        self.source = source
+        self.prefix = prefix
+        self._sums: dict[str, Tensor] = {}
+        self._count = 0
+
+    def _slo(self, kwargs: dict[str, Any]) -> Any | None:
+        return self.source if self.source is not None else find_slo(kwargs.get("optimizer"))
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Run ahead of the reporters; warn once when ``max_grad_norm`` clipping meets grad-mode SLO."""
+        if not run_before_reporters(self):
+            warnings.warn(
+                "SLOCallback could not find the Trainer's callback list; reporters that run before it "
+                "will not see the slo/* values (log_history still gets them). Put it first with "
+                "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback)).",
+                stacklevel=2,
+            )
+        slo = self._slo(kwargs)
+        if slo is not None and getattr(slo, "mode", None) == "grad" and (args.max_grad_norm or 0) > 0:
+            warnings.warn(
+                f"TrainingArguments.max_grad_norm={args.max_grad_norm} clips the gradients before "
+                "SLOptimizer normalises every speed-limited layer to norm C_l (mode='grad'), which undoes "
+                "the clipping; pass max_grad_norm=0.0 to skip the wasted pass (slo/grad_norm/* then "
+                "reports unclipped norms).",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        slo = self._slo(kwargs)
+        if slo is None:
+            return
+        norms = slo.last_grad_norms
+        if not norms:
+            return
+        for name, value in norms.items():
+            value = value.detach()
+            self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
+        self._count += 1
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        slo = self._slo(kwargs)
+        if slo is None or logs is None or (not self._count and "loss" not in logs):
+            return
+        extra: dict[str, float] = {}
+        if self._count:
+            names = list(self._sums)
+            means = (torch.stack([v.float() for v in self._sums.values()]) / self._count).tolist()
+            extra.update({f"{self.prefix}{name or '<root>'}": m for name, m in zip(names, means)})
+        extra["slo/nonfinite_steps"] = float(slo.nonfinite_steps)
+        self._sums, self._count = {}, 0
+        if not state.is_world_process_zero:
+            return
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)

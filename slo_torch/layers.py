@@ -1,0 +1,247 @@
+"""Which tensors form a layer, and which speed each layer gets.
+
+A *layer* is a module's own parameters (``module.parameters(recurse=False)``: weight and bias
+together), named by its ``model.named_modules()`` name; with ``per_tensor=True`` every parameter is
+its own layer, named by its ``model.named_parameters()`` name. A parameter shared by several modules
+(tied weights) belongs to the first module that owns it.
+
+Speeds are given as
+
+* a dict of :func:`fnmatch.fnmatchcase` patterns over layer names; the most specific matching pattern
+  wins (see :func:`pattern_specificity`), ``"*"`` is the default, a ``None`` value exempts layers;
+* a list in layer order (``None`` entries leave that layer untouched);
+* ``None``: each tensor of a parameter group with a ``"speed"`` key is a layer of that speed.
+
+Layers that get no speed are left untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+__all__ = ["Layer", "resolve_layers", "promote", "promote_lowest", "pattern_specificity", "check_speed",
+           "unwrap_model"]
+
+_WILDCARDS = "*?["
+
+SpeedSpec = Mapping[str, float] | Sequence[float | None] | None
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One speed-limited unit: ``name``, its tensors ``params`` (model order) and its ``speed``."""
+
+    name: str
+    params: tuple[torch.Tensor, ...]
+    speed: float | None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip ``DistributedDataParallel``/``DataParallel``/``torch.compile`` wrappers (their name prefixes)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def check_speed(speed: object, where: str) -> float:
+    """Return ``speed`` as a float; ``ValueError`` unless it is a finite number ``>= 0``."""
+    if isinstance(speed, torch.Tensor):
+        speed = speed.item()
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
+        raise ValueError(f"Invalid speed for {where}: {speed!r}; speeds must be finite numbers >= 0")
+    speed = float(speed)
+    if not math.isfinite(speed) or speed < 0:
+        raise ValueError(f"Invalid speed for {where}: {speed}; speeds must be finite numbers >= 0")
+    return speed
+
+
+def pattern_specificity(pattern: str) -> tuple[int, int, int]:
+    """Rank of a pattern; the larger tuple is the more specific.
+
+    ``(exact, literal characters, -wildcards)``: a name without wildcards (``* ? [``) beats any glob;
+    among globs, more literal text wins, then fewer wildcards. ``"*"`` is therefore the least specific.
+    """
+    wildcards = sum(pattern.count(c) for c in _WILDCARDS)
+    literal = len(pattern) - wildcards
+    return (int(wildcards == 0), literal, -wildcards)
+
+
+def _named_owners(model: nn.Module, per_tensor: bool) -> dict[int, tuple[str, str]]:
+    """``id(param) -> (layer name, module name)`` in model order, first owner wins."""
+    owners: dict[int, tuple[str, str]] = {}
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if id(p) not in owners:
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                owners[id(p)] = (full if per_tensor else mod_name, mod_name)
+    return owners
+
+
+def _match_dict(
+    names: list[str], aliases: dict[str, str], speeds: Mapping[str, object], known: dict[str, str]
+) -> dict[str, float | None]:
+    """Resolve a pattern dict to ``{layer name: speed}`` (most specific pattern wins; ``None``: no limit)."""
+    checked: dict[str, float | None] = {}
+    for pattern, value in speeds.items():
+        if not isinstance(pattern, str):
+            raise ValueError(f"speed patterns must be strings, got {pattern!r}")
+        checked[pattern] = None if value is None else check_speed(value, f"pattern {pattern!r}")
+    out: dict[str, float | None] = {}
+    for name in names:
+        candidates = [
+            pat for pat in checked if fnmatchcase(name, pat) or fnmatchcase(aliases.get(name, name), pat)
+        ]
+        if not candidates:
+            continue
+        ranked = sorted(candidates, key=pattern_specificity, reverse=True)
+        if len(ranked) > 1 and pattern_specificity(ranked[0]) == pattern_specificity(ranked[1]):
+            raise ValueError(
+                f"Layer {name!r} is matched equally specifically by patterns {ranked[0]!r} and "
+                f"{ranked[1]!r}; add an exact entry for {name!r}"
+            )
+        out[name] = checked[ranked[0]]
+    # a pattern must name some layer of the model (it may be outside this optimizer, e.g. added later)
+    unknown = [pat for pat in checked if pat != "*" and not any(
+        fnmatchcase(n, pat) or fnmatchcase(m, pat) for n, m in known.items())]
+    if unknown:
+        raise ValueError(
+            f"Speed pattern(s) {unknown} match no layer. Layers (modules with their own "
+            f"parameters) are: {list(known)}"
+        )
+    return out
+
+
+def resolve_layers(
+    model: nn.Module | None,
+    speeds: SpeedSpec,
+    params: Iterable[torch.Tensor] | Sequence[Mapping[str, object]] | None = None,
+    per_tensor: bool = False,
+) -> list[Layer]:
+    """Group ``params`` into layers of ``model`` and give each its speed ``C_l``.
+
+    ``params`` are the tensors to limit (default: all of ``model``'s parameters), or parameter groups
+    (dicts with ``"params"``; needed when ``speeds`` is ``None`` and the groups carry ``"speed"``).
+    Returns every layer in model order, ``speed=None`` where no speed applies.
+    Raises ``ValueError`` for a parameter that is not in ``model``, a pattern that matches no layer,
+    a list of the wrong length, or a negative/NaN/inf speed.
+    """
+    groups = _as_groups(model, params)
+    if speeds is None:
+        return _layers_from_groups(model, groups)
+    if model is None:
+        raise ValueError("model is required to resolve speeds by layer name; pass model=...")
+    model = unwrap_model(model)
+    owners = _named_owners(model, per_tensor)
+    by_layer: dict[str, list[torch.Tensor]] = {}
+    module_of: dict[str, str] = {}
+    seen: set[int] = set()
+    missing = 0
+    for group in groups:
+        for p in group["params"]:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if id(p) not in owners:
+                missing += 1
+                continue
+            layer, mod_name = owners[id(p)]
+            by_layer.setdefault(layer, []).append(p)
+            module_of[layer] = mod_name
+    if missing:
+        raise ValueError(
+            f"{missing} optimized parameter(s) are not parameters of the given model; pass the model "
+            "that owns every parameter of the optimizer (model=...)"
+        )
+    order = {name: i for i, name in enumerate(dict.fromkeys(n for n, _ in owners.values()))}
+    names = sorted(by_layer, key=order.__getitem__)
+    if isinstance(speeds, Mapping):
+        known = dict(owners.values())
+        resolved = _match_dict(names, module_of, speeds, known)
+        return [Layer(n, tuple(by_layer[n]), resolved.get(n)) for n in names]
+    if isinstance(speeds, (str, bytes)) or not isinstance(speeds, Sequence):
+        raise ValueError(
+            f"speeds must be a dict of layer-name patterns, a list in layer order, or None "
+            f"(param groups with a 'speed' key); got {type(speeds).__name__}"
+        )
+    if len(speeds) != len(names):
+        raise ValueError(f"speeds list has {len(speeds)} entries but there are {len(names)} layers: {names}")
+    return [
+        Layer(n, tuple(by_layer[n]), None if s is None else check_speed(s, f"layer {n!r}"))
+        for n, s in zip(names, speeds)
+    ]
+
+
+def _as_groups(
+    model: nn.Module | None, params: Iterable[torch.Tensor] | Sequence[Mapping[str, object]] | None
+) -> list[Mapping[str, object]]:
+    if params is None:
+        if model is None:
+            raise ValueError("pass model=... or params=...")
+        return [{"params": list(model.parameters())}]
+    params = list(params)
+    if params and isinstance(params[0], Mapping):
+        return [dict(g, params=list(g["params"])) for g in params]  # type: ignore[arg-type]
+    return [{"params": params}]
+
+
+def _layers_from_groups(model: nn.Module | None, groups: list[Mapping[str, object]]) -> list[Layer]:
+    """Each tensor of a group with a ``"speed"`` key is a layer named by its parameter name."""
+    names: dict[int, str] = {}
+    if model is not None:
+        names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
+    if not any(group.get("speed") is not None for group in groups):
+        raise ValueError(
+            "No speeds given: pass speeds={pattern: C, ...} (or a list in layer order), or put a "
+            "'speed' key in the optimizer's param groups"
+        )
+    layers = []
+    for gi, group in enumerate(groups):
+        speed = group.get("speed")
+        if speed is not None:
+            speed = check_speed(speed, f"param group {gi}")
+        for pi, p in enumerate(group["params"]):  # type: ignore[union-attr]
+            if model is not None and id(p) not in names:
+                raise ValueError(
+                    f"Parameter {pi} of param group {gi} is not a parameter of the given model; pass the "
+                    "model that owns every parameter of the optimizer (model=...)"
+                )
+            layers.append(Layer(names.get(id(p), f"group{gi}.{pi}"), (p,), speed))
+    return layers
+
+
+def promote(model: nn.Module, layer: str, C: float) -> dict[str, float]:
+    """Speeds that promote one layer and throttle the rest: ``{layer: C, "*": 1/C}``.
+
+    The paper's recipe (e.g. ``C = 500``: the layer moves at 500, every other layer at 0.002).
+    ``layer`` must name a module of ``model`` with its own parameters, ``C`` must be finite and > 0.
+    """
+    C = check_speed(C, f"promote({layer!r})")
+    if C == 0:
+        raise ValueError("promote() needs C > 0 (the other layers get 1/C)")
+    model = unwrap_model(model)
+    names = list(dict.fromkeys(n for n, _ in _named_owners(model, per_tensor=False).values()))
+    if layer not in names:
+        raise ValueError(f"Unknown layer {layer!r}; layers with their own parameters are: {names}")
+    return {layer: C, "*": 1.0 / C}
+
+
+def promote_lowest(model: nn.Module, scores: Mapping[str, float], C: float) -> dict[str, float]:
+    """``promote(model, argmin_l scores[l], C)``: promote the layer with the lowest score.
+
+    The paper's prototype promotes the layer whose current NFA correlation is lowest; pass e.g.
+    ``{name: record.c_nfa for name, record in monitor.measure(X).items()}``. NaN scores are ignored.
+    """
+    finite = {name: float(v) for name, v in scores.items() if not math.isnan(float(v))}
+    if not finite:
+        raise ValueError("promote_lowest() needs at least one non-NaN score, e.g. {layer name: NFA correlation}")
+    return promote(model, min(finite, key=finite.__getitem__), C)

@@ -1,0 +1,315 @@
+"""The per-step engine shared by :class:`~slo_torch.SLOptimizer` and :func:`~slo_torch.attach`.
+
+``before_step`` computes every gradient's norm in one pass (speed-limited layers plus one extra bin
+for all other parameters), decides with a single host synchronisation whether the step may run
+(non-finite gradients, GradScaler's ``found_inf``), and in ``mode="grad"`` rescales the gradients.
+In ``mode="update"`` it snapshots the limited parameters, and ``after_step`` rescales each layer's
+parameter change to norm ``lr * C_l``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from .distributed import all_reduce_sum_, is_dtensor, local_tensor, shard_groups
+from .functional import add_scaled_layers_, layer_sq_norms, scale_layers_, slo_coefficients
+from .layers import SpeedSpec, resolve_layers
+
+__all__ = ["SpeedLimiter", "MODES", "NONFINITE_CHOICES"]
+
+MODES = ("grad", "update")
+NONFINITE_CHOICES = ("skip", "raise")
+
+
+class SpeedLimiter:
+    """Speed-limit the layers of ``model`` optimized by ``optimizer`` (see :class:`SLOptimizer`)."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module | None,
+        speeds: SpeedSpec,
+        mode: str = "grad",
+        eps: float = 0.0,
+        per_tensor: bool = False,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"Unknown mode {mode!r}; valid choices: {MODES}")
+        if on_nonfinite not in NONFINITE_CHOICES:
+            raise ValueError(f"Unknown on_nonfinite {on_nonfinite!r}; valid choices: {NONFINITE_CHOICES}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"Invalid eps: {eps!r}; eps must be a finite number >= 0")
+        self.optimizer = optimizer
+        self.model = model
+        self.speeds = speeds
+        self.mode = mode
+        self.eps = float(eps)
+        self.per_tensor = bool(per_tensor)
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite_steps = 0
+        self._norms: Tensor | None = None
+        self._update_norms: Tensor | None = None
+        self._snapshot: tuple[list[Tensor], list[Tensor], list[int] | None] | None = None
+        self._signature: tuple[Any, ...] | None = None
+        self._lr_cache: tuple[tuple[Any, ...], Tensor] | None = None
+        self.refresh()
+
+    # ------------------------------------------------------------------ plan
+    def _group_signature(self, groups: list[dict[str, Any]]) -> tuple[Any, ...]:
+        return tuple((id(g["params"]), len(g["params"]), g.get("speed")) for g in groups)
+
+    def check_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Validate a would-be list of param groups (``ValueError`` if it cannot be speed-limited)."""
+        resolve_layers(self.model, self.speeds, groups, self.per_tensor)
+        if self.mode == "update":
+            for i, g in enumerate(groups):
+                if "lr" not in g:
+                    raise ValueError(f"mode='update' needs an 'lr' in every param group; group {i} has none")
+
+    def set_speeds(self, speeds: SpeedSpec) -> None:
+        """Replace the speed specification (validated now; optimizer state is kept)."""
+        old = self.speeds
+        self.speeds = speeds
+        try:
+            self.check_groups(self.optimizer.param_groups)
+        except ValueError:
+            self.speeds = old
+            raise
+        self._signature = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuild the plan if the optimizer's param groups (or their speeds) changed."""
+        groups = self.optimizer.param_groups
+        signature = self._group_signature(groups)
+        if signature == self._signature:
+            return
+        self.check_groups(groups)
+        self._build(groups)
+        self._signature = signature
+
+    def _build(self, groups: list[dict[str, Any]]) -> None:
+        layers = [layer for layer in resolve_layers(self.model, self.speeds, groups, self.per_tensor)
+                  if layer.speed is not None]
+        self.layer_names = [layer.name for layer in layers]
+        self.layer_speeds = [layer.speed for layer in layers]
+        num = len(layers)
+        params: list[Tensor] = []
+        bins: list[int] = []
+        for i, layer in enumerate(layers):
+            params.extend(layer.params)
+            bins.extend([i] * len(layer.params))
+        limited_ids = {id(p) for p in params}
+        seen = set(limited_ids)
+        for g in groups:
+            for p in g["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+                    bins.append(num)
+        self._params = params
+        self._n_limited = len(limited_ids)
+        first = local_tensor(params[0]) if params else None
+        self._device = first.device if first is not None else torch.device("cpu")
+        self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        self._bins = torch.tensor(bins, dtype=torch.long, device=self._device)
+        self._bins_list = bins
+        self._speeds = torch.tensor(self.layer_speeds, dtype=self._dtype, device=self._device)
+        group_of = {}
+        for gi, g in enumerate(groups):
+            for p in g["params"]:
+                group_of.setdefault(id(p), gi)
+        self._layer_group = torch.tensor([group_of[id(layer.params[0])] for layer in layers],
+                                         dtype=torch.long, device=self._device)
+        # sharded tensors: bucket index -> process groups; plain tensors are bucket 0 (no reduce)
+        keys: dict[tuple[int, ...], int] = {(): 0}
+        self._reduce_groups: list[tuple[Any, ...]] = [()]
+        self._bucket = []
+        for p in params:
+            pgs = shard_groups(p)
+            key = tuple(id(pg) for pg in pgs)
+            if key not in keys:
+                keys[key] = len(self._reduce_groups)
+                self._reduce_groups.append(pgs)
+            self._bucket.append(keys[key])
+        self._distributed = len(self._reduce_groups) > 1
+        self._has_dtensor = any(is_dtensor(p) for p in params)
+        self._buffers: dict[int, Tensor] = {}
+        self._lr_cache = None
+        self._sparse: bool | None = None
+        self._uniform: bool | None = None
+        # fast path (every gradient present, one device and dtype): per-tensor coefficients are
+        # written into one buffer whose 0-dim views are reused by torch._foreach_mul_ every step
+        self._bins_limited = self._bins[: self._n_limited]
+        self._coef_buf = torch.empty(self._n_limited, dtype=self._dtype, device=self._device)
+        self._coef_views = self._coef_buf.unbind(0)
+
+    # ------------------------------------------------------------ quantities
+    @property
+    def last_grad_norms(self) -> dict[str, Tensor]:
+        """Per-layer gradient norms ``||g_l||_F`` of the last step (before normalisation), 0-dim tensors."""
+        if self._norms is None:
+            return {}
+        return dict(zip(self.layer_names, self._norms.unbind(0)))
+
+    @property
+    def last_update_norms(self) -> dict[str, Tensor]:
+        """``mode="update"``: per-layer norms of the base optimizer's update before rescaling."""
+        if self._update_norms is None:
+            return {}
+        return dict(zip(self.layer_names, self._update_norms.unbind(0)))
+
+    def _sq_norms(
+        self, tensors: list[Tensor], bins: Tensor, keep: list[int] | None, grouped: dict | None = None
+    ) -> Tensor:
+        """Per-bin sums of squares of the whole (unsharded) tensors."""
+        nbins = len(self.layer_names) + 1
+        if not self._distributed:
+            return layer_sq_norms(tensors, bins, nbins, self._device, self._dtype, grouped)
+        owners = keep if keep is not None else range(len(tensors))
+        members: list[list[int]] = [[] for _ in self._reduce_groups]
+        for j, i in enumerate(owners):
+            members[self._bucket[i]].append(j)
+        total = torch.zeros(nbins, dtype=self._dtype, device=self._device)
+        for b, (pgs, js) in enumerate(zip(self._reduce_groups, members)):
+            idx = torch.tensor(js, dtype=torch.long, device=self._device)
+            sq = layer_sq_norms([tensors[j] for j in js], bins[idx], nbins, self._device, self._dtype)
+            if b:  # every rank calls the all-reduce, with or without local gradients
+                all_reduce_sum_(sq, pgs)
+            total += sq
+        return total
+
+    def _gather(self) -> tuple[list[Tensor], Tensor, int, list[int] | None]:
+        grads = [p.grad for p in self._params]
+        if not any(g is None for g in grads):
+            return grads, self._bins, self._n_limited, None  # type: ignore[return-value]
+        keep = [i for i, g in enumerate(grads) if g is not None]
+        n_lim = sum(1 for i in keep if i < self._n_limited)
+        bins = self._bins[torch.tensor(keep, dtype=torch.long, device=self._device)]
+        return [grads[i] for i in keep], bins, n_lim, keep  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def before_step(self, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> bool:
+        """Norms, the skip decision (one host sync) and, in ``"grad"`` mode, the rescaling.
+
+        ``grad_scale``/``found_inf`` come from ``GradScaler`` when the base optimizer unscales
+        gradients itself (fused optimizers): gradients are then ``S * g``, norms are reported as
+        ``||S g|| / S`` and the coefficient ``C / (||g|| + eps)`` applied to ``S g`` leaves the base's
+        own unscaling to produce ``C g / (||g|| + eps)``. Returns False if the step must be skipped.
+        """
+        self.refresh()
+        self._snapshot = None
+        grads, bins, n_lim, keep = self._gather()
+        if self._has_dtensor:
+            grads = [local_tensor(g) for g in grads]
+        grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True)  # type: ignore[arg-type]
+        if self._sparse is None:  # a parameter's gradient layout does not change between steps
+            self._sparse = any(g.is_sparse for g in grads)
+        sparse = self._sparse
+        sq = self._sq_norms(grads, bins, keep, grouped)
+        # the one host synchronisation of the step: [any non-finite norm, GradScaler found inf]
+        if found_inf is None:
+            decision = [not bool(torch.isfinite(sq).all())]
+        else:
+            flags = [~torch.isfinite(sq).all(), found_inf.to(self._device, non_blocking=True) > 0]
+            decision = torch.stack(flags).tolist()
+        norms = sq[:-1].sqrt()
+        if grad_scale is not None:
+            norms = norms * grad_scale.double().reciprocal().to(device=self._device, dtype=self._dtype)
+        self._norms = norms
+        if len(decision) > 1 and decision[1]:
+            return False  # GradScaler found inf/NaN: it handles the skip and the scale backoff
+        if decision[0]:
+            self._report_nonfinite(sq)
+            return False
+        if self.mode == "grad":
+            coefficients = slo_coefficients(norms, self._speeds, self.eps)
+            if keep is None and not sparse and len(grouped) == 1 and next(iter(grouped))[0] == self._device:
+                torch.index_select(coefficients, 0, self._bins_limited, out=self._coef_buf)
+                torch._foreach_mul_(grads[:n_lim], self._coef_views)
+            else:
+                scale_layers_(grads[:n_lim], bins[:n_lim], coefficients)
+        else:
+            self._take_snapshot(n_lim, keep, bins[:n_lim])
+        return True
+
+    def _report_nonfinite(self, sq: Tensor) -> None:
+        self.nonfinite_steps += 1
+        bad = [self.layer_names[i] for i in (~torch.isfinite(sq[:-1])).nonzero().flatten().tolist()]
+        if not bool(torch.isfinite(sq[-1])):
+            bad.append("<parameters without a speed>")
+        message = (
+            f"Non-finite gradient in {bad}: optimizer step skipped, parameters and optimizer state "
+            f"unchanged ({self.nonfinite_steps} step(s) skipped so far)"
+        )
+        if self.on_nonfinite == "raise":
+            raise RuntimeError(message + "; pass on_nonfinite='skip' to skip such steps instead")
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _take_snapshot(self, n_lim: int, keep: list[int] | None, bins: Tensor) -> None:
+        owners = list(range(self._n_limited)) if keep is None else keep[:n_lim]
+        params = [local_tensor(self._params[i]) for i in owners]
+        buffers = []
+        for i, p in zip(owners, params):
+            buf = self._buffers.get(i)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                buf = self._buffers[i] = torch.empty_like(p)
+            buffers.append(buf)
+        if params:
+            torch._foreach_copy_(buffers, params)
+        self._snapshot = (params, buffers, owners if keep is not None else None)
+        self._snapshot_bins = bins
+
+    def _single_group(self, tensors: list[Tensor]) -> bool:
+        """All tensors on the plan's device with one dtype (the foreach fast path applies)."""
+        if self._uniform is None:
+            self._uniform = all(t.device == self._device and t.dtype == tensors[0].dtype for t in tensors)
+        return self._uniform
+
+    def _layer_lrs(self) -> Tensor:
+        lrs = tuple(g["lr"] for g in self.optimizer.param_groups)
+        if self._lr_cache is not None and not any(isinstance(lr, Tensor) for lr in lrs):
+            if self._lr_cache[0] == lrs:
+                return self._lr_cache[1]
+        if any(isinstance(lr, Tensor) for lr in lrs):
+            vec = torch.stack([torch.as_tensor(lr).to(device=self._device, dtype=self._dtype) for lr in lrs])
+        else:
+            vec = torch.tensor(lrs, dtype=self._dtype, device=self._device)
+        per_layer = vec[self._layer_group]
+        self._lr_cache = (lrs, per_layer)
+        return per_layer
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """``mode="update"``: ``p <- p_old + k_l (p_new - p_old)``, ``k_l = lr C_l / (||p_new - p_old|| + eps)``."""
+        if self._snapshot is None:
+            return
+        params, buffers, keep = self._snapshot
+        self._snapshot = None
+        if not params:
+            return
+        bins = self._snapshot_bins
+        torch._foreach_sub_(buffers, params)  # buffers = p_old - p_new = -delta
+        norms = self._sq_norms(buffers, bins, keep)[:-1].sqrt_()
+        self._update_norms = norms
+        k = slo_coefficients(norms, self._layer_lrs() * self._speeds, self.eps)
+        # p_new + (1 - k)(p_old - p_new) = p_old + k (p_new - p_old)
+        if keep is None and self._single_group(params):
+            torch.index_select(1 - k, 0, self._bins_limited, out=self._coef_buf)
+            torch._foreach_addcmul_(params, buffers, self._coef_views)
+        else:
+            add_scaled_layers_(params, buffers, bins, 1 - k)
+
+    def skip_all_grads(self) -> None:
+        """Drop every gradient so that a following ``optimizer.step()`` changes nothing."""
+        for g in self.optimizer.param_groups:
+            for p in g["params"]:
+                p.grad = None

@@ -1,0 +1,281 @@
+"""``SLOptimizer``: Speed Limited Optimization wrapped around any ``torch.optim`` optimizer.
+
+Beaglehole, Mitliagkas, Agarwala, *Feature learning as alignment* (TMLR 2024, arXiv 2402.05271).
+Before the wrapped optimizer steps, every layer's gradient is rescaled to a fixed norm
+
+    g_l <- C_l * g_l / (||g_l||_F + eps)                       (mode="grad")
+
+so plain SGD moves layer ``l`` by exactly ``lr * C_l`` per step. ``mode="update"`` lets the wrapped
+optimizer step and then rescales each layer's parameter change to norm ``lr * C_l``.
+
+The wrapper shares ``param_groups``, ``state`` and ``defaults`` with the wrapped optimizer (the same
+objects, as timm's Lookahead does), so LR schedulers, ``GradScaler``, accelerate and the
+``transformers`` Trainer treat it as the optimizer they know, and checkpoints keep torch's format.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layers import SpeedSpec
+from .limiter import SpeedLimiter
+
+__all__ = ["SLOptimizer"]
+
+_NOT_FORWARDED = frozenset({"grad_scale", "found_inf"})
+
+
+class SLOptimizer(torch.optim.Optimizer):
+    """Speed Limited Optimization: ``g_l <- C_l g_l / (||g_l||_F + eps)`` per layer, then the base step.
+
+    Args:
+        params: a ``torch.optim.Optimizer`` instance to wrap, or parameters / param groups from which
+            ``base_optimizer(params, **base_kwargs)`` is built (e.g. for the Trainer's
+            ``optimizer_cls_and_kwargs``).
+        base_optimizer: the optimizer class when ``params`` are parameters.
+        model: the module owning the parameters; layers are its modules' own parameters.
+        speeds: ``{glob pattern: C}`` over module names (most specific wins, ``"*"`` default), a list
+            in layer order, or ``None`` when param groups carry a ``"speed"`` key.
+        mode: ``"grad"`` (normalise gradients) or ``"update"`` (rescale each layer's update to
+            ``lr * C_l``; use it with Adam-type optimizers, which undo gradient scaling).
+        eps: added to the norm, ``C / (||g|| + eps)``.
+        per_tensor: every parameter tensor is its own layer (named by its parameter name).
+        on_nonfinite: ``"skip"`` (skip the step, warn, count in ``nonfinite_steps``) or ``"raise"``.
+        **base_kwargs: hyperparameters for ``base_optimizer`` (``lr=...``).
+    """
+
+    def __init__(
+        self,
+        params: torch.optim.Optimizer | Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[torch.optim.Optimizer] | None = None,
+        *,
+        model: nn.Module | None = None,
+        speeds: SpeedSpec = None,
+        mode: str = "grad",
+        eps: float = 0.0,
+        per_tensor: bool = False,
+        on_nonfinite: str = "skip",
+        **base_kwargs: Any,
+    ) -> None:
+        if isinstance(params, nn.Module):
+            # transformers.Trainer(optimizer_cls_and_kwargs=(SLOptimizer, {"model": model, ...})) pops
+            # "model" from the kwargs and passes it in place of the parameters (its LOMO convention).
+            model = params if model is None else model
+            params = [p for p in params.parameters() if p.requires_grad]
+        base = _build_base(params, base_optimizer, base_kwargs)
+        self.base_optimizer = base
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()
+        self._limiter = SpeedLimiter(base, model, speeds, mode, eps, per_tensor, on_nonfinite)
+
+    # ---- the wrapped optimizer's containers, always the same objects as the base's
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.base_optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.base_optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.base_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.base_optimizer.defaults = value
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Mirrors the base: fused optimizers receive scaled gradients and ``grad_scale``/``found_inf``."""
+        return bool(getattr(self.base_optimizer, "_step_supports_amp_scaling", False))
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for names not found normally: forward public attributes of the base
+        # (e.g. ``train()``/``eval()`` of schedule-free optimizers).
+        base = self.__dict__.get("base_optimizer")
+        if base is None or name.startswith("_") or name in _NOT_FORWARDED:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(base, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    # ---- SLO read-outs
+    @property
+    def mode(self) -> str:
+        return self._limiter.mode
+
+    @property
+    def eps(self) -> float:
+        return self._limiter.eps
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the speed-limited layers, in model order."""
+        self._limiter.refresh()
+        return list(self._limiter.layer_names)
+
+    @property
+    def speeds(self) -> dict[str, float]:
+        """Resolved speed ``C_l`` of every limited layer."""
+        self._limiter.refresh()
+        return dict(zip(self._limiter.layer_names, self._limiter.layer_speeds))  # type: ignore[arg-type]
+
+    def set_speeds(self, speeds: SpeedSpec) -> None:
+        """Change the speeds (same forms as the constructor's ``speeds``); optimizer state is kept."""
+        self._limiter.set_speeds(speeds)
+
+    @property
+    def last_grad_norms(self) -> dict[str, Tensor]:
+        """Per-layer gradient norms ``||g_l||_F`` of the last step, before normalisation (0-dim tensors)."""
+        return self._limiter.last_grad_norms
+
+    @property
+    def last_update_norms(self) -> dict[str, Tensor]:
+        """``mode="update"``: per-layer norms of the base optimizer's update, before rescaling."""
+        return self._limiter.last_update_norms
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Number of steps skipped because of a non-finite gradient."""
+        return self._limiter.nonfinite_steps
+
+    # ---- torch.optim.Optimizer API
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One step: normalise (``mode="grad"``), run the base step, rescale updates (``"update"``).
+
+        With a ``closure`` the loss and gradients are computed first; the base optimizer's first
+        closure call returns that loss (later calls, e.g. by LBFGS, re-evaluate). The step is skipped
+        (returning the loss) if any gradient is non-finite.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = self.__dict__.get("grad_scale")
+        found_inf = self.__dict__.get("found_inf")
+        if not self._limiter.before_step(grad_scale, found_inf):
+            return loss
+        base = self.base_optimizer
+        forwarded = [name for name in _NOT_FORWARDED if name in self.__dict__]
+        for name in forwarded:
+            setattr(base, name, self.__dict__[name])
+        try:
+            if closure is None:
+                result = base.step()
+            else:
+                base.step(_replay_first(closure, loss))
+                result = loss
+        finally:
+            for name in forwarded:
+                if name in base.__dict__:
+                    delattr(base, name)
+        self._limiter.after_step()
+        return result
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer; its parameters must belong to ``model``."""
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        self._limiter.check_groups(list(self.param_groups) + [dict(self.defaults, **group)])
+        self.base_optimizer.add_param_group(group)
+        self._limiter.refresh()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's ``{'state', 'param_groups'}`` state dict (this wrapper's hooks applied)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self.base_optimizer.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of the base optimizer (as written by :meth:`state_dict`)."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self.base_optimizer.load_state_dict(state_dict)
+        self._limiter.refresh()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __repr__(self) -> str:
+        lim = self._limiter
+        lim.refresh()
+        lines = [f"SLOptimizer(mode={lim.mode!r}, eps={lim.eps}, per_tensor={lim.per_tensor}, "
+                 f"on_nonfinite={lim.on_nonfinite!r}, {len(lim.layer_names)} speed-limited layer(s):"]
+        shown = list(zip(lim.layer_names, lim.layer_speeds))
+        for name, speed in shown[:12]:
+            lines.append(f"    {name or '<root>'}: C={speed:g}")
+        if len(shown) > 12:
+            lines.append(f"    ... ({len(shown) - 12} more)")
+        base = "\n".join("  " + line for line in repr(self.base_optimizer).splitlines())
+        lines.append(f"  base_optimizer=\n{base}\n)")
+        return "\n".join(lines)
+
+
+def _build_base(
+    params: Any, base_optimizer: type[torch.optim.Optimizer] | None, base_kwargs: dict[str, Any]
+) -> torch.optim.Optimizer:
+    if isinstance(params, SLOptimizer) or (isinstance(base_optimizer, type) and issubclass(base_optimizer, SLOptimizer)):
+        raise ValueError("This optimizer is already an SLOptimizer; wrap the plain optimizer only once")
+    if isinstance(params, torch.optim.Optimizer):
+        if base_optimizer is not None or base_kwargs:
+            raise TypeError(
+                "Pass either an optimizer instance, or parameters with base_optimizer=<class> and its "
+                f"keyword arguments, not both (got base_optimizer={base_optimizer!r}, kwargs={sorted(base_kwargs)})"
+            )
+        return params
+    if base_optimizer is None:
+        raise TypeError(
+            "SLOptimizer needs an optimizer: SLOptimizer(torch.optim.SGD(params, lr=...), ...) or "
+            "SLOptimizer(params, base_optimizer=torch.optim.SGD, lr=..., ...)"
+        )
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}")
+    return base_optimizer(params, **base_kwargs)
+
+
+def _replay_first(closure: Callable[[], Any], loss: Any) -> Callable[[], Any]:
+    """A closure whose first call returns ``loss`` (already computed) and later calls re-evaluate."""
+    calls = 0
+
+    def replay() -> Any:
+        nonlocal calls
+        calls += 1
+        return loss if calls == 1 else closure()
+
+    return replay

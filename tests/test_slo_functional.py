@@ -1,0 +1,63 @@
+"""The functional core: per-layer norms, coefficients, in-place rescaling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from slo_torch import layer_sq_norms, slo_coefficients, slo_rescale_
+
+
+def test_slo_rescale_sets_each_layer_norm_to_its_speed() -> None:
+    torch.manual_seed(0)
+    w1, b1, w2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    expected = [math.sqrt(float(w1.pow(2).sum() + b1.pow(2).sum())), float(w2.norm())]
+    norms = slo_rescale_([[w1, b1], w2], [3.0, 0.5])
+    assert norms.tolist() == pytest.approx(expected, rel=1e-14)
+    assert math.sqrt(float(w1.pow(2).sum() + b1.pow(2).sum())) == pytest.approx(3.0, rel=1e-14)
+    assert float(w2.norm()) == pytest.approx(0.5, rel=1e-14)
+
+
+def test_zero_layer_stays_zero_and_eps() -> None:
+    z = torch.zeros(3, 3)
+    g = torch.full((4,), 2.0)  # norm 4
+    slo_rescale_([z, g], torch.tensor([1.0, 1.0]), eps=1.0)
+    assert torch.count_nonzero(z) == 0 and not torch.isnan(z).any()
+    assert float(g.norm()) == pytest.approx(4.0 / 5.0)
+
+
+def test_coefficients_use_where_not_host_branches() -> None:
+    norms = torch.tensor([0.0, 2.0, 4.0])
+    c = slo_coefficients(norms, torch.tensor([5.0, 5.0, 1.0]), eps=0.0)
+    assert c.tolist() == [1.0, 2.5, 0.25]
+
+
+def test_mixed_dtypes_are_grouped() -> None:
+    torch.manual_seed(0)
+    tensors = [torch.randn(5, dtype=torch.float32), torch.randn(6, dtype=torch.float64),
+               torch.randn(7, dtype=torch.bfloat16), torch.randn(3, dtype=torch.float64)]
+    index = torch.tensor([0, 1, 0, 1])
+    sq = layer_sq_norms(tensors, index, 2)
+    assert sq.dtype == torch.float64
+    ref0 = float(tensors[0].double().pow(2).sum() + tensors[2].double().pow(2).sum())
+    ref1 = float(tensors[1].pow(2).sum() + tensors[3].pow(2).sum())
+    assert sq.tolist() == pytest.approx([ref0, ref1], rel=1e-6)
+    norms = slo_rescale_([[tensors[0], tensors[2]], [tensors[1], tensors[3]]], [1.0, 2.0])
+    assert norms.tolist() == pytest.approx([math.sqrt(ref0), math.sqrt(ref1)], rel=1e-6)
+    assert math.sqrt(float(tensors[1].pow(2).sum() + tensors[3].pow(2).sum())) == pytest.approx(2.0, rel=1e-12)
+
+
+def test_sparse_gradients() -> None:
+    emb = torch.nn.Embedding(6, 3, sparse=True).double()
+    emb(torch.tensor([1, 1, 4])).sum().backward()
+    dense = emb.weight.grad.to_dense()
+    norms = slo_rescale_([[emb.weight.grad]], [2.0])
+    assert float(norms[0]) == pytest.approx(float(dense.norm()), rel=1e-12)
+    assert float(emb.weight.grad.to_dense().norm()) == pytest.approx(2.0, rel=1e-12)
+
+
+def test_speed_count_must_match() -> None:
+    with pytest.raises(ValueError, match="one per layer"):
+        slo_rescale_([torch.ones(2), torch.ones(2)], [1.0])

@@ -1,0 +1,524 @@
+"""SLOptimizer and attach(): the maths, the torch.optim contract, AMP, schedulers, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from slo_torch import SLOptimizer, attach, promote
+
+SPEEDS = {"0": 5.0, "2": 0.5, "*": 0.2}
+LAYERS = {"0": 5.0, "2": 0.5, "4": 0.2}
+
+
+def make(seed: int = 0, dtype: torch.dtype = torch.float64, bias: bool = True):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 8, bias=bias), nn.Tanh(), nn.Linear(8, 8, bias=bias), nn.Tanh(),
+                          nn.Linear(8, 3, bias=bias)).to(dtype)
+    x = torch.randn(16, 5, dtype=dtype)
+    y = torch.randn(16, 3, dtype=dtype)
+    return model, x, y
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((model(x) - y) ** 2).mean()
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def layer_norm(tensors: dict[str, torch.Tensor], layer: str) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for n, t in tensors.items() if n.rsplit(".", 1)[0] == layer))
+
+
+def layer_deltas(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, float]:
+    diff = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    return {layer: layer_norm(diff, layer) for layer in LAYERS}
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor):
+            if not torch.equal(x, y):
+                return False
+        elif isinstance(x, dict):
+            if not state_equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- the maths
+def test_sgd_grad_mode_moves_each_layer_lr_times_speed() -> None:
+    model, x, y = make()
+    lr = 0.1
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=lr), model=model, speeds=SPEEDS)
+    assert opt.layer_names == list(LAYERS)
+    for _ in range(4):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        before = snapshot(model)
+        opt.step()
+        for layer, C in LAYERS.items():
+            assert layer_deltas(model, before)[layer] == pytest.approx(lr * C, rel=1e-12)
+            assert float(opt.last_grad_norms[layer]) == pytest.approx(layer_norm(grads, layer), rel=1e-12)
+            assert opt.last_grad_norms[layer].dim() == 0
+
+
+def test_grad_mode_formula_with_eps_and_adam() -> None:
+    model, x, y = make()
+    ref = copy.deepcopy(model)
+    eps = 0.3
+    opt = SLOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model=model, speeds=SPEEDS, eps=eps)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            loss_of(m, x, y).backward()
+        for layer, C in LAYERS.items():  # manual g <- C g / (||g|| + eps)
+            mod = ref.get_submodule(layer)
+            norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in mod.parameters()))
+            for p in mod.parameters():
+                p.grad.mul_(C / (norm + eps))
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_layers_without_speed_step_like_the_base() -> None:
+    model, x, y = make()
+    ref = copy.deepcopy(model)
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model=model, speeds={"0": 1.0})
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for m, o in ((model, opt), (ref, ref_opt)):  # one step: later gradients depend on layer "0"
+        loss_of(m, x, y).backward()
+        o.step()
+    assert opt.layer_names == ["0"]
+    assert not torch.equal(model[0].weight, ref[0].weight)
+    for name in ("2.weight", "2.bias", "4.weight", "4.bias"):
+        assert torch.equal(model.get_parameter(name), ref.get_parameter(name))
+
+
+def test_zero_gradient_stays_zero_and_missing_gradients_are_skipped() -> None:
+    model, x, y = make()
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=SPEEDS)
+    loss_of(model, x, y).backward()
+    for p in model[2].parameters():
+        p.grad.zero_()
+    model[4].bias.grad = None
+    before = snapshot(model)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(model[2].weight, before["2.weight"]) and torch.equal(model[4].bias, before["4.bias"])
+    assert torch.count_nonzero(model[2].weight.grad) == 0
+    assert float(opt.last_grad_norms["2"]) == 0.0
+    assert (model[4].weight - before["4.weight"]).norm().item() == pytest.approx(0.1 * 0.2, rel=1e-12)
+    assert layer_deltas(model, before)["0"] == pytest.approx(0.1 * 5.0, rel=1e-12)
+
+
+def test_per_tensor_mode() -> None:
+    model, x, y = make()
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds={"*": 2.0}, per_tensor=True)
+    loss_of(model, x, y).backward()
+    before = snapshot(model)
+    opt.step()
+    assert len(opt.layer_names) == 6
+    for name, p in model.named_parameters():
+        assert (p - before[name]).norm().item() == pytest.approx(0.2, rel=1e-12)
+
+
+def _optimizer_cases() -> list[type[torch.optim.Optimizer]]:
+    return [
+        cls for name in torch.optim.__all__
+        if isinstance(cls := getattr(torch.optim, name), type) and issubclass(cls, torch.optim.Optimizer)
+        and cls is not torch.optim.Optimizer
+    ]
+
+
+class TwoTables(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Embedding(10, 4, sparse=True)
+        self.b = nn.Embedding(10, 4, sparse=True)
+
+
+@pytest.mark.parametrize("cls", _optimizer_cases(), ids=lambda c: c.__name__)
+def test_update_mode_moves_each_layer_lr_times_speed_for_every_optimizer(cls) -> None:
+    lr = 0.01
+    if cls is torch.optim.SparseAdam:
+        torch.manual_seed(0)
+        model = TwoTables().double()
+        idx = torch.tensor([1, 3, 3, 7])
+
+        def loss_fn() -> torch.Tensor:
+            return (model.a(idx) * model.b(idx).flip(0)).sum().pow(2)
+
+        speeds, layers = {"a": 3.0, "*": 0.5}, {"a": 3.0, "b": 0.5}
+    else:
+        model, x, y = make(bias=cls is not torch.optim.Muon)  # Muon takes 2-D parameters only
+
+        def loss_fn() -> torch.Tensor:
+            return loss_of(model, x, y)
+
+        speeds, layers = SPEEDS, LAYERS
+    opt = SLOptimizer(cls(model.parameters(), lr=lr), model=model, speeds=speeds, mode="update")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        before = snapshot(model)
+        if cls is torch.optim.LBFGS:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+        diff = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+        for layer, C in layers.items():
+            assert layer_norm(diff, layer) == pytest.approx(lr * C, rel=1e-9), layer
+            assert float(opt.last_update_norms[layer]) > 0
+
+
+def test_update_mode_follows_group_lr() -> None:
+    model, x, y = make()
+    groups = [{"params": model[0].parameters(), "lr": 0.5}, {"params": list(model[2].parameters()) + list(model[4].parameters())}]
+    opt = SLOptimizer(groups, base_optimizer=torch.optim.AdamW, model=model, speeds=SPEEDS, mode="update", lr=0.01)
+    loss_of(model, x, y).backward()
+    before = snapshot(model)
+    opt.step()
+    d = layer_deltas(model, before)
+    assert d["0"] == pytest.approx(0.5 * 5.0, rel=1e-10)
+    assert d["2"] == pytest.approx(0.01 * 0.5, rel=1e-10)
+
+
+# ------------------------------------------------------------------- the optimizer contract
+def test_shares_containers_with_the_base() -> None:
+    model, x, y = make()
+    base = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt = SLOptimizer(base, model=model, speeds=SPEEDS)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.base_optimizer is base
+    assert opt.param_groups is base.param_groups and opt.state is base.state and opt.defaults is base.defaults
+    loss_of(model, x, y).backward()
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups is base.param_groups and opt.state is base.state
+    assert len(opt.state) == 6
+    text = repr(opt)
+    assert "SLOptimizer(mode='grad'" in text and "0: C=5" in text and "Adam (" in text
+
+
+def test_built_from_class_and_kwargs() -> None:
+    model, _, _ = make()
+    opt = SLOptimizer(model.parameters(), base_optimizer=torch.optim.AdamW, model=model,
+                      speeds=promote(model, "0", 500.0), mode="update", lr=3e-4, weight_decay=0.1)
+    assert type(opt.base_optimizer) is torch.optim.AdamW
+    assert opt.param_groups[0]["lr"] == 3e-4 and opt.defaults["weight_decay"] == 0.1
+    assert opt.speeds == {"0": 500.0, "2": 0.002, "4": 0.002}
+
+
+def test_hooks_zero_grad_and_closure() -> None:
+    model, x, y = make()
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=SPEEDS)
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd_pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("sd_post"))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load_pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    before = snapshot(model)
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    assert layer_deltas(model, before)["0"] == pytest.approx(0.5, rel=1e-12)
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)
+    assert calls == ["pre", "post", "sd_pre", "sd_post", "load_pre", "load_post"]
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_add_param_group() -> None:
+    model, x, y = make()
+    opt = SLOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), model=model, speeds={"*": 1.0, "4": 3.0})
+    assert opt.layer_names == ["0"]
+    opt.add_param_group({"params": model[4].parameters(), "lr": 0.2})
+    assert opt.layer_names == ["0", "4"] and len(opt.param_groups) == 2
+    loss_of(model, x, y).backward()
+    before = snapshot(model)
+    opt.step()
+    assert layer_deltas(model, before)["4"] == pytest.approx(0.2 * 3.0, rel=1e-12)
+    with pytest.raises(ValueError, match="not parameters of the given model"):
+        opt.add_param_group({"params": nn.Linear(2, 2).parameters()})
+    assert len(opt.param_groups) == 2
+
+
+def test_state_dict_is_torch_format() -> None:
+    model, x, y = make()
+    opt = SLOptimizer(torch.optim.AdamW(model.parameters(), lr=0.01), model=model, speeds=SPEEDS, mode="update")
+    loss_of(model, x, y).backward()
+    opt.step()
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    assert state_equal(sd["state"], opt.base_optimizer.state_dict()["state"])
+    plain = torch.optim.AdamW(make()[0].parameters(), lr=0.01)
+    plain.load_state_dict(sd)  # loadable by the plain optimizer too
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    from slo_torch import SLOptimizer
+    phase, path = sys.argv[1], sys.argv[2]
+    for mode in ("grad", "update"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+        base = torch.optim.AdamW(model.parameters(), lr=0.01) if mode == "update" else \\
+            torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        opt = SLOptimizer(base, model=model, speeds={"0": 4.0, "*": 0.25}, mode=mode)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        if phase == "second":
+            ckpt = torch.load(f"{path}.{mode}.ckpt")
+            model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["opt"]); sched.load_state_dict(ckpt["sched"])
+        for _ in range(3 if phase != "straight" else 6):
+            opt.zero_grad(); ((model(x) - y) ** 2).mean().backward(); opt.step(); sched.step()
+        if phase == "first":
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
+                       f"{path}.{mode}.ckpt")
+        else:
+            torch.save(model.state_dict(), f"{path}.{mode}.{phase}")
+""")
+
+
+def test_resume_in_fresh_process_is_bit_identical(tmp_path: Path) -> None:
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    path = str(tmp_path / "run")
+    run = lambda phase: subprocess.Popen([sys.executable, str(script), phase, path])  # noqa: E731
+    for batch in (("first", "straight"), ("second",)):
+        procs = [run(phase) for phase in batch]
+        try:
+            assert all(p.wait(timeout=120) == 0 for p in procs)
+        finally:
+            for p in procs:
+                p.kill()
+    for mode in ("grad", "update"):
+        resumed, straight = torch.load(f"{path}.{mode}.second"), torch.load(f"{path}.{mode}.straight")
+        assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+        first = torch.load(f"{path}.{mode}.ckpt")["model"]
+        assert not all(torch.equal(first[k], straight[k]) for k in straight)
+
+
+# ------------------------------------------------------------------------ non-finite steps
+@pytest.mark.parametrize("mode", ["grad", "update"])
+@pytest.mark.parametrize("where", ["2.weight", "4.bias"])
+def test_nonfinite_gradient_skips_the_whole_step(mode: str, where: str) -> None:
+    model, x, y = make()
+    speeds = SPEEDS if where == "2.weight" else {"0": 5.0, "2": 1.0}  # "4" has no speed
+    opt = SLOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model=model, speeds=speeds, mode=mode)
+    loss_of(model, x, y).backward()
+    opt.step()
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    model.get_parameter(where).grad[0] = float("nan")
+    before, state = snapshot(model), copy.deepcopy(opt.state_dict())
+    with pytest.warns(RuntimeWarning, match="Non-finite gradient"):
+        opt.step()
+    assert opt.nonfinite_steps == 1
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert state_equal(opt.state_dict(), state)
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    opt.step()  # training continues
+    assert opt.nonfinite_steps == 1 and not torch.equal(model[0].weight, before["0.weight"])
+
+
+def test_nonfinite_raise() -> None:
+    model, x, y = make()
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=SPEEDS, on_nonfinite="raise")
+    loss_of(model, x, y).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"Non-finite gradient in \['0'\]"):
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# --------------------------------------------------------------------------- accumulation
+def test_gradient_accumulation_normalises_once_per_step() -> None:
+    model, x, y = make()
+    ref = copy.deepcopy(model)
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model=model, speeds=SPEEDS)
+    ref_opt = SLOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), model=ref, speeds=SPEEDS)
+    for _ in range(3):
+        opt.zero_grad()
+        for xb, yb in zip(x.chunk(4), y.chunk(4)):
+            (loss_of(model, xb, yb) / 4).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        loss_of(ref, x, y).backward()
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------- schedulers
+def _schedulers():
+    L = torch.optim.lr_scheduler
+    return {
+        "StepLR": lambda o: L.StepLR(o, step_size=2, gamma=0.5),
+        "MultiStepLR": lambda o: L.MultiStepLR(o, milestones=[1, 3], gamma=0.3),
+        "ExponentialLR": lambda o: L.ExponentialLR(o, gamma=0.9),
+        "CosineAnnealingLR": lambda o: L.CosineAnnealingLR(o, T_max=4),
+        "CosineAnnealingWarmRestarts": lambda o: L.CosineAnnealingWarmRestarts(o, T_0=2),
+        "OneCycleLR": lambda o: L.OneCycleLR(o, max_lr=0.5, total_steps=10),
+        "LambdaLR": lambda o: L.LambdaLR(o, lambda s: 1 / (1 + s)),
+        "LinearLR": lambda o: L.LinearLR(o, start_factor=0.2, total_iters=3),
+        "PolynomialLR": lambda o: L.PolynomialLR(o, total_iters=4, power=2.0),
+        "SequentialLR": lambda o: L.SequentialLR(o, [L.LinearLR(o, 0.5, total_iters=2), L.ExponentialLR(o, 0.9)], [2]),
+        "ReduceLROnPlateau": lambda o: L.ReduceLROnPlateau(o, patience=0, factor=0.5),
+        "CyclicLR": lambda o: L.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=2, cycle_momentum=True),
+    }
+
+
+@pytest.mark.parametrize("name", list(_schedulers()))
+def test_lr_schedulers_drive_it(name: str) -> None:
+    factory = _schedulers()[name]
+    model, x, y = make()
+    ref = copy.deepcopy(model)
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model=model, speeds=SPEEDS)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sched, ref_sched = factory(opt), factory(ref_opt)
+        for step in range(6):
+            for m, o, s in ((model, opt, sched), (ref, ref_opt, ref_sched)):
+                o.zero_grad()
+                loss_of(m, x, y).backward()
+                o.step()
+                s.step(1.0) if name == "ReduceLROnPlateau" else s.step()
+            assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+            assert opt.param_groups[0]["momentum"] == ref_opt.param_groups[0]["momentum"]
+    assert not [w for w in caught if "lr_scheduler" in str(w.message) or "optimizer.step" in str(w.message)]
+
+
+# ----------------------------------------------------------------------------------- AMP
+def _amp_run(fused: bool, scale: bool, mode: str, inf_step: int | None = None, unscale_first: bool = False):
+    model, x, y = make(dtype=torch.float32)
+    opt = SLOptimizer(torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused), model=model,
+                      speeds={"0": 5.0, "2": 0.5}, mode=mode)  # layer "4" untouched: scaled grads reach the base
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=scale)
+    norms = []
+    for step in range(4):
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        if step == inf_step:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        if unscale_first:  # e.g. to clip: the base then gets found_inf but no grad_scale
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        norms.append({k: float(v) for k, v in opt.last_grad_norms.items()})
+    return model, opt, scaler, norms
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["AdamW", "fused AdamW"])
+@pytest.mark.parametrize("mode", ["grad", "update"])
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["", "unscale_ first"])
+def test_grad_scaler_equals_unscaled(fused: bool, mode: str, unscale_first: bool) -> None:
+    scaled, opt, _, norms = _amp_run(fused, True, mode, unscale_first=unscale_first)
+    plain, _, _, ref_norms = _amp_run(fused, False, mode)
+    assert opt._step_supports_amp_scaling is fused
+    for a, b in zip(scaled.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for n, r in zip(norms, ref_norms):
+        assert n == pytest.approx(r, rel=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["AdamW", "fused AdamW"])
+def test_grad_scaler_overflow_is_skipped_by_the_scaler(fused: bool) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model, opt, scaler, _ = _amp_run(fused, True, "grad", inf_step=3)
+    ref, _, _, _ = _amp_run(fused, True, "grad", inf_step=None)
+    assert opt.nonfinite_steps == 0  # the scaler's own overflow handling, not counted as ours
+    assert scaler.get_scale() == 2.0**11
+    assert sum(int(s["step"]) for s in opt.state.values()) == 3 * 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# -------------------------------------------------------------------------------- attach
+def test_attach_equals_wrapper_and_removes() -> None:
+    model, x, y = make()
+    ref = copy.deepcopy(model)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    handle = attach(base, model, SPEEDS)
+    ref_opt = SLOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), model=ref, speeds=SPEEDS)
+    for _ in range(3):
+        for m, o in ((model, base), (ref, ref_opt)):
+            o.zero_grad()
+            loss_of(m, x, y).backward()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert handle.layer_names == list(LAYERS) and set(handle.last_grad_norms) == set(LAYERS)
+    handle.remove()
+    base.zero_grad()
+    loss_of(model, x, y).backward()
+    grad = model[0].weight.grad.clone()
+    before = model[0].weight.detach().clone()
+    base.step()
+    buf = base.state[model[0].weight]["momentum_buffer"]
+    torch.testing.assert_close(model[0].weight, before - 0.1 * buf)
+    assert torch.equal(model[0].weight.grad, grad)  # no longer normalised
+
+
+def test_attach_update_mode_and_nonfinite() -> None:
+    model, x, y = make()
+    base = torch.optim.Adam(model.parameters(), lr=0.01)
+    handle = attach(base, model, SPEEDS, mode="update")
+    loss_of(model, x, y).backward()
+    before = snapshot(model)
+    base.step()
+    for layer, C in LAYERS.items():
+        assert layer_deltas(model, before)[layer] == pytest.approx(0.01 * C, rel=1e-10)
+    base.zero_grad()
+    loss_of(model, x, y).backward()
+    model[2].bias.grad[0] = float("nan")
+    before, state = snapshot(model), copy.deepcopy(base.state_dict())
+    with pytest.warns(RuntimeWarning):
+        base.step()
+    assert handle.nonfinite_steps == 1
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert state_equal(base.state_dict(), state)
+    with pytest.raises(RuntimeError, match="closure"):
+        base.step(lambda: loss_of(model, x, y))
+    with pytest.raises(ValueError, match="already attached"):
+        attach(base, model, SPEEDS)
