@@ -1,0 +1,238 @@
+"""Cost of the PTK covariance K: this package's exact/sketched K against the authors' route.
+
+Model: the authors' MLP (input 3072, 5 hidden bias-free ReLU layers of width 256, 10 outputs,
+float32); K for all 6 linear layers.
+
+- ours: ``ptk_covariance(model, x)`` (hooked layer outputs, one VJP per output, chunks of samples).
+- authors: ``vmap`` over samples of ``jacrev`` w.r.t. zero perturbations added to every
+  pre-activation, then ``K = sum_{n,c} J J^T / N`` (run under ``no_grad`` so no graph is kept).
+
+Each (method, n) runs in a fresh subprocess. Memory = peak resident set size (``VmHWM``, reset via
+``/proc/self/clear_refs``) during one full call minus the resident size just before it (after the
+data and a tiny warm-up call exist); torch's CPU allocator keeps no statistics, and tracemalloc
+does not see torch. Time = best of ``--repeats`` warm calls (after one untimed call).
+Relative error = ``max_layer |K - K_ref|_F / |K_ref|_F`` against ``ptk_covariance`` in float64
+(this includes the float32 forward pass's own rounding, e.g. ReLU masks that flip), and between
+the two float32 routes.
+
+Also: sketched K for m in {1, 4, 10} (error averaged over seeds, plus one cotangent broadcast
+across the batch for contrast), and on a GPT-2-config language model (thousands of outputs per
+token) the time of sketched K at m = 8 in units of one forward+backward pass.
+
+    python benchmarks/ptk_cost.py            # n = 2000 and 20000
+    python benchmarks/ptk_cost.py --quick    # n = 500, fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import jacrev, vmap
+
+from diagnostics import ptk_covariance
+from diagnostics.engine import LayerHooks, for_each_chunk, vjp
+from diagnostics.layers import find_linear_layers
+
+D_IN, WIDTH, DEPTH, D_OUT = 3072, 256, 5, 10
+
+
+def authors_mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    d = D_IN
+    for _ in range(DEPTH):
+        layers += [nn.Linear(d, WIDTH, bias=False), nn.ReLU()]
+        d = WIDTH
+    layers.append(nn.Linear(d, D_OUT, bias=False))
+    return nn.Sequential(*layers).to(dtype)
+
+
+def probe(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+def authors_K(model: nn.Sequential, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """jacrev w.r.t. zero pre-activation perturbations, vmap over samples (the authors' method)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    weights = [model.get_submodule(n).weight.detach() for n in names]
+
+    def forward(xi: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
+        h = xi
+        for i, W in enumerate(weights):
+            h = W @ h + eps[i]
+            if i < len(weights) - 1:
+                h = torch.relu(h)
+        return h
+
+    eps = [torch.zeros(W.shape[0], dtype=x.dtype) for W in weights]
+    with torch.no_grad():
+        jac = vmap(jacrev(forward, argnums=1), in_dims=(0, None))(x, eps)  # per layer (N, C, k)
+        return {n: torch.einsum("nck,ncl->kl", J, J) / x.shape[0] for n, J in zip(names, jac)}
+
+
+def ours_K(model: nn.Sequential, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return ptk_covariance(model, x)
+
+
+METHODS: dict[str, Callable] = {"ours": ours_K, "authors": authors_K}
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def child(method: str, n: int, repeats: int, threads: int, out: str) -> None:
+    """One method at one size, in this (fresh) process: memory of a full call, then warm time."""
+    torch.set_num_threads(threads)
+    fn = METHODS[method]
+    model, x = authors_mlp(), probe(n)
+    fn(model, x[:8])  # load kernels / vmap machinery without large buffers
+    base = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset the peak RSS (VmHWM)
+    K = fn(model, x)
+    extra_mb = (_status_kb("VmHWM") - base) / 1024
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(model, x)
+        times.append(time.perf_counter() - t0)
+    torch.save({k: v.contiguous() for k, v in K.items()}, out + ".pt")
+    with open(out + ".json", "w") as fh:
+        json.dump({"time_s": min(times), "extra_mb": extra_mb}, fh)
+
+
+def rel_err(K: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    return max(float((K[n].double() - ref[n]).norm() / ref[n].norm()) for n in ref)
+
+
+def run_child(method: str, n: int, repeats: int, threads: int, tmp: str) -> dict:
+    out = os.path.join(tmp, f"{method}-{n}")
+    cmd = [sys.executable, __file__, "--child", method, "--n", str(n), "--repeats", str(repeats),
+           "--threads", str(threads), "--out", out]
+    subprocess.run(cmd, check=True, timeout=1800)
+    with open(out + ".json") as fh:
+        res = json.load(fh)
+    res["K"] = torch.load(out + ".pt")
+    return res
+
+
+def broadcast_sketch_K(model: nn.Module, x: torch.Tensor, m: int, gen: torch.Generator) -> dict:
+    """For contrast only: one random output vector per projection shared by every sample."""
+    adapters = find_linear_layers(model)
+    sums = {n: torch.zeros(a.k, a.k) for n, a in adapters.items()}
+
+    def visit(chunk) -> None:
+        names = list(chunk.outputs)
+        targets = [chunk.outputs[n][0] for n in names]
+        v = torch.randn(m, 1, *chunk.f.shape[1:], generator=gen).expand(m, *chunk.f.shape)
+        for grads in vjp(chunk.f, targets, v):
+            for n, g in zip(names, grads):
+                rows = g.reshape(-1, g.shape[-1])
+                sums[n] += rows.t() @ rows / m
+
+    for_each_chunk(model, LayerHooks(adapters), x, visit, chunk_size=x.shape[0])
+    return {n: s / x.shape[0] for n, s in sums.items()}
+
+
+def sketch_table(n: int, seeds: int) -> list[str]:
+    model, x = authors_mlp(), probe(n)
+    ref = ptk_covariance(authors_mlp(torch.float64), probe(n, torch.float64))
+    lines = ["| m | time (s) | rel. error (mean over seeds) | one vector broadcast over the batch |", "|---|---|---|---|"]
+    for m in (1, 4, 10):
+        errs, errs_b, times = [], [], []
+        for seed in range(seeds):
+            t0 = time.perf_counter()
+            K = ptk_covariance(model, x, estimator="sketch", m=m, generator=torch.Generator().manual_seed(seed))
+            times.append(time.perf_counter() - t0)
+            errs.append(rel_err(K, ref))
+            errs_b.append(rel_err(broadcast_sketch_K(model, x, m, torch.Generator().manual_seed(seed)), ref))
+        lines.append(f"| {m} | {min(times):.3f} | {sum(errs) / seeds:.3f} | {sum(errs_b) / seeds:.3f} |")
+    return lines
+
+
+def lm_head_sketch(repeats: int) -> list[str]:
+    """Sketched K (m=8) on every transformer block layer of a GPT-2-config LM vs one fwd+bwd pass."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=5000, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+
+    def fwd_bwd() -> None:
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    def sketch() -> None:
+        ptk_covariance(model, ids, layers=["transformer.h.*"], estimator="sketch", m=8,
+                       generator=torch.Generator().manual_seed(0))
+
+    def best(fn: Callable[[], None]) -> float:
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    t_step, t_sketch = best(fwd_bwd), best(sketch)
+    outputs = ids.shape[1] * cfg.vocab_size
+    return [
+        f"GPT-2 config (2 layers, width 128, vocab 5000), probe 8 x 32 tokens, {outputs} outputs per sequence, "
+        f"K for the {len(find_linear_layers(model, ['transformer.h.*']))} block layers:",
+        f"forward+backward {t_step:.3f} s; sketched K m=8 {t_sketch:.3f} s = {t_sketch / t_step:.1f} passes",
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="n = 500, fewer repeats and seeds")
+    ap.add_argument("--sizes", type=int, nargs="*", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on shared machines)")
+    ap.add_argument("--child", choices=list(METHODS))
+    ap.add_argument("--n", type=int)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.n, args.repeats, args.threads, args.out)
+        return
+    sizes = args.sizes or ([500] if args.quick else [2000, 20000])
+    repeats = 1 if args.quick else args.repeats
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs")
+    print("| n | method | time (s) | peak extra memory (MB) | rel. error vs float64 | rel. difference ours vs authors |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            ref = ptk_covariance(authors_mlp(torch.float64), probe(n, torch.float64))
+            res = {method: run_child(method, n, repeats, args.threads, tmp) for method in ("ours", "authors")}
+            diff = rel_err(res["ours"]["K"], {k: v.double() for k, v in res["authors"]["K"].items()})
+            for method, r in res.items():
+                print(f"| {n} | {method} | {r['time_s']:.3f} | {r['extra_mb']:.0f} | {rel_err(r['K'], ref):.1e} "
+                      f"| {diff:.1e} |", flush=True)
+    print()
+    print(f"Sketched K, n = {sizes[0]}:")
+    print("\n".join(sketch_table(sizes[0], 2 if args.quick else 5)))
+    print()
+    print("\n".join(lm_head_sketch(repeats)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Neural feature alignment (NFA) diagnostics for PyTorch models.
+
+Per linear layer ``h = W x (+ b)``: the PTK feature covariance ``K`` (exact or sketched), the NFM
+``W^T W``, the AGOP ``W^T K W``, and their correlations (UC-NFA, C-NFA) over training.
+"""
+
+from .engine import LayerHooks
+from .io import Snapshot, load_snapshot
+from .layers import LayerAdapter, find_linear_layers
+from .monitor import LayerRecord, NFAMonitor
+from .nfa import (
+    agop,
+    kernel_alignment,
+    matrix_correlation,
+    nfa_correlation,
+    nfa_decomposition,
+    nfm,
+    psd_power,
+)
+from .ptk import layer_jacobians, ptk_covariance
+from .plots import plot_matrices, plot_nfa_curves, plot_scalar_curves
+from .theory import early_cnfa_prediction, egop, feature_quality, randomize_kernel
+
+__all__ = [
+    "NFAMonitor",
+    "LayerRecord",
+    "ptk_covariance",
+    "layer_jacobians",
+    "nfm",
+    "agop",
+    "psd_power",
+    "matrix_correlation",
+    "nfa_correlation",
+    "kernel_alignment",
+    "nfa_decomposition",
+    "find_linear_layers",
+    "LayerAdapter",
+    "LayerHooks",
+    "load_snapshot",
+    "Snapshot",
+    "early_cnfa_prediction",
+    "randomize_kernel",
+    "egop",
+    "feature_quality",
+    "plot_nfa_curves",
+    "plot_scalar_curves",
+    "plot_matrices",
+]

@@ -1,0 +1,83 @@
+"""Two gloo processes on CPU give the same K and records as one process on the whole probe."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from diagnostics import NFAMonitor, load_snapshot, ptk_covariance
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from diagnostics import NFAMonitor, ptk_covariance
+    from diagnostics.distributed import shard_probe
+
+    torch.set_num_threads(1)
+    rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(15, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mine = shard_probe(x)
+    mon = NFAMonitor(model)
+    res = mon.measure(mine, step=3, chunk_size=4)
+    K = ptk_covariance(model, mine, layers=["2"])
+    if rank == 0:
+        mon.save(out + "/snap.safetensors")
+        torch.save({"K2": K["2"], "n": mine.shape[0]}, out + "/k.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one(tmp_path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), port, str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(15, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    single = NFAMonitor(model).measure(x, step=3)
+    snap = load_snapshot(tmp_path / "snap.safetensors")
+    k = torch.load(tmp_path / "k.pt")
+    assert k["n"] == 8  # rank 0 held 8 of the 15 samples
+    for name, rec in single.items():
+        loaded = snap.records[name]
+        assert loaded.n_samples == 15 and loaded.step == 3
+        for field in ("uc_nfa", "kernel_alignment"):
+            assert abs(getattr(loaded, field) - getattr(rec, field)) < 1e-12
+        assert all(abs(loaded.norms[key] - rec.norms[key]) <= 1e-12 * (1 + rec.norms[key]) for key in rec.norms)
+    K_single = ptk_covariance(model, x)
+    assert torch.allclose(snap.matrices["2"]["K"], K_single["2"], rtol=1e-12, atol=0)
+    assert torch.allclose(k["K2"], K_single["2"], rtol=1e-12, atol=0)

@@ -1,0 +1,97 @@
+"""NFA maths: correlations, NFM/AGOP, matrix powers, decomposition (no models involved)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diagnostics import (
+    agop,
+    kernel_alignment,
+    matrix_correlation,
+    nfa_correlation,
+    nfa_decomposition,
+    nfm,
+    psd_power,
+)
+
+matrices = st.integers(0, 2**31 - 1).map(
+    lambda seed: torch.randn(4, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(matrices, matrices, st.floats(0.01, 100), st.sampled_from(["pearson", "cosine"]))
+def test_correlation_properties(A: torch.Tensor, B: torch.Tensor, scale: float, method: str) -> None:
+    r = matrix_correlation(A, B, method)
+    assert r.dim() == 0
+    assert -1 - 1e-12 <= float(r) <= 1 + 1e-12
+    assert math.isclose(float(r), float(matrix_correlation(B, A, method)), abs_tol=1e-12)
+    assert math.isclose(float(r), float(matrix_correlation(scale * A, B, method)), abs_tol=1e-10)
+    assert math.isclose(float(matrix_correlation(A, A, method)), 1.0, abs_tol=1e-12)
+    assert math.isclose(float(matrix_correlation(A, -A, method)), -1.0, abs_tol=1e-12)
+
+
+def test_pearson_vs_cosine_definitions() -> None:
+    A = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    B = torch.tensor([[2.0, 1.0], [5.0, 3.0]], dtype=torch.float64)
+    cos = (A * B).sum() / (A.norm() * B.norm())
+    a, b = A - A.mean(), B - B.mean()
+    pear = (a * b).sum() / (a.norm() * b.norm())
+    assert torch.isclose(matrix_correlation(A, B, "cosine"), cos)
+    assert torch.isclose(matrix_correlation(A, B, "pearson"), pear)
+    # pearson is invariant to adding a constant, cosine is not
+    assert torch.isclose(matrix_correlation(A + 7, B, "pearson"), pear)
+    assert not torch.isclose(matrix_correlation(A + 7, B, "cosine"), cos)
+    assert torch.isnan(matrix_correlation(torch.ones(2, 2), B))
+    with pytest.raises(ValueError, match="pearson"):
+        matrix_correlation(A, B, "spearman")
+    with pytest.raises(ValueError, match="shapes"):
+        matrix_correlation(A, B[:1])
+
+
+def test_nfm_agop_alignment_identity() -> None:
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    M = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    K = M @ M.t()
+    assert torch.allclose(nfm(W), W.t() @ W)
+    assert torch.allclose(agop(W, K), W.t() @ K @ W)
+    # <W^T W, W^T K W>_F = tr(K (W W^T)^2)
+    lhs = (nfm(W) * agop(W, K)).sum()
+    WWt = W @ W.t()
+    assert torch.isclose(lhs, torch.trace(K @ WWt @ WWt))
+    assert torch.isclose(nfa_correlation(W, K, "cosine"), matrix_correlation(nfm(W), agop(W, K), "cosine"))
+    assert torch.isclose(kernel_alignment(W, K), matrix_correlation(WWt, K))
+    half = nfa_correlation(W, K, power=0.5)
+    assert torch.isclose(half, matrix_correlation(nfm(W), psd_power(agop(W, K), 0.5)))
+
+
+def test_psd_power() -> None:
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    A = M @ M.t()  # rank 3, PSD
+    R = psd_power(A, 0.5)
+    assert torch.allclose(R @ R, A, atol=1e-10)
+    assert psd_power(A, 1.0) is A
+    assert torch.linalg.eigvalsh(R).min() > -1e-10
+
+
+def test_decomposition_terms_sum_up() -> None:
+    g = torch.Generator().manual_seed(2)
+    W0 = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    D = 0.1 * torch.randn(6, 4, generator=g, dtype=torch.float64)
+    M = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    K = M @ M.t()
+    W = W0 + D
+    norms = nfa_decomposition(W, W0, K)
+    assert set(norms) == {"nfm_init", "nfm_cross", "nfm_centered", "agop_init", "agop_cross", "agop_centered"}
+    assert math.isclose(norms["nfm_init"], float(nfm(W0).norm()))
+    assert math.isclose(norms["nfm_centered"], float(nfm(D).norm()))
+    assert math.isclose(norms["nfm_cross"], float((nfm(W) - nfm(W0) - nfm(D)).norm()))
+    assert math.isclose(norms["agop_cross"], float((agop(W, K) - agop(W0, K) - agop(D, K)).norm()))
+    assert math.isclose(norms["agop_centered"], float(agop(D, K).norm()))
