@@ -1,0 +1,198 @@
+"""Figures of NFA measurements: curves over training steps and matrix heatmaps.
+
+Rows are flat dicts as returned by ``NFAMonitor.to_rows()`` (keys ``step``, ``layer``, ``uc_nfa``,
+``c_nfa``, ...) plus any extra keys such as ``run`` and ``seed``; values may also be strings, as read
+back from a CSV file. matplotlib is imported inside the functions (object API, no pyplot state), so
+importing this module costs nothing and works without a display.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["plot_nfa_curves", "plot_scalar_curves", "plot_matrices"]
+
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _float(value: Any) -> float:
+    if value is None or value == "":
+        return math.nan
+    if isinstance(value, torch.Tensor):
+        return float(value.item())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _unique(values: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def _figure(nrows: int, ncols: int, panel: tuple[float, float] = (4.0, 3.0)) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _check_rows(rows: Sequence[Mapping[str, Any]], needed: Sequence[str], fn: str) -> None:
+    if not rows:
+        raise ValueError(f"{fn}: no rows to plot; pass a non-empty list of dicts (e.g. NFAMonitor.to_rows())")
+    missing = [k for k in needed if not any(k in r for r in rows)]
+    if missing:
+        raise ValueError(f"{fn}: no row has key(s) {missing}; keys present: {sorted(set().union(*rows))}")
+
+
+def _curves(
+    ax: Any,
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    group_key: str | None,
+    colours: Mapping[Any, Any],
+    linestyle_key: str | None,
+    styles: Mapping[Any, str],
+) -> None:
+    """Draw ``metric`` against ``step`` for each (group, style) on ``ax``: mean line, +- std band over seeds.
+
+    Several rows with the same (group, style, seed, step) (e.g. one scalar repeated for every layer)
+    count once: the first finite value is used.
+    """
+    series: dict[tuple[Any, Any], dict[float, dict[Any, float]]] = {}
+    for r in rows:
+        value = _float(r.get(metric))
+        step = _float(r.get("step"))
+        if not (math.isfinite(value) and math.isfinite(step)):
+            continue
+        key = (r.get(group_key) if group_key else None, r.get(linestyle_key) if linestyle_key else None)
+        series.setdefault(key, {}).setdefault(step, {}).setdefault(r.get("seed"), value)
+    for (group, style), by_step in series.items():
+        steps = sorted(by_step)
+        vals = [list(by_step[s].values()) for s in steps]
+        mean = [sum(v) / len(v) for v in vals]
+        std = [math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0 for v, m in zip(vals, mean)]
+        label = " / ".join(str(x) for x in (group, style) if x is not None) or metric
+        colour = colours.get(group)
+        ax.plot(steps, mean, color=colour, linestyle=styles.get(style, "-"), label=label, linewidth=1.4)
+        if any(s > 0 for s in std):
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=colour, alpha=0.2, linewidth=0)
+
+
+def _pad_flat_axis(ax: Any) -> None:
+    """Give a panel whose data is constant (e.g. a correlation that is 1 by construction) a readable y-range."""
+    lo, hi = ax.dataLim.intervaly
+    if math.isfinite(lo) and math.isfinite(hi) and hi - lo < 1e-6 * max(1.0, abs(hi)):
+        pad = 0.05 * max(1.0, abs(hi))
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def _palettes(
+    rows: Sequence[Mapping[str, Any]], group_key: str | None, linestyle_key: str | None
+) -> tuple[dict[Any, Any], dict[Any, str]]:
+    groups = _unique(r.get(group_key) for r in rows) if group_key else [None]
+    colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+    kinds = _unique(r.get(linestyle_key) for r in rows) if linestyle_key else [None]
+    styles = {k: _LINESTYLES[i % len(_LINESTYLES)] for i, k in enumerate(kinds)}
+    return colours, styles
+
+
+def plot_nfa_curves(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    metrics: Sequence[str] = ("uc_nfa", "c_nfa"),
+    group_key: str = "run",
+    title: str | None = None,
+    linestyle_key: str | None = None,
+) -> Path:
+    """Grid of panels, one row per metric and one column per layer, each metric against ``step``.
+
+    One colour per value of ``group_key`` (ignored when no row has that key), one line style per value of
+    ``linestyle_key`` (optional); where rows carry a ``seed`` key the line is the mean over seeds with a
+    +- one-std band. Returns the PNG path.
+    """
+    _check_rows(rows, ["step", *metrics], "plot_nfa_curves")
+    gk = group_key if any(group_key in r for r in rows) else None
+    layers = _unique(str(r.get("layer", "")) for r in rows)
+    colours, styles = _palettes(rows, gk, linestyle_key)
+    fig, axes = _figure(len(metrics), len(layers))
+    for i, metric in enumerate(metrics):
+        for j, layer in enumerate(layers):
+            ax = axes[i][j]
+            _curves(ax, [r for r in rows if str(r.get("layer", "")) == layer], metric, gk, colours,
+                    linestyle_key, styles)
+            _pad_flat_axis(ax)
+            ax.set_title(f"{metric} - layer {layer}" if layer else metric, fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][-1].legend(handles, labels, fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_scalar_curves(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    keys: Sequence[str] = ("feature_quality", "test_mse"),
+    group_key: str = "run",
+    log_keys: Sequence[str] = (),
+    title: str | None = None,
+) -> Path:
+    """One panel per key, the key against ``step``, one colour per ``group_key`` value, mean +- std over
+    seeds; keys in ``log_keys`` get a log y-axis. A value repeated on several rows of the same
+    (group, seed, step) - e.g. one row per layer - counts once. Returns the PNG path."""
+    _check_rows(rows, ["step", *keys], "plot_scalar_curves")
+    gk = group_key if any(group_key in r for r in rows) else None
+    colours, styles = _palettes(rows, gk, None)
+    fig, axes = _figure(1, len(keys))
+    for j, key in enumerate(keys):
+        ax = axes[0][j]
+        _curves(ax, rows, key, gk, colours, None, styles)
+        _pad_flat_axis(ax)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+        if key in log_keys:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][-1].legend(handles, labels, fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_matrices(
+    mats: Mapping[str, torch.Tensor], path: str | os.PathLike[str], cmap: str = "viridis"
+) -> Path:
+    """Heatmaps of 2-D matrices side by side, titled by their keys, each with its own colour bar."""
+    if not mats:
+        raise ValueError("plot_matrices: pass a non-empty dict {title: 2-D tensor}")
+    for name, m in mats.items():
+        if torch.as_tensor(m).ndim != 2:
+            raise ValueError(f"plot_matrices: matrix {name!r} must be 2-D, got shape {tuple(torch.as_tensor(m).shape)}")
+    fig, axes = _figure(1, len(mats), panel=(4.2, 3.6))
+    for ax, (name, m) in zip(axes[0], mats.items()):
+        arr = torch.as_tensor(m).detach().to("cpu", torch.float64).numpy()
+        im = ax.imshow(arr, cmap=cmap, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return _save(fig, path)

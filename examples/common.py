@@ -1,0 +1,298 @@
+"""Helpers shared by the example scripts: models, seeding, data, atomic output files, tables.
+
+The scripts in ``examples/`` import this module as ``from common import ...``; it works when a script
+is run as ``python examples/<name>.py`` because the script's directory is then first on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "bias_free_mlp",
+    "scale_init_",
+    "set_seed",
+    "write_csv",
+    "write_text",
+    "mean_std_table",
+    "progress",
+    "chain_monomial",
+    "chain_monomial_data",
+    "minibatches",
+    "mse",
+    "markdown_table",
+    "eval_schedule",
+    "make_optimizer",
+    "train_mse",
+    "run_description",
+]
+
+
+# ----------------------------------------------------------------------------------------- models
+def bias_free_mlp(d_in: int, width: int, depth: int, d_out: int) -> nn.Sequential:
+    """``depth`` hidden layers ``Linear(bias=False) + ReLU`` of size ``width``, then a bias-free readout.
+
+    The linear layers are the ``nn.Sequential`` entries ``"0", "2", ..., str(2 * depth)``;
+    PyTorch's default initialisation is kept.
+    """
+    for name, value in (("d_in", d_in), ("width", width), ("d_out", d_out)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"bias_free_mlp: {name} must be a positive int, got {value!r}")
+    if not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"bias_free_mlp: depth (number of hidden layers) must be an int >= 0, got {depth!r}")
+    mods: list[nn.Module] = []
+    fan_in = d_in
+    for _ in range(depth):
+        mods += [nn.Linear(fan_in, width, bias=False), nn.ReLU()]
+        fan_in = width
+    mods.append(nn.Linear(fan_in, d_out, bias=False))
+    return nn.Sequential(*mods)
+
+
+@torch.no_grad()
+def scale_init_(model: nn.Module, factor: float) -> nn.Module:
+    """Multiply every parameter of ``model`` by ``factor`` in place (``factor = 0.1``: "small init")."""
+    if not math.isfinite(factor) or factor <= 0:
+        raise ValueError(f"scale_init_: factor must be a finite positive number, got {factor!r}")
+    for p in model.parameters():
+        p.mul_(factor)
+    return model
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's ``random``, NumPy (when installed) and torch's default generator."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"set_seed: seed must be an int >= 0, got {seed!r}")
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency of the project
+        return
+    np.random.seed(seed % 2**32)
+
+
+# ------------------------------------------------------------------------------------------ data
+def chain_monomial(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Chain-monomial target ``f*(x) = sum_{i=1}^{r} x_i x_{i+1}`` (first ``r + 1`` coordinates), shape (n,)."""
+    if x.ndim != 2 or x.shape[1] < r + 1:
+        raise ValueError(f"chain_monomial: need x of shape (n, d) with d >= r + 1 = {r + 1}, got {tuple(x.shape)}")
+    if r < 1:
+        raise ValueError(f"chain_monomial: r must be >= 1, got {r}")
+    return (x[:, :r] * x[:, 1 : r + 1]).sum(dim=1)
+
+
+def chain_monomial_data(
+    n_train: int, n_test: int, d: int, r: int, seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x ~ N(0, I_d)`` and ``y = f*(x)`` (shape (n, 1)) for a train and a test set, from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, d, generator=g, dtype=dtype)
+    y = chain_monomial(x, r)[:, None]
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def minibatches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index tensors of ``steps`` minibatches: reshuffled epochs, the last partial batch of an epoch dropped
+    (full batch when ``batch_size >= n``)."""
+    if batch_size < 1 or n < 1:
+        raise ValueError(f"minibatches: need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    batch_size = min(batch_size, n)
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            if done == steps:
+                return
+            yield perm[start : start + batch_size]
+            done += 1
+
+
+@torch.no_grad()
+def mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean squared error ``mean((f(x) - y)^2)`` of ``model`` in eval mode (mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return float(((model(x) - y) ** 2).mean())
+    finally:
+        model.train(was_training)
+
+
+# -------------------------------------------------------------------------------------- training
+def eval_schedule(steps: int, every: int) -> list[int]:
+    """Steps at which to measure: ``0, every, 2·every, ...`` and always the last step ``steps``."""
+    if steps < 0 or every < 1:
+        raise ValueError(f"eval_schedule: need steps >= 0 and every >= 1, got steps={steps}, every={every}")
+    return sorted({*range(0, steps + 1, every), steps})
+
+
+def make_optimizer(
+    model: nn.Module, optimizer: str, lr: float, C: float | None = None, layer: str = "0"
+) -> torch.optim.Optimizer:
+    """Plain SGD (``optimizer="sgd"``) or SLO over SGD (``"slo"``): ``promote(model, layer, C)`` gives
+    ``layer`` the speed ``C`` and every other layer ``1/C``, so with SGD each layer moves ``lr·C_l`` per step."""
+    if optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    if optimizer == "slo":
+        if C is None:
+            raise ValueError("make_optimizer: optimizer='slo' needs the speed C of the promoted layer (e.g. C=500)")
+        from slo_torch import SLOptimizer, promote
+
+        return SLOptimizer(torch.optim.SGD(model.parameters(), lr=lr), model=model, speeds=promote(model, layer, C))
+    raise ValueError(f"make_optimizer: unknown optimizer {optimizer!r}; use 'sgd' or 'slo'")
+
+
+def train_mse(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    eval_steps: Sequence[int],
+    on_eval: Callable[[int], None],
+    desc: str = "",
+) -> None:
+    """Minibatch training on the MSE ``mean((f(x) - y)^2)``; calls ``on_eval(step)`` for every step in
+    ``eval_steps`` (``0`` = before the first update, ``t`` = after ``t`` updates)."""
+    wanted = set(eval_steps)
+    if 0 in wanted:
+        on_eval(0)
+    batches = minibatches(X.shape[0], batch_size, steps, generator)
+    for step, idx in enumerate(progress(batches, total=steps, desc=desc, leave=False), start=1):
+        loss = ((model(X[idx]) - Y[idx]) ** 2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step in wanted:
+            on_eval(step)
+
+
+# ---------------------------------------------------------------------------------------- output
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None], newline: str | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as fh:
+            write(fh)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if value is None:
+        return ""
+    return value
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write ``rows`` (flat dicts) as CSV, atomically; columns = all keys in order of first appearance."""
+    fields: dict[str, None] = {}
+    for row in rows:
+        fields.update(dict.fromkeys(row))
+
+    def write(fh: Any) -> None:
+        w = csv.DictWriter(fh, fieldnames=list(fields), lineterminator="\n")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _cell(v) for k, v in row.items()})
+
+    return _atomic_write(path, write, newline="")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    return _atomic_write(path, lambda fh: fh.write(text))
+
+
+def _as_float(value: Any) -> float:
+    if value is None or value == "":
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def run_description(argv: Sequence[str], wall_s: float) -> str:
+    """One markdown line: the command that was run, its wall time, the machine and the torch version."""
+    import platform
+
+    cmd = " ".join(["python", *argv])
+    return (f"`{cmd}` - wall time {wall_s:.0f} s on a {os.cpu_count()}-core {platform.machine()} CPU, "
+            f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}.")
+
+
+def markdown_table(header: Sequence[str], body: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table from a header and rows of cells (cells formatted with ``str``)."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, cells)) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
+def mean_std_table(
+    rows: Sequence[Mapping[str, Any]],
+    group_keys: Sequence[str],
+    value_keys: Sequence[str],
+    digits: int = 3,
+) -> str:
+    """Markdown table: one line per distinct value of ``group_keys`` (first-seen order), each value key as
+    ``mean ± std`` over that group's rows (sample std, ``n - 1``; only the mean for a single row; missing
+    or non-numeric values are skipped), plus the count ``n`` of rows."""
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        missing = [k for k in group_keys if k not in row]
+        if missing:
+            raise ValueError(f"mean_std_table: row lacks group key(s) {missing}; available keys: {sorted(row)}")
+        groups.setdefault(tuple(row[k] for k in group_keys), []).append(row)
+    body = []
+    for key, members in groups.items():
+        cells: list[Any] = list(key)
+        for vk in value_keys:
+            vals = [v for v in (_as_float(m.get(vk)) for m in members) if math.isfinite(v)]
+            if not vals:
+                cells.append("n/a")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:.{digits}f}")
+            else:
+                mean = sum(vals) / len(vals)
+                std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+                cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
+        cells.append(len(members))
+        body.append(cells)
+    return markdown_table([*group_keys, *value_keys, "n"], body)
+
+
+def progress(iterable: Iterable[Any], force: bool = False, **kw: Any) -> Iterable[Any]:
+    """``tqdm(iterable, **kw)`` on a terminal (or when ``force``), otherwise the plain iterable.
+
+    Falls back to the plain iterable when tqdm is not installed.
+    """
+    if not (force or sys.stderr.isatty()):
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the "examples" extra
+        return iterable
+    return tqdm(iterable, **kw)

@@ -1,0 +1,83 @@
+"""The paper-experiment scripts run end to end on their smoke presets and write their outputs."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _start(script: str, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(EXAMPLES / script), "--preset", "smoke", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def chain_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two smoke runs of chain_monomial.py, started together (they must agree exactly)."""
+    a, b = tmp_path_factory.mktemp("chain_a"), tmp_path_factory.mktemp("chain_b")
+    procs = [_start("chain_monomial.py", a), _start("chain_monomial.py", b)]
+    for p in procs:
+        _finish(p)
+    return a, b
+
+
+def test_chain_monomial_writes_metrics_results_and_plots(chain_runs: tuple[Path, Path]) -> None:
+    out, _ = chain_runs
+    rows = _read_csv(out / "metrics.csv")
+    for col in ("run", "seed", "step", "layer", "uc_nfa", "c_nfa", "feature_quality", "test_mse"):
+        assert col in rows[0], col
+    assert {r["run"] for r in rows} == {"sgd", "small_init", "slo"}
+    assert {r["layer"] for r in rows} == {"0", "2", "4"}
+    final = [r for r in rows if r["step"] == "300"]
+    assert final and all(0.0 <= float(r["test_mse"]) < 100 for r in final)
+    assert all(abs(float(r["c_nfa"])) <= 1.0 + 1e-9 for r in final)
+    text = (out / "results.md").read_text(encoding="utf-8")
+    assert "| run | uc_nfa | c_nfa | feature_quality | test_mse | n |" in text
+    assert "slo_C" in text
+    for png in ("nfa_curves.png", "feature_quality_test_mse.png", "nfm_vs_egop.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_chain_monomial_is_deterministic(chain_runs: tuple[Path, Path]) -> None:
+    a, b = chain_runs
+    assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
+
+
+def test_early_time_and_random_kernel_smoke(tmp_path: Path) -> None:
+    procs = [_start("early_time.py", tmp_path / "early"), _start("random_kernel.py", tmp_path / "random")]
+    for p in procs:
+        _finish(p)
+
+    early = _read_csv(tmp_path / "early" / "metrics.csv")
+    assert {"init_scale", "seed", "step", "layer", "kind", "c_nfa"} <= set(early[0])
+    assert {r["kind"] for r in early} == {"measured", "predicted"}
+    assert "predicted" in (tmp_path / "early" / "results.md").read_text(encoding="utf-8")
+    assert (tmp_path / "early" / "early_cnfa.png").stat().st_size > 1000
+
+    rand = _read_csv(tmp_path / "random" / "metrics.csv")
+    assert {"run", "seed", "step", "layer", "kernel", "uc_nfa", "c_nfa"} <= set(rand[0])
+    assert {r["kernel"] for r in rand} == {"true", "random"}
+    assert "random" in (tmp_path / "random" / "results.md").read_text(encoding="utf-8")
+    assert (tmp_path / "random" / "random_kernel.png").stat().st_size > 1000
