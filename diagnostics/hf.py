@@ -1,0 +1,246 @@
+"""NFA correlations inside a Hugging Face ``transformers.Trainer``, logged like any other metric.
+
+:class:`NFACallback` measures, every ``every_n_steps`` optimizer steps, the UC-NFA
+``rho(W^T W, W^T K W)`` and the C-NFA ``rho(dW^T dW, dW^T K dW)`` (``dW = W - W_0``, ``W_0`` = the
+weights when training started) of the model's linear layers on a fixed probe, and puts them into the
+Trainer's logs as ``nfa/uc/<layer>`` and ``nfa/c/<layer>``. From there they reach
+``trainer.state.log_history`` (and ``trainer_state.json``), the console and every reporter enabled by
+``report_to`` (TensorBoard, W&B, ...).
+
+How the values get into the logs: ``Trainer.log`` appends a copy of the logs to ``log_history`` and
+then calls every callback's ``on_log`` in order. The callback measures in ``on_step_end``, sets
+``control.should_log`` so the Trainer logs at that step, and in ``on_log`` adds the values to both the
+``logs`` dict (seen by the callbacks that run after it) and the matching ``log_history`` entry. So
+that the reporters run after it, the callback moves itself to the front of the Trainer's callback list
+at ``on_train_begin``.
+
+Distributed (DDP launched by ``accelerate``/``torchrun``): every rank measures its contiguous shard
+of the probe and the ``K`` sums are all-reduced (one collective per measurement), so the values equal
+one process on the whole probe (exactly with ``estimator="exact"``; with ``"sketch"`` each rank draws
+its own random projections, an equally unbiased estimate). The cadence depends only on
+``state.global_step``, so all ranks take part in every collective. Only the world-process-zero writes
+files. ``transformers`` is imported only by this module.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from slo_torch.hf import run_before_reporters
+
+from . import distributed
+from .engine import OutputFn, probe_batch_size, split_probe
+from .io import load_snapshot
+from .monitor import NFAMonitor
+from .ptk import check_estimator
+
+__all__ = ["NFACallback", "nfa_rows_from_log_history", "SNAPSHOT_DIR"]
+
+#: Sub-directory of ``args.output_dir`` that receives the snapshots.
+SNAPSHOT_DIR = "nfa"
+_KINDS = {"uc": "uc_nfa", "c": "c_nfa"}
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {k: _to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_device(v, device) for v in inputs)
+    return inputs
+
+
+def _rank() -> int:
+    d = torch.distributed
+    return d.get_rank() if d.is_available() and d.is_initialized() else 0
+
+
+class NFACallback(TrainerCallback):
+    """Log ``nfa/uc/<layer>`` and ``nfa/c/<layer>`` every ``every_n_steps`` optimizer steps (and at the
+    last step) into the Trainer's logs.
+
+    Args:
+        probe: the fixed probe inputs, as accepted by the model (a tensor of ``input_ids`` ``(N, T)``,
+            a dict such as ``{"input_ids": ..., "attention_mask": ...}``, or a tuple), batch first.
+            Every token position is a sample; the outputs are the logits at every position.
+        every_n_steps: measurement cadence in optimizer steps (``state.global_step``).
+        layers: ``None`` (every ``nn.Linear`` / GPT-2 ``Conv1D``) or module names / globs, e.g.
+            ``"transformer.h.*.mlp.c_fc"``.
+        estimator: ``"sketch"`` (``m`` random output projections, cheap for large vocabularies) or
+            ``"exact"`` (one VJP per output).
+        m: number of sketch projections.
+        correlation: ``"pearson"`` (default) or ``"cosine"``.
+        output_fn: maps the model output to the tensor ``f`` (default: ``.logits``).
+        seed: seed of the sketch projections (combined with the step and the rank).
+        save_snapshots: also write ``output_dir/nfa/step_<step>.safetensors`` (``K``, ``W``, ``W_0`` per
+            layer and all records, see :func:`diagnostics.load_snapshot`) from world-process-zero; on
+            ``resume_from_checkpoint`` the ``W_0`` of the latest snapshot is reused for the C-NFA.
+        chunk_size: probe samples per forward pass (``None``: the engine's default).
+
+    The :class:`~diagnostics.NFAMonitor` of the current run is ``callback.monitor`` (its
+    ``history`` / ``to_rows()`` hold every measurement).
+    """
+
+    def __init__(
+        self,
+        probe: Any,
+        every_n_steps: int = 100,
+        layers: str | Sequence[str] | None = None,
+        estimator: str = "sketch",
+        m: int = 8,
+        *,
+        correlation: str = "pearson",
+        output_fn: OutputFn | None = None,
+        seed: int = 0,
+        save_snapshots: bool = False,
+        chunk_size: int | None = None,
+    ) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+        check_estimator(estimator, m)
+        if correlation not in ("pearson", "cosine"):
+            raise ValueError(f"unknown correlation {correlation!r}; use 'pearson' or 'cosine'")
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError("output_fn must be a callable mapping the model output to a tensor, or None")
+        n = probe_batch_size(probe)  # also rejects probes that are not tensors / dicts / tuples
+        if n < 1:
+            raise ValueError("probe is empty: pass at least one sample (batch dimension first)")
+        self.probe = probe
+        self.every_n_steps = every_n_steps
+        self.layers = layers
+        self.estimator = estimator
+        self.m = m
+        self.correlation = correlation
+        self.output_fn = output_fn
+        self.seed = int(seed)
+        self.save_snapshots = bool(save_snapshots)
+        self.chunk_size = chunk_size
+        self.monitor: NFAMonitor | None = None
+        self._pending: dict[str, float] = {}
+        self._ordered = False
+
+    # ------------------------------------------------------------------------------ ordering
+    def _move_to_front(self) -> None:
+        """Run ahead of the ``report_to`` reporters so their ``on_log`` sees the NFA values."""
+        if run_before_reporters(self) or self._ordered:
+            self._ordered = True
+            return
+        warnings.warn(
+            "NFACallback could not find the Trainer's callback list; reporters that run before it "
+            "will not see the nfa/* values (log_history still gets them). Put it first with "
+            "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback)).",
+            stacklevel=3,
+        )
+
+    # ------------------------------------------------------------------------------ W_0 on resume
+    def _snapshot_dir(self, args: TrainingArguments) -> str:
+        return os.path.join(args.output_dir, SNAPSHOT_DIR)
+
+    def _resumed_W0(self, args: TrainingArguments, state: TrainerState) -> dict[str, torch.Tensor] | None:
+        """``W_0`` of the latest snapshot at or before the current step, when resuming."""
+        if state.global_step == 0:
+            return None
+        files = sorted(glob.glob(os.path.join(self._snapshot_dir(args), "step_*.safetensors")))
+        files = [f for f in files if int(os.path.basename(f)[5:-12]) <= state.global_step]
+        if not files:
+            warnings.warn(
+                f"NFACallback: resuming at step {state.global_step} without an NFA snapshot in "
+                f"{self._snapshot_dir(args)!r}; the C-NFA is measured against the weights at resume. "
+                "Pass save_snapshots=True to keep W_0 across restarts.",
+                stacklevel=3,
+            )
+            return None
+        snap = load_snapshot(files[-1])
+        return {layer: mats["W0"] for layer, mats in snap.matrices.items() if "W0" in mats}
+
+    # ------------------------------------------------------------------------------ events
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Order this callback before the reporters and start the monitor (``W_0`` snapshot)."""
+        self._move_to_front()
+        if model is None:
+            raise ValueError("NFACallback needs the model; use it through transformers.Trainer(callbacks=[...])")
+        if self.monitor is not None and self.monitor.model is model:
+            if not self.monitor.attached:
+                self.monitor = NFAMonitor(model, self.layers, self.correlation, W0=self.monitor.W0)
+            return
+        self.monitor = NFAMonitor(model, self.layers, self.correlation, W0=self._resumed_W0(args, state))
+
+    def _due(self, state: TrainerState) -> bool:
+        step = state.global_step
+        return step > 0 and (step % self.every_n_steps == 0 or step == state.max_steps)
+
+    def measure(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> dict[str, float]:
+        """Measure now on this rank's shard of the probe (a collective under ``torch.distributed``)
+        and return the scalars ``{"nfa/uc/<layer>": ..., "nfa/c/<layer>": ...}``."""
+        if self.monitor is None:
+            raise RuntimeError("NFACallback.measure() before on_train_begin: train with the Trainer first")
+        start, stop = distributed.shard_bounds(probe_batch_size(self.probe))
+        shard = split_probe(self.probe, start, stop)
+        device = next(model.parameters()).device
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + state.global_step) * 1_009 + _rank())
+        records = self.monitor.measure(
+            _to_device(shard, device), output_fn=self.output_fn, estimator=self.estimator, m=self.m,
+            generator=gen, step=state.global_step, chunk_size=self.chunk_size,
+        )
+        if self.save_snapshots and state.is_world_process_zero:
+            os.makedirs(self._snapshot_dir(args), exist_ok=True)
+            self.monitor.save(os.path.join(self._snapshot_dir(args), f"step_{state.global_step:07d}.safetensors"))
+        return {
+            f"nfa/{kind}/{name}": float(getattr(rec, field))
+            for kind, field in _KINDS.items()
+            for name, rec in records.items()
+        }
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
+        """At the cadence: measure (every rank) and ask the Trainer to log this step."""
+        if self._due(state):
+            self._pending = self.measure(args, state, model)
+            control.should_log = True
+        return control
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        logs: dict[str, float] | None = None, **kwargs: Any,
+    ) -> None:
+        """Add the pending values to ``logs`` (for the callbacks after this one) and to the
+        ``log_history`` entry the Trainer appended just before."""
+        if not self._pending or logs is None:
+            return
+        logs.update(self._pending)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self._pending)
+        self._pending = {}
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Remove the monitor's hooks; ``self.monitor.history`` stays available."""
+        if self.monitor is not None:
+            self.monitor.detach()
+
+
+def nfa_rows_from_log_history(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows ``{"step", "layer", "uc_nfa", "c_nfa"}`` (one per logged step and layer) from
+    ``trainer.state.log_history`` or the ``"log_history"`` of a ``trainer_state.json``, ready for
+    :func:`diagnostics.plots.plot_nfa_curves`."""
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            parts = key.split("/", 2)
+            if len(parts) == 3 and parts[0] == "nfa" and parts[1] in _KINDS:
+                row = rows.setdefault((int(entry["step"]), parts[2]), {"step": int(entry["step"]), "layer": parts[2]})
+                row[_KINDS[parts[1]]] = value
+    return [rows[k] for k in sorted(rows, key=lambda k: k[0])]

@@ -1,0 +1,196 @@
+"""``diagnostics.hf.NFACallback`` inside a single-process ``transformers.Trainer``."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from diagnostics import NFAMonitor, load_snapshot  # noqa: E402
+from diagnostics.hf import NFACallback, nfa_rows_from_log_history  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+
+
+def load_example() -> Any:
+    """The example script as a module (its data and model builders are reused here)."""
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ex = load_example()
+SEQ = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: much faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[Any, torch.Tensor]:
+    train_ids, probe_ids = ex.split_corpus(ex.encode(ex.corpus_text(("textwrap", "heapq"))))
+    return ex.CharWindows(train_ids[:2000], SEQ), ex.CharWindows(probe_ids, SEQ).windows[:4]
+
+
+def tiny_model() -> torch.nn.Module:
+    return ex.build_model(len(ex.ALPHABET), SEQ, n_embd=16, n_layer=1, n_head=2, seed=0).double()
+
+
+def args_for(tmp: Path, **kw: Any) -> TrainingArguments:
+    base = dict(output_dir=str(tmp), use_cpu=True, max_steps=4, per_device_train_batch_size=8, learning_rate=0.1,
+                optim="sgd", lr_scheduler_type="constant", logging_steps=1000, save_strategy="no",
+                report_to="none", disable_tqdm=True, train_sampling_strategy="sequential")
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+class Recorder(TrainerCallback):
+    """Stands in for a reporter (TensorBoard, W&B): remembers the ``logs`` its ``on_log`` receives."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        self.logs.append(dict(logs))
+
+
+def nfa_entries(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [h for h in history if any(k.startswith("nfa/") for k in h)]
+
+
+def test_values_reach_log_history_and_reporters_registered_before_it(tmp_path: Path, data: Any) -> None:
+    train, probe = data
+    rec = Recorder()
+    cb = NFACallback(probe, every_n_steps=2, estimator="exact")
+    # The recorder is registered before the callback, as the Trainer registers report_to reporters.
+    trainer = Trainer(tiny_model(), args_for(tmp_path, max_steps=5), train_dataset=train, callbacks=[rec, cb])
+    trainer.train()
+    assert trainer.callback_handler.callbacks[0] is cb
+    entries = nfa_entries(trainer.state.log_history)
+    assert [e["step"] for e in entries] == [2, 4, 5]  # cadence, plus the last step
+    layers = cb.monitor.layer_names
+    assert "transformer.h.0.mlp.c_fc" in layers
+    for e in entries:
+        assert "loss" in e  # logged together with the training loss of that step
+        for layer in layers:
+            assert -1.0 <= e[f"nfa/uc/{layer}"] <= 1.0 + 1e-9
+            assert -1.0 <= e[f"nfa/c/{layer}"] <= 1.0 + 1e-9
+    seen = [{k: v for k, v in logs.items() if k.startswith("nfa/")} for logs in rec.logs]
+    expected = [{k: v for k, v in e.items() if k.startswith("nfa/")} for e in entries]
+    assert [s for s in seen if s] == expected
+
+
+def test_logged_values_equal_a_direct_measurement(tmp_path: Path, data: Any) -> None:
+    train, probe = data
+    model = tiny_model()
+    w0 = copy.deepcopy(model)
+    cb = NFACallback(probe, every_n_steps=3, layers="transformer.h.0.mlp.*", estimator="exact")
+    trainer = Trainer(model, args_for(tmp_path, max_steps=3), train_dataset=train, callbacks=[cb])
+    trainer.train()
+    logged = nfa_entries(trainer.state.log_history)[-1]
+    with NFAMonitor(model, "transformer.h.0.mlp.*", W0=w0) as mon:
+        direct = mon.measure(probe, estimator="exact")
+    assert set(direct) == {"transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}
+    for name, rec in direct.items():
+        assert logged[f"nfa/uc/{name}"] == pytest.approx(rec.uc_nfa, abs=1e-10)
+        assert logged[f"nfa/c/{name}"] == pytest.approx(rec.c_nfa, abs=1e-10)
+    assert len(set(logged[f"nfa/c/{n}"] for n in direct)) == 2
+    rows = nfa_rows_from_log_history(trainer.state.log_history)
+    assert {(r["step"], r["layer"]) for r in rows} == {(3, n) for n in direct}
+    assert all(not m._forward_hooks for m in model.modules())  # hooks removed at train end
+
+
+def test_sketch_is_reproducible_and_close_to_exact(tmp_path: Path, data: Any) -> None:
+    train, probe = data
+
+    def run(estimator: str, m: int, seed: int) -> dict[str, float]:
+        cb = NFACallback(probe, every_n_steps=2, layers="transformer.h.0.mlp.c_fc", estimator=estimator, m=m,
+                         seed=seed)
+        trainer = Trainer(tiny_model(), args_for(tmp_path, max_steps=2), train_dataset=train, callbacks=[cb])
+        trainer.train()
+        return nfa_entries(trainer.state.log_history)[-1]
+
+    a, b, exact = run("sketch", 64, 1), run("sketch", 64, 1), run("exact", 8, 0)
+    key = "nfa/uc/transformer.h.0.mlp.c_fc"
+    assert a[key] == b[key]
+    assert a[key] == pytest.approx(exact[key], abs=0.05)
+
+
+def test_snapshots_and_w0_restored_on_resume(tmp_path: Path, data: Any) -> None:
+    train, probe = data
+    out = tmp_path / "run"
+    full_cb = NFACallback(probe, every_n_steps=2, layers="transformer.h.0.mlp.c_fc", estimator="exact",
+                          save_snapshots=True)
+    Trainer(tiny_model(), args_for(out, max_steps=4, save_strategy="steps", save_steps=2), train_dataset=train,
+            callbacks=[full_cb]).train()
+    files = sorted(p.name for p in (out / "nfa").iterdir())
+    assert files == ["step_0000002.safetensors", "step_0000004.safetensors"]
+    snap = load_snapshot(out / "nfa" / "step_0000004.safetensors")
+    assert snap.step == 4 and set(snap.matrices["transformer.h.0.mlp.c_fc"]) >= {"K", "W", "W0"}
+
+    resumed_cb = NFACallback(probe, every_n_steps=2, layers="transformer.h.0.mlp.c_fc", estimator="exact",
+                             save_snapshots=True)
+    trainer = Trainer(tiny_model(), args_for(out, max_steps=4, save_strategy="steps", save_steps=2),
+                      train_dataset=train, callbacks=[resumed_cb])
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    w0_full = full_cb.monitor.W0["transformer.h.0.mlp.c_fc"]
+    torch.testing.assert_close(resumed_cb.monitor.W0["transformer.h.0.mlp.c_fc"], w0_full, rtol=0, atol=0)
+    key = "nfa/c/transformer.h.0.mlp.c_fc"
+    full_value = full_cb.monitor.history[-1]["transformer.h.0.mlp.c_fc"].c_nfa
+    assert nfa_entries(trainer.state.log_history)[-1][key] == pytest.approx(full_value, abs=1e-10)
+
+
+def test_trainer_state_json_holds_the_values(tmp_path: Path, data: Any) -> None:
+    train, probe = data
+    cb = NFACallback(probe, every_n_steps=2, layers="transformer.h.0.attn.c_attn", estimator="sketch", m=4)
+    trainer = Trainer(tiny_model(), args_for(tmp_path, max_steps=2), train_dataset=train, callbacks=[cb])
+    trainer.train()
+    trainer.save_state()
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert "nfa/uc/transformer.h.0.attn.c_attn" in nfa_entries(state["log_history"])[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"every_n_steps": 2.5}, "every_n_steps"),
+        ({"estimator": "bogus"}, "estimator"),
+        ({"m": 0}, "m "),
+        ({"correlation": "spearman"}, "correlation"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        NFACallback(torch.zeros(2, SEQ, dtype=torch.long), **kwargs)
+
+
+def test_bad_probe() -> None:
+    with pytest.raises(TypeError, match="probe"):
+        NFACallback("not a tensor")
+
+
+def test_outside_a_trainer_it_says_how_to_order_it(tmp_path: Path) -> None:
+    cb = NFACallback(torch.zeros(2, SEQ, dtype=torch.long), every_n_steps=1)
+    args = args_for(tmp_path)
+    state = transformers.TrainerState()
+    with pytest.raises(RuntimeError, match="on_train_begin"):
+        cb.measure(args, state, tiny_model())
+    with pytest.warns(UserWarning, match="callbacks.insert"):
+        cb.on_train_begin(args, state, transformers.TrainerControl(), model=tiny_model())
+    assert cb.monitor is not None and "transformer.h.0.mlp.c_fc" in cb.monitor.layer_names
