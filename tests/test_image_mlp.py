@@ -1,0 +1,109 @@
+"""examples/image_mlp.py: a one-epoch run per dataset writes its outputs; bad data folders exit with status 2."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_image_data import write_celeba, write_svhn
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY = ["--epochs", "1", "--width", "16", "--depth", "2", "--probe", "8", "--batch", "4"]
+
+
+def _image_mlp():
+    sys.path.insert(0, str(EXAMPLES))
+    import image_mlp
+
+    return image_mlp
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One-epoch runs of svhn, celeba (both optimizers) and digits (sgd), in this process."""
+    root = tmp_path_factory.mktemp("image_mlp")
+    write_svhn(root / "svhn_data")
+    write_celeba(root / "celeba_data")
+    cmds = {
+        "svhn": ["--dataset", "svhn", "--data-dir", str(root / "svhn_data"), "--max-train", "16",
+                 "--optimizer", "both"],
+        "celeba": ["--dataset", "celeba", "--data-dir", str(root / "celeba_data"), "--optimizer", "both"],
+        "digits": ["--dataset", "digits", "--max-train", "64", "--max-test", "32", "--optimizer", "sgd"],
+    }
+    threads = torch.get_num_threads()
+    try:
+        for name, cmd in cmds.items():
+            _image_mlp().main([*cmd, *TINY, "--out", str(root / name)])
+    finally:
+        torch.set_num_threads(threads)
+    return {name: root / name for name in cmds}
+
+
+@pytest.mark.parametrize("dataset,runs_expected,classes",
+                         [("svhn", {"sgd", "slo"}, 10), ("celeba", {"sgd", "slo"}, 2), ("digits", {"sgd"}, 10)])
+def test_one_epoch_run_writes_outputs(
+    runs: dict[str, Path], dataset: str, runs_expected: set[str], classes: int
+) -> None:
+    out = runs[dataset]
+    with open(out / "metrics.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["run"] for r in rows} == runs_expected
+    assert {r["layer"] for r in rows} == {"0", "2", "4"}
+    assert {r["step"] for r in rows} == {"0", "1"}  # epoch 0 (init) and after the one epoch
+    for r in rows:
+        assert -1.0 - 1e-6 <= float(r["uc_nfa"]) <= 1.0 + 1e-6
+        assert 0.0 <= float(r["test_acc"]) <= 1.0 and float(r["train_loss"]) >= 0.0
+    after = [r for r in rows if r["step"] == "1"]
+    assert all(-1.0 - 1e-6 <= float(r["c_nfa"]) <= 1.0 + 1e-6 for r in after)
+    text = (out / "results.md").read_text(encoding="utf-8")
+    assert f"{classes} classes" in text and "| run | layer | uc_nfa | c_nfa | rel_change | n |" in text
+    for png in ("nfa_curves.png", "loss_accuracy.png", "nfm_diagonal.png"):
+        assert (out / png).stat().st_size > 1000
+    with open(out / "nfm_diagonal.csv", newline="", encoding="utf-8") as fh:
+        maps = {r["map"] for r in csv.DictReader(fh)}
+    assert maps == {"init", *runs_expected}
+
+
+def _main_exit(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        _image_mlp().main(args)
+    return exc.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset,expected", [("svhn", "train_32x32.mat"), ("celeba", "list_attr_celeba.txt")])
+def test_missing_directory_exits_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dataset: str, expected: str
+) -> None:
+    out = tmp_path / "out"
+    code, err = _main_exit(["--dataset", dataset, "--data-dir", str(tmp_path / "absent"), "--out", str(out)], capsys)
+    assert code == 2
+    assert expected in err and str(tmp_path / "absent") in err
+    assert ("ufldl.stanford.edu/housenumbers" if dataset == "svhn" else "mmlab.ie.cuhk.edu.hk") in err
+    assert not out.exists()
+
+
+def test_no_data_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _main_exit(["--dataset", "svhn", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "--data-dir" in err and "test_32x32.mat" in err
+
+
+@pytest.mark.parametrize("dataset", ["svhn", "celeba"])
+def test_malformed_file_exits_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dataset: str
+) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    if dataset == "svhn":
+        write_svhn(data)
+        (data / "test_32x32.mat").write_bytes(b"\x00garbage" * 20)
+        expected = "test_32x32.mat is not a readable MATLAB v5 file"
+    else:
+        write_celeba(data)
+        (data / "list_eval_partition.txt").write_text("000001.jpg train\n")
+        expected = "list_eval_partition.txt is not in CelebA's list_eval_partition.txt layout"
+    code, err = _main_exit(["--dataset", dataset, "--data-dir", str(data), "--out", str(out), *TINY], capsys)
+    assert code == 2 and expected in err
+    assert not out.exists()
