@@ -54,6 +54,7 @@ class SLOHandle:
     @property
     def layer_names(self) -> list[str]:
         """Names of the speed-limited layers, in model order."""
+        self.limiter.refresh()
         return list(self.limiter.layer_names)
 
     @property

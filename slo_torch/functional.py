@@ -21,6 +21,20 @@ def _accumulate_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+    """``t.to(device, dtype)``, asynchronous unless the target is the host.
+
+    A non-blocking device-to-host copy lands in pinned memory that is read before the copy is done
+    (CPU kernels do not wait for the device), so copies to the CPU stay blocking.
+    """
+    return t.to(device=device, dtype=dtype, non_blocking=torch.device(device).type != "cpu")
+
+
+def index_tensor(indices: Sequence[int], device: torch.device | str) -> Tensor:
+    """``torch.tensor(indices)`` on ``device`` without the host synchronisation of a blocking copy."""
+    return to_device(torch.tensor(indices, dtype=torch.long), device)
+
+
 def layer_sq_norms(
     tensors: Sequence[Tensor],
     layer_index: Tensor,
@@ -56,8 +70,8 @@ def layer_sq_norms(
                 raise
             norms = [torch.linalg.vector_norm(t.coalesce()._values() if t.is_sparse else t, dtype=norm_dtype)
                      for t in group]
-        sq = torch.stack(norms).to(device=device, dtype=dtype, non_blocking=True).square_()
-        idx = layer_index if single else layer_index[torch.tensor(indices, device=device)]
+        sq = to_device(torch.stack(norms), device, dtype).square_()
+        idx = layer_index if single else layer_index[index_tensor(indices, device)]
         out.index_add_(0, idx, sq)
     return out
 
@@ -83,8 +97,8 @@ def scale_layers_(tensors: Sequence[Tensor], layer_index: Tensor, coefficients: 
     grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)  # type: ignore[arg-type]
     single = len(grouped) == 1
     for (dev, _dt), ((group,), indices) in grouped.items():
-        coef = per_tensor if single else per_tensor[torch.tensor(indices, device=per_tensor.device)]
-        coef = coef.to(device=dev, non_blocking=True)
+        coef = per_tensor if single else per_tensor[index_tensor(indices, per_tensor.device)]
+        coef = to_device(coef, dev)
         torch._foreach_mul_(group, coef.unbind(0))
 
 
@@ -98,8 +112,8 @@ def add_scaled_layers_(
     grouped = _group_tensors_by_device_and_dtype([list(targets), list(sources)], with_indices=True)  # type: ignore[arg-type]
     single = len(grouped) == 1
     for (dev, _dt), ((group_t, group_s), indices) in grouped.items():
-        coef = per_tensor if single else per_tensor[torch.tensor(indices, device=per_tensor.device)]
-        coef = coef.to(device=dev, non_blocking=True)
+        coef = per_tensor if single else per_tensor[index_tensor(indices, per_tensor.device)]
+        coef = to_device(coef, dev)
         torch._foreach_addcmul_(group_t, group_s, coef.unbind(0))
 
 
@@ -123,9 +137,9 @@ def slo_rescale_(
     if not flat:
         return torch.zeros(0)
     device = flat[0].device
-    layer_index = torch.tensor(index, device=device, dtype=torch.long)
+    layer_index = index_tensor(index, device)
     norms = layer_sq_norms(flat, layer_index, len(layers)).sqrt_()
-    speed_t = torch.as_tensor(speeds, dtype=norms.dtype, device=device)
+    speed_t = to_device(torch.as_tensor(speeds, dtype=norms.dtype), device)
     if speed_t.shape != norms.shape:
         raise ValueError(f"speeds has {speed_t.numel()} entries, expected one per layer ({len(layers)})")
     scale_layers_(flat, layer_index, slo_coefficients(norms, speed_t, eps))

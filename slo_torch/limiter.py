@@ -18,7 +18,15 @@ from torch import Tensor, nn
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from .distributed import all_reduce_sum_, is_dtensor, local_tensor, shard_groups
-from .functional import add_scaled_layers_, layer_sq_norms, scale_layers_, slo_coefficients
+from .functional import (
+    _accumulate_dtype,
+    add_scaled_layers_,
+    index_tensor,
+    layer_sq_norms,
+    scale_layers_,
+    slo_coefficients,
+    to_device,
+)
 from .layers import SpeedSpec, resolve_layers
 
 __all__ = ["SpeedLimiter", "MODES", "NONFINITE_CHOICES"]
@@ -89,7 +97,9 @@ class SpeedLimiter:
         """Rebuild the plan if the optimizer's param groups (or their speeds) changed."""
         groups = self.optimizer.param_groups
         signature = self._group_signature(groups)
-        if signature == self._signature:
+        if signature == self._signature and (
+            not self._params or local_tensor(self._params[0]).device == self._device
+        ):  # same groups, and the parameters were not moved (``model.cuda()`` after construction)
             return
         self.check_groups(groups)
         self._build(groups)
@@ -118,9 +128,8 @@ class SpeedLimiter:
         self._n_limited = len(limited_ids)
         first = local_tensor(params[0]) if params else None
         self._device = first.device if first is not None else torch.device("cpu")
-        self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        self._dtype = _accumulate_dtype(params)
         self._bins = torch.tensor(bins, dtype=torch.long, device=self._device)
-        self._bins_list = bins
         self._speeds = torch.tensor(self.layer_speeds, dtype=self._dtype, device=self._device)
         group_of = {}
         for gi, g in enumerate(groups):
@@ -179,7 +188,7 @@ class SpeedLimiter:
             members[self._bucket[i]].append(j)
         total = torch.zeros(nbins, dtype=self._dtype, device=self._device)
         for b, (pgs, js) in enumerate(zip(self._reduce_groups, members)):
-            idx = torch.tensor(js, dtype=torch.long, device=self._device)
+            idx = index_tensor(js, self._device)
             sq = layer_sq_norms([tensors[j] for j in js], bins[idx], nbins, self._device, self._dtype)
             if b:  # every rank calls the all-reduce, with or without local gradients
                 all_reduce_sum_(sq, pgs)
@@ -192,7 +201,7 @@ class SpeedLimiter:
             return grads, self._bins, self._n_limited, None  # type: ignore[return-value]
         keep = [i for i, g in enumerate(grads) if g is not None]
         n_lim = sum(1 for i in keep if i < self._n_limited)
-        bins = self._bins[torch.tensor(keep, dtype=torch.long, device=self._device)]
+        bins = self._bins[index_tensor(keep, self._device)]
         return [grads[i] for i in keep], bins, n_lim, keep  # type: ignore[misc]
 
     # ------------------------------------------------------------------ step
@@ -211,15 +220,17 @@ class SpeedLimiter:
         if self._has_dtensor:
             grads = [local_tensor(g) for g in grads]
         grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True)  # type: ignore[arg-type]
-        if self._sparse is None:  # a parameter's gradient layout does not change between steps
-            self._sparse = any(g.is_sparse for g in grads)
         sparse = self._sparse
+        if sparse is None:  # a parameter's gradient layout does not change between steps
+            sparse = any(g.is_sparse for g in grads)
+            if keep is None:  # cache only a verdict over every gradient
+                self._sparse = sparse
         sq = self._sq_norms(grads, bins, keep, grouped)
         # the one host synchronisation of the step: [any non-finite norm, GradScaler found inf]
         if found_inf is None:
             decision = [not bool(torch.isfinite(sq).all())]
         else:
-            flags = [~torch.isfinite(sq).all(), found_inf.to(self._device, non_blocking=True) > 0]
+            flags = [~torch.isfinite(sq).all(), to_device(found_inf, self._device) > 0]
             decision = torch.stack(flags).tolist()
         norms = sq[:-1].sqrt()
         if grad_scale is not None:
@@ -230,15 +241,15 @@ class SpeedLimiter:
         if decision[0]:
             self._report_nonfinite(sq)
             return False
-        if self.mode == "grad":
+        if self.mode == "update":
+            self._take_snapshot(n_lim, keep, bins[:n_lim])
+        elif n_lim:  # no limited layer has a gradient: nothing to rescale
             coefficients = slo_coefficients(norms, self._speeds, self.eps)
             if keep is None and not sparse and len(grouped) == 1 and next(iter(grouped))[0] == self._device:
                 torch.index_select(coefficients, 0, self._bins_limited, out=self._coef_buf)
                 torch._foreach_mul_(grads[:n_lim], self._coef_views)
             else:
                 scale_layers_(grads[:n_lim], bins[:n_lim], coefficients)
-        else:
-            self._take_snapshot(n_lim, keep, bins[:n_lim])
         return True
 
     def _report_nonfinite(self, sq: Tensor) -> None:
@@ -274,16 +285,17 @@ class SpeedLimiter:
             self._uniform = all(t.device == self._device and t.dtype == tensors[0].dtype for t in tensors)
         return self._uniform
 
-    def _layer_lrs(self) -> Tensor:
+    def _layer_step_sizes(self) -> Tensor:
+        """Target update norm ``lr_l * C_l`` per limited layer (cached while the lrs are unchanged floats)."""
         lrs = tuple(g["lr"] for g in self.optimizer.param_groups)
         if self._lr_cache is not None and not any(isinstance(lr, Tensor) for lr in lrs):
             if self._lr_cache[0] == lrs:
                 return self._lr_cache[1]
         if any(isinstance(lr, Tensor) for lr in lrs):
-            vec = torch.stack([torch.as_tensor(lr).to(device=self._device, dtype=self._dtype) for lr in lrs])
+            vec = torch.stack([to_device(torch.as_tensor(lr), self._device, self._dtype) for lr in lrs])
         else:
-            vec = torch.tensor(lrs, dtype=self._dtype, device=self._device)
-        per_layer = vec[self._layer_group]
+            vec = to_device(torch.tensor(lrs, dtype=self._dtype), self._device)
+        per_layer = vec[self._layer_group] * self._speeds
         self._lr_cache = (lrs, per_layer)
         return per_layer
 
@@ -300,7 +312,7 @@ class SpeedLimiter:
         torch._foreach_sub_(buffers, params)  # buffers = p_old - p_new = -delta
         norms = self._sq_norms(buffers, bins, keep)[:-1].sqrt_()
         self._update_norms = norms
-        k = slo_coefficients(norms, self._layer_lrs() * self._speeds, self.eps)
+        k = slo_coefficients(norms, self._layer_step_sizes(), self.eps)
         # p_new + (1 - k)(p_old - p_new) = p_old + k (p_new - p_old)
         if keep is None and self._single_group(params):
             torch.index_select(1 - k, 0, self._bins_limited, out=self._coef_buf)

@@ -115,6 +115,20 @@ def test_layers_without_speed_step_like_the_base() -> None:
         assert torch.equal(model.get_parameter(name), ref.get_parameter(name))
 
 
+@pytest.mark.parametrize("mode", ["grad", "update"])
+def test_no_speed_limited_layer_in_the_optimizer_steps_like_the_base(mode: str) -> None:
+    # the speeds name only a layer that is not (yet) optimized, e.g. one added later by add_param_group
+    model, x, y = make()
+    ref = copy.deepcopy(model)
+    opt = SLOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), model=model, speeds={"4": 3.0}, mode=mode)
+    ref_opt = torch.optim.SGD(ref[0].parameters(), lr=0.1)
+    for m, o in ((model, opt), (ref, ref_opt)):
+        loss_of(m, x, y).backward()
+        o.step()
+    assert opt.layer_names == []
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+
+
 def test_zero_gradient_stays_zero_and_missing_gradients_are_skipped() -> None:
     model, x, y = make()
     opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=SPEEDS)
@@ -498,6 +512,74 @@ def test_attach_equals_wrapper_and_removes() -> None:
     buf = base.state[model[0].weight]["momentum_buffer"]
     torch.testing.assert_close(model[0].weight, before - 0.1 * buf)
     assert torch.equal(model[0].weight.grad, grad)  # no longer normalised
+
+
+def test_attach_handle_sees_param_groups_added_later() -> None:
+    model, x, y = make()
+    base = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    handle = attach(base, model, SPEEDS)
+    base.add_param_group({"params": model[4].parameters()})
+    assert handle.layer_names == ["0", "4"]  # before any step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["grad", "update"])
+def test_cuda_layers_on_two_devices_and_model_moved_after_construction(mode: str) -> None:
+    # norms and coefficients cross between host and device: copies to the host must complete before use
+    model, x, y = make(dtype=torch.float32)
+    moved = copy.deepcopy(model)
+    model[2:].cuda()
+    forward = lambda: model[4](model[3](model[2](model[1](model[0](x)).cuda())))  # noqa: E731
+    opt = SLOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model=model, speeds=SPEEDS, mode=mode)
+    opt_moved = SLOptimizer(torch.optim.Adam(moved.parameters(), lr=0.01), model=moved, speeds=SPEEDS, mode=mode)
+    moved.cuda()  # after the optimizer was built: the plan follows the parameters to the device
+    big = torch.randn(4096, 4096, device="cuda")
+    for m, o, out in ((model, opt, forward), (moved, opt_moved, lambda: moved(x.cuda()))):
+        for _ in range(3):
+            o.zero_grad()
+            ((out() - y.cuda()) ** 2).mean().backward()
+            before = snapshot(m)
+            for _ in range(20):  # keep the device busy so that an unfinished copy would be read
+                big = big @ big / 4096**0.5
+            o.step()
+            deltas = {n: p.detach().cpu() - before[n].cpu() for n, p in m.named_parameters()}
+            if mode == "update":
+                for layer, C in LAYERS.items():
+                    assert layer_norm(deltas, layer) == pytest.approx(0.01 * C, rel=1e-4)
+            norms = {k: float(v) for k, v in o.last_grad_norms.items()}
+            assert all(math.isfinite(v) and v > 0 for v in norms.values()) and set(norms) == set(LAYERS)
+    assert opt_moved._limiter._device.type == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["grad", "update"])
+def test_cuda_step_synchronises_with_the_host_once(mode: str) -> None:
+    # a parameter without gradient (frozen) and an lr that changes every step take the slow paths
+    model, x, y = make(dtype=torch.float32)
+    model.cuda()
+    x, y = x.cuda(), y.cuda()
+    model[2].bias.requires_grad_(False)
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model=model, speeds=SPEEDS,
+                      mode=mode)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    steps = 3
+    syncs = 0
+    for i in range(steps + 1):  # the first step builds optimizer state
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs += sum("synchroniz" in str(w.message) for w in caught)
+        sched.step()
+        if i == 0:
+            syncs = 0
+    assert syncs <= steps  # the skip decision only, not one per index or lr tensor
 
 
 def test_attach_update_mode_and_nonfinite() -> None:
