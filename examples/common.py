@@ -21,11 +21,14 @@ from torch import nn
 
 __all__ = [
     "bias_free_mlp",
+    "hidden_layers",
     "scale_init_",
     "set_seed",
     "write_csv",
     "write_text",
+    "mean_std",
     "mean_std_table",
+    "settings_table",
     "progress",
     "chain_monomial",
     "chain_monomial_data",
@@ -58,6 +61,12 @@ def bias_free_mlp(d_in: int, width: int, depth: int, d_out: int) -> nn.Sequentia
         fan_in = width
     mods.append(nn.Linear(fan_in, d_out, bias=False))
     return nn.Sequential(*mods)
+
+
+def hidden_layers(depth: int) -> list[str]:
+    """Module names of the hidden linear layers of ``bias_free_mlp(..., depth, ...)``: ``"0", "2", ...``
+    (the readout, ``str(2 * depth)``, is left out)."""
+    return [str(2 * i) for i in range(depth)]
 
 
 @torch.no_grad()
@@ -251,6 +260,21 @@ def markdown_table(header: Sequence[str], body: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``n - 1``; 0 for a single value) of a non-empty sequence."""
+    if not values:
+        raise ValueError("mean_std: need at least one value")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def settings_table(settings: Mapping[str, Any]) -> str:
+    """The two-column markdown table ``| setting | value |`` of a run's settings."""
+    return markdown_table(["setting", "value"], [[k, v] for k, v in settings.items()])
+
+
 def mean_std_table(
     rows: Sequence[Mapping[str, Any]],
     group_keys: Sequence[str],
@@ -276,20 +300,16 @@ def mean_std_table(
             elif len(vals) == 1:
                 cells.append(f"{vals[0]:.{digits}f}")
             else:
-                mean = sum(vals) / len(vals)
-                std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+                mean, std = mean_std(vals)
                 cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
         cells.append(len(members))
         body.append(cells)
     return markdown_table([*group_keys, *value_keys, "n"], body)
 
 
-def progress(iterable: Iterable[Any], force: bool = False, **kw: Any) -> Iterable[Any]:
-    """``tqdm(iterable, **kw)`` on a terminal (or when ``force``), otherwise the plain iterable.
-
-    Falls back to the plain iterable when tqdm is not installed.
-    """
-    if not (force or sys.stderr.isatty()):
+def progress(iterable: Iterable[Any], **kw: Any) -> Iterable[Any]:
+    """``tqdm(iterable, **kw)`` on a terminal, otherwise (or without tqdm) the plain iterable."""
+    if not sys.stderr.isatty():
         return iterable
     try:
         from tqdm.auto import tqdm

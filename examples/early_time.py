@@ -21,12 +21,13 @@ import torch
 from common import (
     bias_free_mlp,
     chain_monomial_data,
+    hidden_layers,
     make_optimizer,
-    markdown_table,
     mean_std_table,
     run_description,
     scale_init_,
     set_seed,
+    settings_table,
     train_mse,
     write_csv,
     write_text,
@@ -59,7 +60,7 @@ def run_one(s: Settings, scale: float, seed: int) -> list[dict]:
     set_seed(seed)
     model = bias_free_mlp(s.d, s.width, s.depth, 1)
     scale_init_(model, scale)
-    hidden = [str(2 * i) for i in range(s.depth)]  # the readout's K is 1x1: its C-NFA is 1 trivially
+    hidden = hidden_layers(s.depth)  # the readout's K is 1x1: its C-NFA is 1 trivially
     predicted = {layer: float(early_cnfa_prediction(model, layer, X, Y)) for layer in hidden}
     mon = NFAMonitor(model, layers=hidden)
     train_mse(model, make_optimizer(model, "sgd", s.lr), X, Y, s.steps, s.n, torch.Generator().manual_seed(seed),
@@ -106,7 +107,7 @@ def main() -> None:
         f"{run_description(sys.argv, wall)}\n\n"
         f"Mean ± std over seeds {list(s.seeds)}; full-batch GD, lr {s.lr}, MSE; `K` on the {s.n} training points.\n\n"
         + mean_std_table(summary, ["init_scale", "layer"], values, digits=4)
-        + "\n## Settings\n\n" + markdown_table(["setting", "value"], [[k, v] for k, v in asdict(s).items()])
+        + "\n## Settings\n\n" + settings_table(asdict(s))
         + "\nFigure: `early_cnfa.png`.\n"
     )
     write_text(out / "results.md", text)

@@ -256,8 +256,10 @@ def compare_runs(run_dirs: list[str], output_dir: str, layers: str = "*") -> Non
     os.makedirs(output_dir, exist_ok=True)
     path = plot_nfa_curves(rows, os.path.join(output_dir, "nfa_curves.png"), group_key="run",
                            title="GPT-2 char model: NFA correlations per layer")
-    with open(os.path.join(output_dir, "nfa_table.md"), "w", encoding="utf-8") as fh:
+    table_path = os.path.join(output_dir, "nfa_table.md")
+    with open(table_path + ".tmp", "w", encoding="utf-8") as fh:  # then renamed: never half-written
         fh.write("\n".join(table) + "\n")
+    os.replace(table_path + ".tmp", table_path)
     print("\n".join(table))
     print(f"wrote {path}")
 

@@ -117,10 +117,11 @@ def _read_svhn_file(path: Path, data_dir: Path) -> tuple[Tensor, Tensor]:
     """(images (N, 3, 32, 32) uint8, labels (N,) int64 with 10 -> 0) from one SVHN ``.mat`` file."""
     import numpy as np
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     try:
         mat = loadmat(str(path), variable_names=["X", "y"])
-    except (OSError, ValueError, TypeError, NotImplementedError, KeyError) as exc:  # scipy's read errors
+    except (MatReadError, OSError, ValueError, TypeError, NotImplementedError, KeyError) as exc:  # scipy's read errors
         raise DataError(f"{path} is not a readable MATLAB v5 file ({exc}). {_svhn_help(data_dir)}.") from exc
     X, y = mat.get("X"), mat.get("y")
     if X is None or y is None:

@@ -30,12 +30,12 @@ from torch import Tensor, nn
 from common import (
     bias_free_mlp,
     make_optimizer,
-    markdown_table,
     mean_std_table,
     minibatches,
     progress,
     run_description,
     set_seed,
+    settings_table,
     write_csv,
     write_text,
 )
@@ -166,6 +166,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if min(args.seed) < 0:
         ap.error(f"--seed values must be >= 0, got {args.seed}")
+    least = 2 if args.dataset == "celeba" else 1  # CelebA keeps max // 2 images of each class
+    for name in ("max_train", "max_test"):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            ap.error(f"--{name.replace('_', '-')} must be >= {least} for {args.dataset}, got {value}")
+    if args.image_size is not None and (args.image_size < 1 or (args.dataset == "svhn" and args.image_size != 32)):
+        ap.error(f"--image-size {args.image_size}: SVHN images are 32x32; CelebA and digits take a positive size")
     return args
 
 
@@ -215,7 +222,7 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
         "`diag(W_1^T W_1)` with its value at init, over pixels: near 1 means the image still shows the random "
         "init, near 0 that the learned part dominates.\n\n"
         + mean_std_table(init_similarity, ["run"], ["corr_with_init"])
-        + "\n## Settings\n\n" + markdown_table(["setting", "value"], [[k, v] for k, v in settings.items()])
+        + "\n## Settings\n\n" + settings_table(settings)
         + "\nFigures: `nfa_curves.png` (one panel per layer), `loss_accuracy.png`, `nfm_diagonal.png` (first-layer NFM "
         "diagonal as an image, summed over colour channels: at init and after training, first seed).\n"
     )

@@ -91,14 +91,14 @@ def test_no_data_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert code == 2 and "--data-dir" in err and "test_32x32.mat" in err
 
 
-@pytest.mark.parametrize("dataset", ["svhn", "celeba"])
+@pytest.mark.parametrize("dataset,content", [("svhn", b"\x00garbage" * 20), ("svhn", b""), ("celeba", None)])
 def test_malformed_file_exits_2_and_writes_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], dataset: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dataset: str, content: bytes | None
 ) -> None:
     data, out = tmp_path / "data", tmp_path / "out"
-    if dataset == "svhn":
+    if dataset == "svhn":  # garbage, or an empty (truncated) file: scipy's MatReadError
         write_svhn(data)
-        (data / "test_32x32.mat").write_bytes(b"\x00garbage" * 20)
+        (data / "test_32x32.mat").write_bytes(content)
         expected = "test_32x32.mat is not a readable MATLAB v5 file"
     else:
         write_celeba(data)
@@ -107,3 +107,16 @@ def test_malformed_file_exits_2_and_writes_nothing(
     code, err = _main_exit(["--dataset", dataset, "--data-dir", str(data), "--out", str(out), *TINY], capsys)
     assert code == 2 and expected in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--dataset", "digits", "--max-train", "0"], "--max-train must be >= 1"),
+    (["--dataset", "celeba", "--data-dir", "x", "--max-test", "1"], "--max-test must be >= 2 for celeba"),
+    (["--dataset", "svhn", "--data-dir", "x", "--image-size", "96"], "SVHN images are 32x32"),
+])
+def test_bad_arguments_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    code, err = _main_exit([*args, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and expected in err
+    assert not (tmp_path / "out").exists()
