@@ -47,24 +47,33 @@ def shard_probe(inputs: Any, group: Any = None) -> Any:
 
 
 def all_reduce_sums(
-    sums: dict[str, Tensor], counts: dict[str, int], group: Any = None
+    sums: dict[str, Tensor], counts: dict[str, int], group: Any = None, failed: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """Sum ``sums`` (k x k per layer) and ``counts`` over ranks with a single ``all_reduce`` of one
-    flat buffer; a no-op without ``torch.distributed`` (or with one rank)."""
+    flat buffer; a no-op without ``torch.distributed`` (or with one rank).
+
+    The buffer also carries a failure flag: a rank whose own measurement raised calls this with
+    ``failed=True`` (and zero sums of the same shapes) before re-raising, so the other ranks are not
+    left waiting in the collective; they raise ``RuntimeError`` instead of returning."""
     if not is_distributed(group) or not sums:
         return sums, counts
     names = list(sums)
     first = sums[names[0]]
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums.values()) else first.dtype
+    tail = [float(counts[n]) for n in names] + [1.0 if failed else 0.0]
     flat = torch.cat(
-        [sums[n].reshape(-1).to(dtype) for n in names]
-        + [torch.tensor([float(counts[n]) for n in names], dtype=torch.float64).to(first.device, dtype)]
+        [sums[n].reshape(-1).to(first.device, dtype) for n in names]
+        + [torch.tensor(tail, dtype=torch.float64).to(first.device, dtype)]
     )
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     out, offset = {}, 0
     for n in names:
         size = sums[n].numel()
-        out[n] = flat[offset : offset + size].view_as(sums[n]).to(sums[n].dtype)
+        out[n] = flat[offset : offset + size].view_as(sums[n]).to(sums[n].device, sums[n].dtype)
         offset += size
-    new_counts = {n: int(round(c)) for n, c in zip(names, flat[offset:].tolist())}
-    return out, new_counts
+    *totals, n_failed = flat[offset:].tolist()
+    if n_failed and not failed:
+        raise RuntimeError(
+            f"the K measurement failed on {int(round(n_failed))} other rank(s); see their error"
+        )
+    return out, {n: int(round(c)) for n, c in zip(names, totals)}

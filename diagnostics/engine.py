@@ -36,6 +36,8 @@ __all__ = [
     "random_cotangents",
     "probe_batch_size",
     "split_probe",
+    "eval_mode",
+    "default_output",
     "VJP_BUDGET_BYTES",
 ]
 
@@ -225,15 +227,22 @@ class Chunk:
 
 
 @contextmanager
-def _eval_with_grad(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block; afterwards (also on error) every submodule gets back its own
+    previous ``training`` flag (``model.train(was_training)`` would not restore mixed modes)."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
+        yield
     finally:
         for m, training in modes:
             m.training = training
+
+
+@contextmanager
+def _eval_with_grad(model: nn.Module) -> Iterator[None]:
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def for_each_chunk(

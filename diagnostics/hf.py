@@ -189,7 +189,9 @@ class NFACallback(TrainerCallback):
         start, stop = distributed.shard_bounds(probe_batch_size(self.probe))
         shard = split_probe(self.probe, start, stop)
         device = next(model.parameters()).device
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + state.global_step) * 1_009 + _rank())
+        # On CUDA the projections (as large as the logits) are drawn on the device, not on the host.
+        gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
+        gen.manual_seed((self.seed * 1_000_003 + state.global_step) * 1_009 + _rank())
         records = self.monitor.measure(
             _to_device(shard, device), output_fn=self.output_fn, estimator=self.estimator, m=self.m,
             generator=gen, step=state.global_step, chunk_size=self.chunk_size,

@@ -19,13 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .nfa import NORM_KEYS
+
 if TYPE_CHECKING:
     from .monitor import LayerRecord, NFAMonitor
 
 __all__ = ["Snapshot", "save_snapshot", "load_snapshot"]
 
 FORMAT = "nfa-snapshot/1"
-_NORM_KEYS = ("nfm_init", "nfm_cross", "nfm_centered", "agop_init", "agop_cross", "agop_centered")
 
 
 @dataclass
@@ -51,10 +52,10 @@ class Snapshot:
             if row["step"] != self.step:
                 continue
             mats = self.matrices.get(row["layer"], {})
-            scalars = {k: v for k, v in row.items() if k not in _NORM_KEYS}
+            scalars = {k: v for k, v in row.items() if k not in NORM_KEYS}
             out[row["layer"]] = LayerRecord(
                 **scalars,
-                norms={k: row[k] for k in _NORM_KEYS if k in row},
+                norms={k: row[k] for k in NORM_KEYS if k in row},
                 K=mats.get("K"),
                 nfm=mats.get("nfm"),
                 agop=mats.get("agop"),

@@ -18,7 +18,7 @@ from . import distributed
 from .engine import LayerHooks, OutputFn
 from .layers import DEFAULT_MAX_K, check_layer_sizes, find_linear_layers
 from .nfa import CORRELATIONS, nfa_summary
-from .ptk import check_estimator, ptk_sums, work_dtype
+from .ptk import check_estimator, ptk_sums_all_ranks, work_dtype
 
 __all__ = ["NFAMonitor", "LayerRecord"]
 
@@ -66,9 +66,10 @@ def _initial_weights(W0: Any, monitor: "NFAMonitor") -> dict[str, Tensor]:
     adapters = monitor.adapters
     if W0 is None:
         return {n: a.weight_matrix().detach().clone() for n, a in adapters.items()}
+    # W0 is kept on each layer's device: a CPU W0 (e.g. from a snapshot) is not copied at every measure().
     if isinstance(W0, nn.Module):
         source = find_linear_layers(W0, list(adapters))
-        return {n: source[n].weight_matrix().detach().clone() for n in adapters}
+        return {n: source[n].weight_matrix().detach().to(a.weight_matrix().device).clone() for n, a in adapters.items()}
     if not isinstance(W0, Mapping):
         raise TypeError("W0 must be None, a dict {layer name: (k, d) tensor} or a model with the same layers")
     missing = [n for n in adapters if n not in W0]
@@ -82,7 +83,7 @@ def _initial_weights(W0: Any, monitor: "NFAMonitor") -> dict[str, Tensor]:
                 f"W0[{n!r}] has shape {tuple(w.shape)}, expected (k, d) = {(a.k, a.d)} (out, in layout; "
                 "transpose Conv1D weights)"
             )
-        out[n] = w.clone()
+        out[n] = w.to(a.weight_matrix().device).clone()
     return out
 
 
@@ -153,10 +154,10 @@ class NFAMonitor:
             raise RuntimeError("this NFAMonitor was detached; create a new one to measure again")
         if step is None:
             step = len(self.history)
-        sums, counts = ptk_sums(
-            self.model, self._hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch
+        sums, counts = ptk_sums_all_ranks(
+            self.model, self._hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch,
+            self.process_group,
         )
-        sums, counts = distributed.all_reduce_sums(sums, counts, self.process_group)
         records: dict[str, LayerRecord] = {}
         self.last_K = {}
         for name, adapter in self.adapters.items():

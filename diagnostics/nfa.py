@@ -27,6 +27,7 @@ __all__ = [
     "kernel_alignment",
     "nfa_decomposition",
     "nfa_summary",
+    "NORM_KEYS",
 ]
 
 CORRELATIONS = ("pearson", "cosine")
@@ -84,6 +85,18 @@ def kernel_alignment(W: Tensor, K: Tensor, method: str = "pearson") -> Tensor:
     return matrix_correlation(W @ W.t(), K, method)
 
 
+NORM_KEYS = ("nfm_init", "nfm_cross", "nfm_centered", "agop_init", "agop_cross", "agop_centered")
+
+
+def _decomposition_norms(W0: Tensor, D: Tensor, K: Tensor, KD: Tensor, FD: Tensor, GD: Tensor) -> Tensor:
+    """The six norms of :func:`nfa_decomposition` stacked in ``NORM_KEYS`` order (no host sync), given
+    ``KD = K dW`` and the centred terms ``FD = dW^T dW``, ``GD = dW^T K dW`` already computed."""
+    cross = W0.t() @ D
+    kcross = W0.t() @ KD
+    terms = (nfm(W0), cross + cross.t(), FD, agop(W0, K), kcross + kcross.t(), GD)
+    return torch.stack([t.norm() for t in terms])
+
+
 def nfa_decomposition(W: Tensor, W0: Tensor, K: Tensor) -> dict[str, float]:
     """Frobenius norms of the init / cross / centred terms of ``W^T W`` and ``W^T K W`` with
     ``W = W0 + dW``:
@@ -93,18 +106,9 @@ def nfa_decomposition(W: Tensor, W0: Tensor, K: Tensor) -> dict[str, float]:
     """
     W0 = W0.to(W)
     D = W - W0
-    cross = W0.t() @ D
-    kw0, kd = K @ W0, K @ D
-    kcross = W0.t() @ kd
-    terms = {
-        "nfm_init": W0.t() @ W0,
-        "nfm_cross": cross + cross.t(),
-        "nfm_centered": D.t() @ D,
-        "agop_init": W0.t() @ kw0,
-        "agop_cross": kcross + kcross.t(),
-        "agop_centered": D.t() @ kd,
-    }
-    return {name: float(t.norm()) for name, t in terms.items()}
+    KD = K @ D
+    norms = _decomposition_norms(W0, D, K, KD, nfm(D), D.t() @ KD)
+    return dict(zip(NORM_KEYS, norms.tolist()))
 
 
 def nfa_summary(
@@ -112,17 +116,30 @@ def nfa_summary(
 ) -> dict[str, Any]:
     """Everything a monitor reports for one layer: ``uc_nfa``, ``c_nfa``, ``rel_change``
     (``|W - W0|_F / |W|_F``), ``kernel_alignment`` and the decomposition ``norms``, plus the
-    matrices ``nfm`` and ``agop`` (of ``W``)."""
+    matrices ``nfm`` and ``agop`` (of ``W``).
+
+    The centred ``dW^T dW`` and ``dW^T K dW`` are formed once (shared by the C-NFA and the
+    decomposition) and all scalars reach the host in one transfer."""
     W0 = W0.to(W)
     D = W - W0
     F, G = nfm(W), agop(W, K)
+    KD = K @ D
+    FD, GD = nfm(D), D.t() @ KD  # = agop(D, K)
     w_norm = W.norm()
+    corrs = torch.stack([
+        matrix_correlation(F, psd_power(G, power), method),
+        matrix_correlation(FD, psd_power(GD, power), method),
+        kernel_alignment(W, K, method),
+    ])
+    rel_change = torch.where(w_norm > 0, D.norm() / w_norm, torch.full_like(w_norm, float("nan")))
+    norms = _decomposition_norms(W0, D, K, KD, FD, GD)
+    values = torch.cat([corrs, torch.stack([rel_change]).to(corrs), norms.to(corrs)]).tolist()
     return {
-        "uc_nfa": float(matrix_correlation(F, psd_power(G, power), method)),
-        "c_nfa": float(nfa_correlation(D, K, method, power)),
-        "rel_change": float(D.norm() / w_norm) if w_norm > 0 else float("nan"),
-        "kernel_alignment": float(kernel_alignment(W, K, method)),
-        "norms": nfa_decomposition(W, W0, K),
+        "uc_nfa": values[0],
+        "c_nfa": values[1],
+        "rel_change": values[3],
+        "kernel_alignment": values[2],
+        "norms": dict(zip(NORM_KEYS, values[4:])),
         "nfm": F,
         "agop": G,
     }

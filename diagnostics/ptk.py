@@ -30,7 +30,15 @@ from .engine import (
 )
 from .layers import DEFAULT_MAX_K, LayerAdapter, check_layer_sizes, find_linear_layers
 
-__all__ = ["ptk_covariance", "ptk_sums", "layer_jacobians", "ESTIMATORS", "check_estimator", "work_dtype"]
+__all__ = [
+    "ptk_covariance",
+    "ptk_sums",
+    "ptk_sums_all_ranks",
+    "layer_jacobians",
+    "ESTIMATORS",
+    "check_estimator",
+    "work_dtype",
+]
 
 ESTIMATORS = ("exact", "sketch")
 
@@ -55,11 +63,13 @@ def _acc_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
+def _as_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
+    """An int seed becomes a generator on ``device`` when that is a CUDA device (the sketch vectors,
+    as large as the outputs, are then drawn where they are used), else on the CPU."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, int):
-        return torch.Generator().manual_seed(generator)
+        return torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(generator)
     raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
 
 
@@ -70,6 +80,16 @@ def _add_gram(acc: Tensor, buf: Tensor, adapter: LayerAdapter, grads: Tensor, sc
     rows = rows.reshape(-1, rows.shape[-1]).to(buf.dtype)
     torch.mm(rows.t(), rows, out=buf)
     acc.add_(buf, alpha=scale)
+
+
+def _zero_sums(adapters: dict[str, LayerAdapter]) -> dict[str, Tensor]:
+    """Zero ``k x k`` running sums per layer, on the layer's device, in the accumulation dtype."""
+    sums = {}
+    with torch.inference_mode(False):  # accumulators are updated in place, also under inference_mode
+        for name, a in adapters.items():
+            device = a.weight_matrix().device
+            sums[name] = torch.zeros(a.k, a.k, dtype=_acc_dtype(device), device=device)
+    return sums
 
 
 def ptk_sums(
@@ -83,17 +103,14 @@ def ptk_sums(
     chunk_size: int | None = None,
     sketch: str = "rademacher",
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """Unnormalised ``K_unnorm`` per layer (float64 running sums) and the number of rows ``N`` per
-    layer, on this process's probe."""
+    """Unnormalised ``K_unnorm`` per layer (float64 running sums; float32 on MPS) and the number of
+    rows ``N`` per layer, on this process's probe."""
     check_estimator(estimator, m)
-    generator = _as_generator(generator)
     adapters = hooks.adapters
-    sums, bufs = {}, {}
-    with torch.inference_mode(False):  # accumulators are updated in place, also under inference_mode
-        for name, a in adapters.items():
-            device = a.weight_matrix().device
-            sums[name] = torch.zeros(a.k, a.k, dtype=_acc_dtype(device), device=device)
-            bufs[name] = torch.empty(a.k, a.k, dtype=work_dtype(a), device=device)
+    generator = _as_generator(generator, next(iter(adapters.values())).weight_matrix().device)
+    sums = _zero_sums(adapters)
+    with torch.inference_mode(False):  # scratch for the per-block Grams
+        bufs = {n: torch.empty(a.k, a.k, dtype=work_dtype(a), device=sums[n].device) for n, a in adapters.items()}
     counts = {name: 0 for name in adapters}
 
     def visit(chunk: Chunk) -> None:
@@ -117,6 +134,32 @@ def ptk_sums(
 
     for_each_chunk(model, hooks, probe_inputs, visit, output_fn=output_fn, chunk_size=chunk_size)
     return sums, counts
+
+
+def ptk_sums_all_ranks(
+    model: nn.Module,
+    hooks: LayerHooks,
+    probe_inputs: Any,
+    estimator: str = "exact",
+    m: int = 8,
+    generator: torch.Generator | int | None = None,
+    output_fn: OutputFn | None = None,
+    chunk_size: int | None = None,
+    sketch: str = "rademacher",
+    process_group: Any = None,
+) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """:func:`ptk_sums` on this rank's shard, summed over the ranks of ``process_group``.
+
+    If this rank's measurement raises, it still joins the one collective (flagging the failure, so
+    the other ranks raise instead of waiting) and then re-raises its own error."""
+    try:
+        sums, counts = ptk_sums(model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch)
+    except Exception:
+        if distributed.is_distributed(process_group):
+            zeros = _zero_sums(hooks.adapters)
+            distributed.all_reduce_sums(zeros, {n: 0 for n in zeros}, process_group, failed=True)
+        raise
+    return distributed.all_reduce_sums(sums, counts, process_group)
 
 
 def ptk_covariance(
@@ -144,8 +187,9 @@ def ptk_covariance(
     adapters = find_linear_layers(model, layers)
     check_layer_sizes(adapters, max_k)
     hooks = LayerHooks(adapters)
-    sums, counts = ptk_sums(model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch)
-    sums, counts = distributed.all_reduce_sums(sums, counts, process_group)
+    sums, counts = ptk_sums_all_ranks(
+        model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch, process_group
+    )
     return {n: (sums[n] / max(counts[n], 1)).to(work_dtype(adapters[n])) for n in sums}
 
 

@@ -16,21 +16,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .ptk import layer_jacobians
+from .engine import default_output, eval_mode
 from .nfa import matrix_correlation, nfa_correlation
+from .ptk import layer_jacobians
 
 __all__ = ["early_cnfa_prediction", "early_weight_change", "randomize_kernel", "egop", "feature_quality"]
 
 
 def _outputs(model: nn.Module, X: Tensor, output_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(X)
-            return output_fn(out) if output_fn is not None else out
-    finally:
-        model.train(was_training)
+    """``f(X)`` in eval mode, mapped like :func:`diagnostics.layer_jacobians` maps it (``output_fn``, else the
+    output itself or its ``.logits``); every submodule's train/eval flag is restored afterwards."""
+    with eval_mode(model), torch.no_grad():
+        out = model(X)
+        return output_fn(out) if output_fn is not None else default_output(out)
 
 
 def early_weight_change(
@@ -57,7 +55,7 @@ def early_weight_change(
         )
     rows, G = layer_jacobians(model, X, [layer], output_fn=output_fn)[layer]
     n_samples = f.shape[0]
-    R = (Y.to(f.dtype) - f).reshape(n_samples, -1)  # (B, C)
+    R = (Y.to(device=f.device, dtype=f.dtype) - f).reshape(n_samples, -1)  # (B, C)
     C, N, _ = G.shape
     if R.shape[1] != C or N % n_samples:
         raise ValueError(

@@ -81,3 +81,55 @@ def test_two_processes_match_one(tmp_path) -> None:
     K_single = ptk_covariance(model, x)
     assert torch.allclose(snap.matrices["2"]["K"], K_single["2"], rtol=1e-12, atol=0)
     assert torch.allclose(k["K2"], K_single["2"], rtol=1e-12, atol=0)
+
+
+FAILING_WORKER = textwrap.dedent(
+    """
+    import datetime, sys
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from diagnostics import NFAMonitor
+
+    torch.set_num_threads(1)
+    rank, port = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    mon = NFAMonitor(model)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    # empty shard on rank 1: it still takes part and the sums equal rank 0's alone
+    rec = mon.measure(x if rank == 0 else x[:0], step=0)
+    print("N", rec["0"].n_samples)
+    # rank 1's probe is rejected by the model; rank 0 must not be left waiting in the collective
+    try:
+        mon.measure(x if rank == 0 else torch.randn(4, 7, dtype=torch.float64), step=1)
+    except Exception as err:
+        print("ERR", type(err).__name__, err)
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.distributed
+def test_empty_shard_and_a_failing_rank_still_join_the_collective(tmp_path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(FAILING_WORKER)
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), port],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    assert all("N 4" in log for log in logs), "\n".join(logs)
+    assert "ERR RuntimeError the K measurement failed on 1 other rank(s)" in logs[0], logs[0]
+    assert "ERR ValueError the model rejected the probe" in logs[1], logs[1]

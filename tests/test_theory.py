@@ -153,3 +153,25 @@ def test_early_prediction_token_wise_layer() -> None:
     predicted = float(early_cnfa_prediction(model, "0", X, Y))
     measured = _measured_cnfa_after_gd_step(model, "0", X, Y, eta=1e-7)
     assert abs(predicted - measured) <= 1e-4
+
+
+def test_early_prediction_restores_submodule_modes_and_reads_logits() -> None:
+    """Mixed train/eval flags survive (model.train(True) used to reset them); dict outputs use ``logits``."""
+    model = _mlp(nn.ReLU)
+    X = torch.randn(20, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    Y = torch.randn(20, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = early_cnfa_prediction(model, "2", X, Y)
+    model.train()
+    model[1].eval()
+    early_cnfa_prediction(model, "2", X, Y)
+    assert model.training and not model[1].training and model[3].training
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.net(x)}
+
+    assert torch.allclose(early_cnfa_prediction(Wrapped(), "net.2", X, Y), expected, rtol=1e-12, atol=0)
