@@ -45,10 +45,26 @@ def _figure(nrows: int, ncols: int, panel: tuple[float, float] = (4.0, 3.0)) -> 
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` as PNG atomically: a temporary file in the same directory, then ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _finish(fig: Any, axes: Any, title: str | None, path: str | os.PathLike[str]) -> Path:
+    """Legend on the last panel of the first row (if any curve is labelled), the title, then save."""
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][-1].legend(handles, labels, fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
 
 
 def _check_rows(rows: Sequence[Mapping[str, Any]], needed: Sequence[str], fn: str) -> None:
@@ -140,12 +156,7 @@ def plot_nfa_curves(
             ax.set_title(f"{metric} - layer {layer}" if layer else metric, fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        axes[0][-1].legend(handles, labels, fontsize=7)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return _finish(fig, axes, title, path)
 
 
 def plot_scalar_curves(
@@ -172,12 +183,7 @@ def plot_scalar_curves(
         if key in log_keys:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        axes[0][-1].legend(handles, labels, fontsize=7)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return _finish(fig, axes, title, path)
 
 
 def plot_matrices(
