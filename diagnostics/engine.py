@@ -12,6 +12,10 @@ values the model computes are unchanged.
 
 Samples are assumed independent in eval mode (the output of sample ``b`` depends only on input
 ``b``), so a cotangent with entries at every sample at once yields every per-sample gradient.
+
+The probe always runs eagerly (compiled models and compiled submodules run their original Python
+code, nothing is recompiled), and the global CPU and CUDA random number generators are restored
+afterwards, so measuring never changes the run it observes.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = [
     "eval_mode",
     "default_output",
     "VJP_BUDGET_BYTES",
+    "VJPPlan",
 ]
 
 #: Memory allowed for one block of batched VJP results (cotangents plus layer gradients).
@@ -58,6 +63,8 @@ class LayerHooks:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._recording = False
         self._keep_inputs = False
+        self._forward_done = False
+        self.no_grad: list[str] = []  # selected layers that ran with gradients disabled
         self.outputs: dict[str, list[Tensor]] = {n: [] for n in self.adapters}
         self.inputs: dict[str, list[Tensor]] = {n: [] for n in self.adapters}
         self.current: str | None = None  # layer whose forward is running (for error messages)
@@ -93,6 +100,9 @@ class LayerHooks:
 
     @contextmanager
     def recording(self, keep_inputs: bool = False) -> Iterator["LayerHooks"]:
+        """Record the outputs of one forward pass; :meth:`forward_done` ends the recording (layers
+        that run again later, e.g. recomputed by activation checkpointing during a backward pass,
+        are not recorded twice)."""
         self._clear()
         self._recording, self._keep_inputs = True, keep_inputs
         try:
@@ -101,21 +111,28 @@ class LayerHooks:
             self._recording = self._keep_inputs = False
             self._clear()
 
+    def forward_done(self) -> None:
+        self._forward_done = True
+
     def _clear(self) -> None:
         self.current = self.last_done = None
+        self._forward_done = False
+        self.no_grad = []
         for lst in (*self.outputs.values(), *self.inputs.values()):
             lst.clear()
 
     def _pre(self, name: str, module: nn.Module, args: tuple) -> None:
-        if self._recording:
+        if self._recording and not self._forward_done:
             self.current = name
         return None
 
     def _post(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self._recording:
+        if not self._recording or self._forward_done:
             return None
         if not isinstance(output, Tensor):
             raise TypeError(f"layer {name!r} returned {type(output).__name__}, expected a tensor")
+        if not torch.is_grad_enabled():  # e.g. inside torch.utils.checkpoint(use_reentrant=True)
+            self.no_grad.append(name)
         if self._keep_inputs:
             x = args[0] if args else next(iter(kwargs.values()))
             self.inputs[name].append(x.detach().clone())
@@ -239,9 +256,22 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def _cuda_devices(model: nn.Module, inputs: Any) -> list[int]:
+    tensors = [*model.parameters(), *model.buffers(), *_tensors(inputs)]
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
 @contextmanager
-def _eval_with_grad(model: nn.Module) -> Iterator[None]:
-    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+def _measuring(model: nn.Module, inputs: Any) -> Iterator[None]:
+    """Eval mode with grad enabled, compiled code run eagerly (``torch.compiler.set_stance("force_eager")``:
+    no recompilation, and forward hooks run), and the global CPU/CUDA RNG states restored afterwards."""
+    with (
+        torch.random.fork_rng(devices=_cuda_devices(model, inputs)),
+        torch.compiler.set_stance("force_eager"),
+        eval_mode(model),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+    ):
         yield
 
 
@@ -254,15 +284,16 @@ def for_each_chunk(
     chunk_size: int | None = None,
     keep_inputs: bool = False,
 ) -> None:
-    """Run ``model`` on the probe in chunks of ``chunk_size`` samples (eval mode, grad enabled,
-    previous train/eval mode of every submodule restored) and call ``fn`` on each :class:`Chunk`
-    while the graph of that chunk is alive. No graph survives the call."""
+    """Run ``model`` on the probe in chunks of ``chunk_size`` samples (eval mode, grad enabled, run
+    eagerly even if compiled; previous train/eval mode of every submodule and the global RNG states
+    restored) and call ``fn`` on each :class:`Chunk` while the graph of that chunk is alive. No graph
+    survives the call."""
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_SIZE
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     n_total = probe_batch_size(inputs)
-    with hooks.attached_for(), _eval_with_grad(model):
+    with hooks.attached_for(), _measuring(model, inputs):
         for start in range(0, n_total, chunk_size):
             part = split_probe(inputs, start, min(start + chunk_size, n_total))
             part = _map(part, lambda t: t.clone() if t.is_inference() else t)
@@ -282,10 +313,18 @@ def for_each_chunk(
                         f"the model rejected the probe{where}; probe inputs: {describe_probe(part)}. "
                         f"Original error: {type(err).__name__}: {err}"
                     ) from err
+                hooks.forward_done()
                 f = _resolve_output(out, output_fn, n)
                 missing = [name for name, hs in hooks.outputs.items() if not hs]
                 if missing:
                     raise ValueError(f"layers {missing} were not called in the forward pass of the probe")
+                if hooks.no_grad:
+                    raise ValueError(
+                        f"layers {sorted(set(hooks.no_grad))} ran with gradients disabled, so their K cannot be "
+                        "measured: they run inside torch.utils.checkpoint(..., use_reentrant=True) (use "
+                        "use_reentrant=False, which is measured exactly), under torch.no_grad() or inside a "
+                        "custom autograd.Function. Exclude them with layers=[...]"
+                    )
                 if not f.requires_grad:
                     raise ValueError("the outputs f do not depend on any selected layer")
                 fn(Chunk(f=f, n=n, outputs=dict(hooks.outputs), inputs=dict(hooks.inputs)))
@@ -298,35 +337,73 @@ def for_each_chunk(
 # measured faster than a Python loop of single VJPs (1 thread, 2-core CPU): exact K on a tiny
 # GPT-2 (many small ops, 44 outputs per sequence) 0.17 s batched vs 1.0 s looped; on the benchmark
 # MLP (6 layers of width 256, 10 outputs, 2000 samples, few large ops) 0.35 s vs 0.31 s. Blocks are
-# sized by VJP_BUDGET_BYTES. Ops without a vmap batching rule fall back to the loop.
+# sized by VJP_BUDGET_BYTES. Ops without a vmap batching rule fall back to the loop (per measurement).
+#: Whether a measurement starts with batched VJPs (read at the start of each measurement, never written).
 BATCHED_VJP = True
 
 
-def vjp(f: Tensor, targets: list[Tensor], cotangents: Tensor) -> Iterator[list[Tensor]]:
+def _missing_batching_rule(err: BaseException) -> bool:
+    """True for the error vmap raises on an op it cannot batch (the only error that falls back to the loop)."""
+    msg = str(err)
+    return isinstance(err, (RuntimeError, NotImplementedError)) and (
+        "atching rule not implemented" in msg or msg.startswith("vmap:")
+    )
+
+
+class VJPPlan:
+    """How the VJPs of one measurement run: batched until an op without a vmap batching rule is met,
+    then one cotangent at a time for the rest of that measurement (nothing outlives it).
+
+    ``names`` label the targets in errors; ``allow_unused=True`` gives zero gradients for targets that
+    the outputs do not depend on (otherwise that is an error naming them)."""
+
+    def __init__(self, names: list[str] | None = None, allow_unused: bool = False, batched: bool | None = None) -> None:
+        self.names = names
+        self.allow_unused = allow_unused
+        self.batched = BATCHED_VJP if batched is None else batched
+
+    def _complete(self, grads: tuple[Tensor | None, ...], targets: list[Tensor], b: int) -> list[Tensor]:
+        unused = [i for i, g in enumerate(grads) if g is None]
+        if unused and not self.allow_unused:
+            names = self.names or [f"target {i}" for i in range(len(targets))]
+            which = sorted({names[i] for i in unused})
+            raise ValueError(
+                f"the outputs f do not depend on the recorded output of layers {which} (the gradient is None), "
+                "so their K would be silently 0. Likely causes: the layer feeds a branch that output_fn does not "
+                "use, its output is detached (.detach(), an integer cast), or it runs in code that autograd "
+                "cannot see (a compiled graph, torch.utils.checkpoint(..., use_reentrant=True)). Exclude them "
+                "with layers=[...], or pass allow_unused=True to record K = 0 for layers the outputs do not use"
+            )
+        return [g if g is not None else t.new_zeros((b, *t.shape)) for g, t in zip(grads, targets)]
+
+    def __call__(self, f: Tensor, targets: list[Tensor], cotangents: Tensor) -> Iterator[list[Tensor]]:
+        if self.batched:
+            try:
+                grads = torch.autograd.grad(
+                    f, targets, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
+                )
+            except (RuntimeError, NotImplementedError) as err:
+                if not _missing_batching_rule(err):
+                    raise
+                self.batched = False  # an op without a vmap batching rule: loop for this measurement
+            else:
+                yield self._complete(grads, targets, cotangents.shape[0])
+                return
+        for v in cotangents:
+            grads = torch.autograd.grad(f, targets, v, retain_graph=True, allow_unused=True)
+            yield self._complete(tuple(g if g is None else g.unsqueeze(0) for g in grads), targets, 1)
+
+
+def vjp(
+    f: Tensor, targets: list[Tensor], cotangents: Tensor, plan: VJPPlan | None = None
+) -> Iterator[list[Tensor]]:
     """Vector-Jacobian products ``v^T df/dt`` for a block of cotangents ``(b, *f.shape)``.
 
     Yields lists with one tensor ``(b', *t.shape)`` per target (``b'`` = 1 per step in the loop,
-    ``b`` when batched; zeros where ``f`` does not depend on ``t``). Uses ``torch.autograd.grad``:
-    no parameter ``.grad`` is touched, and the graph is kept for further blocks."""
-    global BATCHED_VJP
-    if BATCHED_VJP:
-        try:
-            grads = torch.autograd.grad(
-                f, targets, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
-            )
-        except (RuntimeError, NotImplementedError):
-            BATCHED_VJP = False  # an op without a vmap batching rule: use the loop from now on
-        else:
-            yield [
-                g if g is not None else t.new_zeros((cotangents.shape[0], *t.shape))
-                for g, t in zip(grads, targets)
-            ]
-            return
-    for v in cotangents:
-        grads = torch.autograd.grad(f, targets, v, retain_graph=True, allow_unused=True)
-        yield [
-            (g if g is not None else torch.zeros_like(t)).unsqueeze(0) for g, t in zip(grads, targets)
-        ]
+    ``b`` when batched). A target that ``f`` does not depend on is an error unless the ``plan``
+    allows it (then zeros). Uses ``torch.autograd.grad``: no parameter ``.grad`` is touched, and the
+    graph is kept for further blocks. Pass one :class:`VJPPlan` for all blocks of a measurement."""
+    yield from (plan if plan is not None else VJPPlan())(f, targets, cotangents)
 
 
 def block_size(chunk: Chunk, budget: int = VJP_BUDGET_BYTES) -> int:

@@ -4,14 +4,15 @@ Layout: tensors ``"<kind>/<layer>"`` with kind in ``K``, ``W``, ``W0``, ``nfm``,
 ``(k, d)`` layout); string metadata ``format``, ``step``, ``layers`` (JSON list), ``estimator``, ``m``,
 ``correlation``, ``agop_power`` and ``records`` (JSON list of every row of the monitor's history).
 The file is written to a temporary file in the target directory and moved into place with
-``os.replace``, so readers never see a partial file.
+``os.replace``, so readers never see a partial file; it gets the mode of any new file under the
+user's umask.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -88,11 +89,15 @@ def save_snapshot(monitor: "NFAMonitor", path: str | os.PathLike) -> None:
         "records": json.dumps(monitor.to_rows()),
     }
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+    # created like open(path, "w") would (mode 0o666 minus the umask); save_file may recreate the
+    # file with its own mode, so that mode is set again before the file is moved into place
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        mode = os.stat(tmp).st_mode & 0o777
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

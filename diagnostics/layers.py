@@ -138,6 +138,11 @@ def _adapter_for(name: str, module: nn.Module, include_conv: bool) -> LayerAdapt
     return None
 
 
+def _user_name(name: str) -> str:
+    """Module name without the ``_orig_mod`` parts that ``torch.compile`` wrappers insert."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def find_linear_layers(
     model: nn.Module, layers: str | Sequence[str] | None = None
 ) -> dict[str, LayerAdapter]:
@@ -145,8 +150,9 @@ def find_linear_layers(
 
     ``layers=None`` selects every ``nn.Linear`` and ``Conv1D``-like module. Otherwise ``layers`` is a
     name or glob pattern (``fnmatch``) or a list of them, matched against ``model.named_modules()``
-    names; explicit selections may also pick ``nn.Conv2d`` layers. Every entry must match at least
-    one supported layer. Returns ``{name: adapter}`` with ``adapter.weight_matrix()`` of shape ``(k, d)``.
+    names (without the ``_orig_mod.`` of ``torch.compile``, so a compiled model has its eager names);
+    explicit selections may also pick ``nn.Conv2d`` layers. Every entry must match at least one
+    supported layer. Returns ``{name: adapter}`` with ``adapter.weight_matrix()`` of shape ``(k, d)``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -155,6 +161,7 @@ def find_linear_layers(
     include_conv = layers is not None
     found: dict[str, LayerAdapter] = {}
     for name, module in model.named_modules():
+        name = _user_name(name)
         adapter = _adapter_for(name, module, include_conv)
         if adapter is not None:
             found[name] = adapter
@@ -170,7 +177,7 @@ def find_linear_layers(
         raise TypeError(f"layers must be None, a name/glob or a list of names/globs, got {layers!r}")
     if len(layers) == 0:
         raise ValueError("layers=[] selects nothing; pass None for every linear layer or a list of names")
-    modules = dict(model.named_modules())
+    modules = {_user_name(n): m for n, m in model.named_modules()}
     chosen: set[str] = set()
     for pattern in layers:
         hits = [n for n in found if n == pattern or fnmatch.fnmatchcase(n, pattern)]

@@ -1,7 +1,7 @@
 """``NFAMonitor``: per-layer NFA correlations of a model over training.
 
-The monitor registers forward hooks on the selected layers (they do nothing until ``measure()``
-runs), snapshots ``W_0`` at attach, and on each ``measure()`` computes ``K`` with the engine
+The monitor snapshots ``W_0`` when it is created, registers forward hooks on the selected layers only
+while ``measure()`` runs (so training, compiled or not, never sees them), and on each ``measure()`` computes ``K`` with the engine
 (:mod:`diagnostics.ptk`) and the NFA quantities with :mod:`diagnostics.nfa`.
 """
 
@@ -94,7 +94,9 @@ class NFAMonitor:
     ``layers``: ``None`` (every ``nn.Linear``/``Conv1D``) or names/globs. ``correlation``:
     ``"pearson"`` or ``"cosine"``. ``agop_power``: ``s`` (1 or 0.5). ``W0``: initial weights (a dict of
     ``(k, d)`` tensors or a model with the same layers); default: snapshot at construction.
-    The model is not wrapped or modified; use ``detach()`` or a ``with`` block to remove the hooks.
+    The model is not wrapped or modified (hooks exist only during ``measure()``); ``detach()`` or the end
+    of a ``with`` block closes the monitor. A ``torch.compile``-d model is measured through its original
+    modules in eager mode, under the eager layer names, without recompiling it.
     Under ``torch.distributed`` every rank must call ``measure()`` with its own probe shard.
     """
 
@@ -123,7 +125,7 @@ class NFAMonitor:
         self.history: list[dict[str, LayerRecord]] = []
         self.last_K: dict[str, Tensor] = {}
         self._hooks = LayerHooks(self.adapters)
-        self._hooks.attach()
+        self._closed = False
 
     @property
     def layer_names(self) -> list[str]:
@@ -131,7 +133,8 @@ class NFAMonitor:
 
     @property
     def attached(self) -> bool:
-        return self._hooks.attached
+        """False once ``detach()`` was called (then ``measure()`` raises)."""
+        return not self._closed
 
     def measure(
         self,
@@ -145,18 +148,20 @@ class NFAMonitor:
         chunk_size: int | None = None,
         *,
         sketch: str = "rademacher",
+        allow_unused: bool = False,
     ) -> dict[str, LayerRecord]:
-        """Compute ``K`` on the probe (current weights, eval mode, ``.grad`` untouched) and one
-        :class:`LayerRecord` per layer; appended to ``history``. ``step`` defaults to the number of
-        earlier ``measure()`` calls. See :func:`diagnostics.ptk_covariance` for the estimators."""
+        """Compute ``K`` on the probe (current weights, eval mode, run eagerly even if the model is
+        compiled, ``.grad`` and the global RNG state untouched) and one :class:`LayerRecord` per layer;
+        appended to ``history``. ``step`` defaults to the number of earlier ``measure()`` calls. See
+        :func:`diagnostics.ptk_covariance` for the estimators, the sketch seed and ``allow_unused``."""
         check_estimator(estimator, m)
-        if not self._hooks.attached:
+        if self._closed:
             raise RuntimeError("this NFAMonitor was detached; create a new one to measure again")
         if step is None:
             step = len(self.history)
         sums, counts = ptk_sums_all_ranks(
             self.model, self._hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch,
-            self.process_group,
+            self.process_group, allow_unused,
         )
         records: dict[str, LayerRecord] = {}
         self.last_K = {}
@@ -198,8 +203,9 @@ class NFAMonitor:
             save_snapshot(self, path)
 
     def detach(self) -> None:
-        """Remove every hook; the model is exactly as before the monitor was created."""
+        """Close the monitor (no hook is left on the model; it is exactly as before)."""
         self._hooks.detach()
+        self._closed = True
 
     def __enter__(self) -> "NFAMonitor":
         return self

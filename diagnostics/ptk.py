@@ -8,6 +8,8 @@
   ``K_unnorm = sum_c G_c^T G_c``.
 - sketch: ``m`` random cotangents ``v`` with the full shape of ``f`` (i.i.d. entries,
   ``E[v v^T] = I``); ``g = d(v.f)/dh`` gives the unbiased ``K_unnorm ~ (1/m) sum_j G_j^T G_j``.
+  They come from the ``generator`` passed in, else from a private generator seeded with
+  ``DEFAULT_SKETCH_SEED``; the global random number generators are never used.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .engine import (
     block_size,
     for_each_chunk,
     random_cotangents,
+    VJPPlan,
     vjp,
 )
 from .layers import DEFAULT_MAX_K, LayerAdapter, check_layer_sizes, find_linear_layers
@@ -38,9 +41,12 @@ __all__ = [
     "ESTIMATORS",
     "check_estimator",
     "work_dtype",
+    "DEFAULT_SKETCH_SEED",
 ]
 
 ESTIMATORS = ("exact", "sketch")
+#: Seed of the sketch projections when no generator is given (the same call gives the same ``K``).
+DEFAULT_SKETCH_SEED = 0
 
 
 def check_estimator(estimator: str, m: int) -> None:
@@ -63,12 +69,15 @@ def _acc_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _as_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
-    """An int seed becomes a generator on ``device`` when that is a CUDA device (the sketch vectors,
-    as large as the outputs, are then drawn where they are used), else on the CPU."""
-    if generator is None or isinstance(generator, torch.Generator):
+def _as_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator:
+    """An int seed (``None``: ``DEFAULT_SKETCH_SEED``) becomes a private generator on ``device`` when
+    that is a CUDA device (the sketch vectors, as large as the outputs, are then drawn where they are
+    used), else on the CPU. The global generators are never drawn from."""
+    if generator is None:
+        generator = DEFAULT_SKETCH_SEED
+    if isinstance(generator, torch.Generator):
         return generator
-    if isinstance(generator, int):
+    if isinstance(generator, int) and not isinstance(generator, bool):
         return torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(generator)
     raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
 
@@ -102,6 +111,7 @@ def ptk_sums(
     output_fn: OutputFn | None = None,
     chunk_size: int | None = None,
     sketch: str = "rademacher",
+    allow_unused: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """Unnormalised ``K_unnorm`` per layer (float64 running sums; float32 on MPS) and the number of
     rows ``N`` per layer, on this process's probe."""
@@ -112,10 +122,12 @@ def ptk_sums(
     with torch.inference_mode(False):  # scratch for the per-block Grams
         bufs = {n: torch.empty(a.k, a.k, dtype=work_dtype(a), device=sums[n].device) for n, a in adapters.items()}
     counts = {name: 0 for name in adapters}
+    plan = VJPPlan(allow_unused=allow_unused)
 
     def visit(chunk: Chunk) -> None:
         names = [n for n, hs in chunk.outputs.items() for _ in hs]
         targets = [h for hs in chunk.outputs.values() for h in hs]
+        plan.names = names
         for name, h in zip(names, targets):
             counts[name] += adapters[name].out_rows(h).shape[0]
         step = block_size(chunk)
@@ -128,7 +140,7 @@ def ptk_sums(
             else:
                 v = random_cotangents(chunk.f, stop - start, generator, sketch)
                 scale = 1.0 / m
-            for grads in vjp(chunk.f, targets, v):
+            for grads in vjp(chunk.f, targets, v, plan):
                 for name, g in zip(names, grads):
                     _add_gram(sums[name], bufs[name], adapters[name], g, scale)
 
@@ -147,13 +159,16 @@ def ptk_sums_all_ranks(
     chunk_size: int | None = None,
     sketch: str = "rademacher",
     process_group: Any = None,
+    allow_unused: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """:func:`ptk_sums` on this rank's shard, summed over the ranks of ``process_group``.
 
     If this rank's measurement raises, it still joins the one collective (flagging the failure, so
     the other ranks raise instead of waiting) and then re-raises its own error."""
     try:
-        sums, counts = ptk_sums(model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch)
+        sums, counts = ptk_sums(
+            model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch, allow_unused
+        )
     except Exception:
         if distributed.is_distributed(process_group):
             zeros = _zero_sums(hooks.adapters)
@@ -175,20 +190,24 @@ def ptk_covariance(
     sketch: str = "rademacher",
     max_k: int | None = DEFAULT_MAX_K,
     process_group: Any = None,
+    allow_unused: bool = False,
 ) -> dict[str, Tensor]:
     """PTK feature covariance per layer, ``K = (1/N) sum_alpha sum_c g_{alpha,c} g_{alpha,c}^T``
     with ``g_{alpha,c} = df_c(x_alpha)/dh_l`` (k x k, divided by the number of samples/tokens ``N``).
 
     ``estimator="exact"`` uses one VJP per output; ``"sketch"`` uses ``m`` random projections of the
-    outputs (``sketch="rademacher"`` or ``"gaussian"``, drawn from ``generator``). Under
-    ``torch.distributed`` every rank must call this with its own shard of the probe; the sums are
-    all-reduced and the result equals one process on the whole probe.
+    outputs (``sketch="rademacher"`` or ``"gaussian"``, drawn from ``generator``, an int seed, or
+    ``None`` for ``DEFAULT_SKETCH_SEED``; the global RNG state is left unchanged). A selected layer
+    whose output the outputs ``f`` do not depend on is an error, unless ``allow_unused=True`` (its
+    ``K`` is then 0). Under ``torch.distributed`` every rank must call this with its own shard of the
+    probe; the sums are all-reduced and the result equals one process on the whole probe.
     """
     adapters = find_linear_layers(model, layers)
     check_layer_sizes(adapters, max_k)
     hooks = LayerHooks(adapters)
     sums, counts = ptk_sums_all_ranks(
-        model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch, process_group
+        model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch, process_group,
+        allow_unused,
     )
     return {n: (sums[n] / max(counts[n], 1)).to(work_dtype(adapters[n])) for n in sums}
 
@@ -207,17 +226,19 @@ def layer_jacobians(
     hooks = LayerHooks(adapters)
     xs: dict[str, list[Tensor]] = {n: [] for n in adapters}
     gs: dict[str, list[Tensor]] = {n: [] for n in adapters}
+    plan = VJPPlan()
 
     def visit(chunk: Chunk) -> None:
         names = [n for n, hs in chunk.outputs.items() for _ in hs]
         targets = [h for hs in chunk.outputs.values() for h in hs]
+        plan.names = names
         for name, x in ((n, x) for n, xl in chunk.inputs.items() for x in xl):
             xs[name].append(adapters[name].in_rows(x))
         step = block_size(chunk)
         blocks: list[list[Tensor]] = [[] for _ in targets]
         for start in range(0, chunk.num_outputs, step):
             v = basis_cotangents(chunk.f, start, min(chunk.num_outputs, start + step))
-            for grads in vjp(chunk.f, targets, v):
+            for grads in vjp(chunk.f, targets, v, plan):
                 for i, g in enumerate(grads):
                     blocks[i].append(adapters[names[i]].out_rows(g, lead=1).detach())
         for name, parts in zip(names, blocks):

@@ -32,11 +32,15 @@ def test_attach_detach_bit_identical_and_hooks_removed() -> None:
     model = net().eval()
     x = x_probe()
     before = model(x)
+    seen = []
+    model[3].register_forward_pre_hook(lambda m, a: seen.append(hook_count(model)))
     mon = NFAMonitor(model)
-    assert hook_count(model) > 0
+    assert hook_count(model) == 1  # hooks only while measure() runs: training never sees them
     during = model(x)
     mon.measure(x)
+    assert seen[-1] > 1
     after_measure = model(x)
+    model[3]._forward_pre_hooks.clear()
     mon.detach()
     assert hook_count(model) == 0
     assert torch.equal(before, during) and torch.equal(before, after_measure) and torch.equal(before, model(x))

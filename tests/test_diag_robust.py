@@ -1,0 +1,237 @@
+"""K on the models people train: compiled models, checkpointing, unused layers, RNG, snapshots."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import diagnostics.engine as engine
+from diagnostics import NFAMonitor, ptk_covariance
+
+from test_diag_ptk import reference_K, rel_err
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+
+
+def probe(n: int = 12) -> torch.Tensor:
+    return torch.randn(n, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_model_gives_eager_records_without_recompiling(backend: str) -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model, x = mlp(), probe()
+    ref = reference_K(model, x, ["0", "2", "4"])
+    compiled = torch.compile(model, backend=backend)
+    before = NFAMonitor(compiled)  # created before the first compiled call
+    compiled(x).sum().backward()
+    compiled(x)
+    graphs = counters["stats"]["unique_graphs"]
+    after = NFAMonitor(compiled)  # created after it
+    for mon in (before, after):
+        assert mon.layer_names == ["0", "2", "4"]
+        res = mon.measure(x, keep_matrices=True)
+        for name, rec in res.items():
+            assert rec.n_samples == 12 and rel_err(rec.K, ref[name]) < 1e-9, (name, rec.K.norm())
+    with NFAMonitor(model) as eager:
+        eager_res = eager.measure(x)
+    assert {n: r.uc_nfa for n, r in res.items()} == pytest.approx({n: r.uc_nfa for n, r in eager_res.items()})
+    compiled(x)
+    assert counters["stats"]["unique_graphs"] == graphs  # measuring did not recompile the user's model
+    # a compiled submodule and Module.compile() in place keep the user's names too
+    inner = mlp()
+    inner[2] = torch.compile(inner[2], backend=backend)
+    inner.compile(backend=backend)
+    K = ptk_covariance(inner, x)
+    assert set(K) == {"0", "2", "4"} and all(rel_err(K[n], ref[n]) < 1e-9 for n in K)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- unused layers
+
+
+class TwoHeads(nn.Module):
+    """``main`` reaches the output; ``aux`` does not unless ``use_aux``."""
+
+    def __init__(self, detach: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.main, self.aux = nn.Linear(5, 6), nn.Linear(6, 2), nn.Linear(6, 3)
+        self.detach = detach
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.tanh(self.body(x))
+        if self.detach:
+            h = h.detach()
+        return {"main": self.main(h), "aux": self.aux(h)}
+
+
+def test_layer_that_does_not_reach_the_outputs_is_an_error_unless_allowed() -> None:
+    model, x = TwoHeads().double(), probe()
+    main_only = lambda out: out["main"]  # noqa: E731
+    with pytest.raises(ValueError, match=r"layers \['aux'\].*gradient is None.*output_fn.*allow_unused=True"):
+        ptk_covariance(model, x, output_fn=main_only)
+    with NFAMonitor(model) as mon:
+        with pytest.raises(ValueError, match=r"\['aux'\]"):
+            mon.measure(x, output_fn=main_only)
+        res = mon.measure(x, output_fn=main_only, allow_unused=True, keep_matrices=True)
+    assert torch.count_nonzero(res["aux"].K) == 0 and res["aux"].n_samples == 12
+    assert torch.count_nonzero(res["main"].K) > 0
+    with pytest.raises(ValueError, match=r"layers \['body'\].*detached"):
+        ptk_covariance(TwoHeads(detach=True).double(), x, layers=["body", "main"], output_fn=main_only)
+
+
+# ----------------------------------------------------------------------------- checkpointing
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.reentrant = reentrant  # None: no checkpointing
+
+    def block(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.b(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        if self.reentrant is not None:
+            h = checkpoint(self.block, h, use_reentrant=self.reentrant)
+        else:
+            h = self.block(h)
+        return self.c(h)
+
+
+def test_non_reentrant_checkpointing_is_exact() -> None:
+    x = probe()
+    ref = reference_K(Checkpointed(None).double(), x, ["a", "b", "c"])
+    K = ptk_covariance(Checkpointed(False).double(), x, chunk_size=5)
+    assert all(rel_err(K[n], ref[n]) < 1e-9 for n in ref)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_reentrant_checkpointing_raises_and_leaves_batched_vjps_on() -> None:
+    x = probe()
+    model = Checkpointed(True).double()
+    with pytest.raises(ValueError, match=r"layers \['b'\] ran with gradients disabled.*use_reentrant=False"):
+        ptk_covariance(model, x)  # input of the checkpoint requires grad
+    with pytest.raises(ValueError, match=r"\['b'\] ran with gradients disabled"):
+        ptk_covariance(model, x, layers=["b", "c"])  # ... and when it does not
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        ptk_covariance(model, x, layers=["a"])  # autograd.grad cannot go through a reentrant checkpoint
+    assert engine.BATCHED_VJP is True
+    K = ptk_covariance(model, x, layers=["c"])  # layers after the checkpoint are fine
+    assert rel_err(K["c"], reference_K(Checkpointed(None).double(), x, ["c"])["c"]) < 1e-9
+
+
+class _ItemBackward(torch.autograd.Function):
+    """Doubles its input; the backward calls ``.item()``, which has no vmap batching rule."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g * (2.0 if g.abs().max().item() >= 0 else 0.0)
+
+
+def test_missing_batching_rule_falls_back_per_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"batched": 0, "looped": 0}
+    grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls["batched" if kwargs.get("is_grads_batched") else "looped"] += 1
+        return grad(*args, **kwargs)
+
+    model, x = mlp(), probe()
+    ref = reference_K(model, x, ["0", "2"])
+    odd = nn.Sequential(model[0], model[1], model[2], model[3])
+    odd.append(type("Item", (nn.Module,), {"forward": lambda self, h: _ItemBackward.apply(h)})())
+    odd.append(model[4])
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    K = ptk_covariance(odd, x, layers=["0", "2"], chunk_size=4)
+    assert calls["batched"] == 1 and calls["looped"] > 0  # one failed batched try, then the loop
+    for n in ("0", "2"):  # the doubling of the custom function: K x 4
+        assert rel_err(K[n], 4 * ref[n]) < 1e-9
+    calls.update(batched=0, looped=0)
+    ptk_covariance(model, x, chunk_size=4)
+    assert calls["batched"] > 0 and calls["looped"] == 0  # the next measurement is batched again
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def _train(measure: bool, estimator: str = "sketch") -> float:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+    X, Y = torch.randn(64, 5), torch.randn(64, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = NFAMonitor(model)
+    for step in range(20):
+        loss = nn.functional.mse_loss(model(X), Y)
+        opt.zero_grad()
+        loss.backward()
+        if measure and step % 5 == 0:
+            mon.measure(X[:16], estimator=estimator, m=4)
+        opt.step()
+    return nn.functional.mse_loss(model(X), Y).item()
+
+
+def test_measuring_never_touches_the_global_rng() -> None:
+    assert _train(measure=True) == _train(measure=False)
+    model, x = mlp(), probe()
+    state = torch.get_rng_state()
+    a = ptk_covariance(model, x, estimator="sketch", m=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = ptk_covariance(model, x, estimator="sketch", m=3, generator=engine_seed())
+    assert all(torch.equal(a[n], b[n]) for n in a)  # generator=None is the documented default seed
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def engine_seed() -> int:
+    from diagnostics.ptk import DEFAULT_SKETCH_SEED
+
+    return DEFAULT_SKETCH_SEED
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_measuring_never_touches_the_cuda_rng() -> None:
+    model, x = mlp().cuda(), probe().cuda()
+    state = torch.cuda.get_rng_state()
+    K = ptk_covariance(model, x, estimator="sketch", m=3)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    K_int = ptk_covariance(model, x, estimator="sketch", m=3, generator=engine_seed())
+    assert all(torch.equal(K[n], K_int[n]) for n in K)
+
+
+# ----------------------------------------------------------------------------- snapshot files
+
+
+def test_snapshot_gets_the_umask_mode(tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        with NFAMonitor(mlp()) as mon:
+            mon.measure(probe())
+            mon.save(tmp_path / "snap.safetensors")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "snap.safetensors").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == 0o644
+    assert sorted(os.listdir(tmp_path)) == ["plain", "snap.safetensors"]
