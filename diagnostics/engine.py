@@ -44,6 +44,7 @@ __all__ = [
     "default_output",
     "VJP_BUDGET_BYTES",
     "VJPPlan",
+    "resolve_sample_mask",
 ]
 
 #: Memory allowed for one block of batched VJP results (cotangents plus layer gradients).
@@ -228,19 +229,84 @@ def _resolve_output(out: Any, output_fn: OutputFn | None, n: int) -> Tensor:
     return f
 
 
+SampleMask = Tensor | bool | None
+
+
+def resolve_sample_mask(inputs: Any, sample_mask: SampleMask = None) -> Tensor | None:
+    """The per-token sample mask ``(B, T)`` (bool) of a probe, or ``None`` (every row is a sample).
+
+    ``sample_mask=None``: the probe's ``attention_mask`` (dict probes, 0/1 of shape ``(B, T)``) if it has
+    one; ``False``: no mask; a ``(B, T)`` tensor of 0/1 or bools: that mask (left padding, packed
+    sequences, prompt tokens to leave out)."""
+    if sample_mask is False:
+        return None
+    what = "sample_mask"
+    if sample_mask is None or sample_mask is True:
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        if not isinstance(mask, Tensor) or mask.dim() != 2:
+            return None
+        what = "the probe's attention_mask"
+    elif isinstance(sample_mask, Tensor):
+        mask = sample_mask
+    else:
+        raise TypeError(
+            f"sample_mask must be None (use the probe's attention_mask), False or a (batch, tokens) tensor, "
+            f"got {type(sample_mask).__name__}"
+        )
+    n = probe_batch_size(inputs)
+    if mask.dim() != 2 or mask.shape[0] != n:
+        raise ValueError(
+            f"{what} must have shape (batch, tokens) with batch = {n} (the probe's), got {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{what} must hold 0/1 or bools (1 = a real token), e.g. not an additive float mask")
+        mask = mask != 0
+    return mask
+
+
 @dataclass
 class Chunk:
-    """One forward pass: outputs ``f`` (B, ...) and per layer the recorded outputs/inputs."""
+    """One forward pass: outputs ``f`` (B, ...) and per layer the recorded outputs/inputs; ``mask``
+    (B, T) marks the real tokens (``None``: every row is a sample)."""
 
     f: Tensor
     n: int
     outputs: dict[str, list[Tensor]]
     inputs: dict[str, list[Tensor]] = field(default_factory=dict)
+    mask: Tensor | None = None
+    start: int = 0  # index of the chunk's first sample in the probe
 
     @property
     def num_outputs(self) -> int:
         """Outputs per sample ``C`` (for a sequence output (B, T, V): T*V)."""
         return self.f[0].numel()
+
+    def _token_view(self, t: Tensor, what: str, lead: int = 0) -> Tensor | None:
+        """The mask viewed to broadcast over ``t`` (``(*L, B, T, ...)``, ``lead = len(L)``) when ``t`` is per
+        token, ``None`` when ``t`` is per sample (``(*L, B, features)``)."""
+        mask = self.mask
+        if mask is None or t.dim() - lead <= 2:
+            return None
+        if tuple(t.shape[lead : lead + 2]) != tuple(mask.shape):
+            raise ValueError(
+                f"{what} has shape {tuple(t.shape[lead:])} but the sample mask (attention_mask or sample_mask) "
+                f"has shape {tuple(mask.shape)}: per-token tensors must be (batch, tokens, ...). Pass "
+                "sample_mask=False to count every position, or a sample_mask matching this layout"
+            )
+        return mask.view(*mask.shape, *([1] * (t.dim() - lead - 2)))
+
+    def row_mask(self, adapter: Any, h: Tensor) -> Tensor | None:
+        """Bool ``(N,)`` over the rows ``adapter.out_rows(h)`` of a layer output: ``True`` for real tokens."""
+        view = self._token_view(h, f"the output of layer {adapter.name!r}")
+        if view is None:
+            return None
+        return adapter.out_rows(view.expand(h.shape))[:, 0]
+
+    def mask_cotangents(self, v: Tensor) -> Tensor:
+        """Zero a block of cotangents ``(b, *f.shape)`` at padded positions (outputs there do not count)."""
+        view = self._token_view(v, "the outputs f", lead=1)
+        return v if view is None else v * view.to(v.dtype)
 
 
 @contextmanager
@@ -283,16 +349,18 @@ def for_each_chunk(
     output_fn: OutputFn | None = None,
     chunk_size: int | None = None,
     keep_inputs: bool = False,
+    sample_mask: SampleMask = None,
 ) -> None:
     """Run ``model`` on the probe in chunks of ``chunk_size`` samples (eval mode, grad enabled, run
     eagerly even if compiled; previous train/eval mode of every submodule and the global RNG states
     restored) and call ``fn`` on each :class:`Chunk` while the graph of that chunk is alive. No graph
-    survives the call."""
+    survives the call. ``sample_mask``: see :func:`resolve_sample_mask`."""
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_SIZE
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     n_total = probe_batch_size(inputs)
+    mask = resolve_sample_mask(inputs, sample_mask)
     with hooks.attached_for(), _measuring(model, inputs):
         for start in range(0, n_total, chunk_size):
             part = split_probe(inputs, start, min(start + chunk_size, n_total))
@@ -327,7 +395,8 @@ def for_each_chunk(
                     )
                 if not f.requires_grad:
                     raise ValueError("the outputs f do not depend on any selected layer")
-                fn(Chunk(f=f, n=n, outputs=dict(hooks.outputs), inputs=dict(hooks.inputs)))
+                part_mask = None if mask is None else mask[start : start + n].to(f.device)
+                fn(Chunk(f, n, dict(hooks.outputs), dict(hooks.inputs), mask=part_mask, start=start))
                 del out, f
 
 

@@ -71,7 +71,8 @@ class NFACallback(TrainerCallback):
     Args:
         probe: the fixed probe inputs, as accepted by the model (a tensor of ``input_ids`` ``(N, T)``,
             a dict such as ``{"input_ids": ..., "attention_mask": ...}``, or a tuple), batch first.
-            Every token position is a sample; the outputs are the logits at every position.
+            Every real token is a sample and the outputs are the logits at every real position
+            (positions where the probe's ``attention_mask`` is 0 are left out).
         every_n_steps: measurement cadence in optimizer steps (``state.global_step``).
         layers: ``None`` (every ``nn.Linear`` / GPT-2 ``Conv1D``) or module names / globs, e.g.
             ``"transformer.h.*.mlp.c_fc"``.

@@ -149,11 +149,13 @@ class NFAMonitor:
         *,
         sketch: str = "rademacher",
         allow_unused: bool = False,
+        sample_mask: Any = None,
     ) -> dict[str, LayerRecord]:
         """Compute ``K`` on the probe (current weights, eval mode, run eagerly even if the model is
         compiled, ``.grad`` and the global RNG state untouched) and one :class:`LayerRecord` per layer;
         appended to ``history``. ``step`` defaults to the number of earlier ``measure()`` calls. See
-        :func:`diagnostics.ptk_covariance` for the estimators, the sketch seed and ``allow_unused``."""
+        :func:`diagnostics.ptk_covariance` for the estimators, the sketch seed, ``allow_unused`` and
+        padding: with the probe's ``attention_mask`` (or ``sample_mask=``) only real tokens are samples."""
         check_estimator(estimator, m)
         if self._closed:
             raise RuntimeError("this NFAMonitor was detached; create a new one to measure again")
@@ -161,7 +163,7 @@ class NFAMonitor:
             step = len(self.history)
         sums, counts = ptk_sums_all_ranks(
             self.model, self._hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch,
-            self.process_group, allow_unused,
+            self.process_group, allow_unused, sample_mask,
         )
         records: dict[str, LayerRecord] = {}
         self.last_K = {}

@@ -24,6 +24,7 @@ from .engine import (
     Chunk,
     LayerHooks,
     OutputFn,
+    SampleMask,
     basis_cotangents,
     block_size,
     for_each_chunk,
@@ -82,10 +83,15 @@ def _as_generator(generator: torch.Generator | int | None, device: torch.device)
     raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
 
 
-def _add_gram(acc: Tensor, buf: Tensor, adapter: LayerAdapter, grads: Tensor, scale: float = 1.0) -> None:
-    """``acc += scale * sum_b G_b^T G_b`` for the gradient block ``grads`` (b, *h.shape); the Gram
-    is formed in ``buf``'s dtype (k x k scratch), the running sum ``acc`` may be wider."""
+def _add_gram(
+    acc: Tensor, buf: Tensor, adapter: LayerAdapter, grads: Tensor, scale: float = 1.0, keep: Tensor | None = None
+) -> None:
+    """``acc += scale * sum_b G_b^T G_b`` for the gradient block ``grads`` (b, *h.shape), over the rows
+    ``keep`` (bool, ``None``: all); the Gram is formed in ``buf``'s dtype (k x k scratch), the running
+    sum ``acc`` may be wider."""
     rows = adapter.out_rows(grads, lead=1)
+    if keep is not None:
+        rows = rows[:, keep]
     rows = rows.reshape(-1, rows.shape[-1]).to(buf.dtype)
     torch.mm(rows.t(), rows, out=buf)
     acc.add_(buf, alpha=scale)
@@ -112,24 +118,26 @@ def ptk_sums(
     chunk_size: int | None = None,
     sketch: str = "rademacher",
     allow_unused: bool = False,
+    sample_mask: SampleMask = None,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """Unnormalised ``K_unnorm`` per layer (float64 running sums; float32 on MPS) and the number of
-    rows ``N`` per layer, on this process's probe."""
+    rows ``N`` per layer (real tokens only under a sample mask), on this process's probe."""
     check_estimator(estimator, m)
     adapters = hooks.adapters
     generator = _as_generator(generator, next(iter(adapters.values())).weight_matrix().device)
     sums = _zero_sums(adapters)
     with torch.inference_mode(False):  # scratch for the per-block Grams
         bufs = {n: torch.empty(a.k, a.k, dtype=work_dtype(a), device=sums[n].device) for n, a in adapters.items()}
-    counts = {name: 0 for name in adapters}
+    counts: dict[str, Any] = {name: 0 for name in adapters}  # ints, or 0-dim tensors under a mask (one sync)
     plan = VJPPlan(allow_unused=allow_unused)
 
     def visit(chunk: Chunk) -> None:
         names = [n for n, hs in chunk.outputs.items() for _ in hs]
         targets = [h for hs in chunk.outputs.values() for h in hs]
         plan.names = names
-        for name, h in zip(names, targets):
-            counts[name] += adapters[name].out_rows(h).shape[0]
+        keep = [chunk.row_mask(adapters[name], h) for name, h in zip(names, targets)]
+        for name, h, rows in zip(names, targets, keep):
+            counts[name] = counts[name] + (adapters[name].out_rows(h).shape[0] if rows is None else rows.sum())
         step = block_size(chunk)
         total = chunk.num_outputs if estimator == "exact" else m
         for start in range(0, total, step):
@@ -140,12 +148,15 @@ def ptk_sums(
             else:
                 v = random_cotangents(chunk.f, stop - start, generator, sketch)
                 scale = 1.0 / m
+            v = chunk.mask_cotangents(v)
             for grads in vjp(chunk.f, targets, v, plan):
-                for name, g in zip(names, grads):
-                    _add_gram(sums[name], bufs[name], adapters[name], g, scale)
+                for name, g, rows in zip(names, grads, keep):
+                    _add_gram(sums[name], bufs[name], adapters[name], g, scale, rows)
 
-    for_each_chunk(model, hooks, probe_inputs, visit, output_fn=output_fn, chunk_size=chunk_size)
-    return sums, counts
+    for_each_chunk(
+        model, hooks, probe_inputs, visit, output_fn=output_fn, chunk_size=chunk_size, sample_mask=sample_mask
+    )
+    return sums, {name: int(c) for name, c in counts.items()}
 
 
 def ptk_sums_all_ranks(
@@ -160,6 +171,7 @@ def ptk_sums_all_ranks(
     sketch: str = "rademacher",
     process_group: Any = None,
     allow_unused: bool = False,
+    sample_mask: SampleMask = None,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """:func:`ptk_sums` on this rank's shard, summed over the ranks of ``process_group``.
 
@@ -167,7 +179,8 @@ def ptk_sums_all_ranks(
     the other ranks raise instead of waiting) and then re-raises its own error."""
     try:
         sums, counts = ptk_sums(
-            model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch, allow_unused
+            model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch, allow_unused,
+            sample_mask,
         )
     except Exception:
         if distributed.is_distributed(process_group):
@@ -191,6 +204,7 @@ def ptk_covariance(
     max_k: int | None = DEFAULT_MAX_K,
     process_group: Any = None,
     allow_unused: bool = False,
+    sample_mask: SampleMask = None,
 ) -> dict[str, Tensor]:
     """PTK feature covariance per layer, ``K = (1/N) sum_alpha sum_c g_{alpha,c} g_{alpha,c}^T``
     with ``g_{alpha,c} = df_c(x_alpha)/dh_l`` (k x k, divided by the number of samples/tokens ``N``).
@@ -201,13 +215,18 @@ def ptk_covariance(
     whose output the outputs ``f`` do not depend on is an error, unless ``allow_unused=True`` (its
     ``K`` is then 0). Under ``torch.distributed`` every rank must call this with its own shard of the
     probe; the sums are all-reduced and the result equals one process on the whole probe.
+
+    Padding: with a sample mask (the probe's ``attention_mask``, or ``sample_mask=`` a ``(B, T)`` 0/1
+    tensor; ``sample_mask=False`` for none) only real tokens are samples (``N`` counts them) and outputs
+    at padded positions are left out; outputs and layer outputs of shape ``(B, features)`` belong to
+    the whole sequence.
     """
     adapters = find_linear_layers(model, layers)
     check_layer_sizes(adapters, max_k)
     hooks = LayerHooks(adapters)
     sums, counts = ptk_sums_all_ranks(
         model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch, process_group,
-        allow_unused,
+        allow_unused, sample_mask,
     )
     return {n: (sums[n] / max(counts[n], 1)).to(work_dtype(adapters[n])) for n in sums}
 
@@ -218,10 +237,14 @@ def layer_jacobians(
     layers: str | Sequence[str] | None = None,
     output_fn: OutputFn | None = None,
     chunk_size: int | None = None,
+    *,
+    sample_mask: SampleMask = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Exact per-(sample, output) gradients: ``{name: (X, G)}`` with ``X`` (N, d) the layer inputs
     ``x_l`` (one row per sample/token) and ``G`` (C, N, k), ``G[c, alpha] = df_c(x_alpha)/dh_l``
-    (``C`` = outputs per sample, e.g. positions*vocab). ``K_unnorm = sum_c G[c]^T G[c]``."""
+    (``C`` = outputs per sample, e.g. positions*vocab). ``K_unnorm = sum_c G[c]^T G[c]``. Under a
+    sample mask (see :func:`ptk_covariance`) the rows are the real tokens and ``G`` is zero for
+    outputs at padded positions."""
     adapters = find_linear_layers(model, layers)
     hooks = LayerHooks(adapters)
     xs: dict[str, list[Tensor]] = {n: [] for n in adapters}
@@ -232,17 +255,24 @@ def layer_jacobians(
         names = [n for n, hs in chunk.outputs.items() for _ in hs]
         targets = [h for hs in chunk.outputs.values() for h in hs]
         plan.names = names
-        for name, x in ((n, x) for n, xl in chunk.inputs.items() for x in xl):
-            xs[name].append(adapters[name].in_rows(x))
+        keep = [chunk.row_mask(adapters[name], h) for name, h in zip(names, targets)]
+        inputs_ = [x for xl in chunk.inputs.values() for x in xl]  # same order as targets
+        for name, x, rows in zip(names, inputs_, keep):
+            x = adapters[name].in_rows(x)
+            xs[name].append(x if rows is None else x[rows])
         step = block_size(chunk)
         blocks: list[list[Tensor]] = [[] for _ in targets]
         for start in range(0, chunk.num_outputs, step):
-            v = basis_cotangents(chunk.f, start, min(chunk.num_outputs, start + step))
+            v = chunk.mask_cotangents(basis_cotangents(chunk.f, start, min(chunk.num_outputs, start + step)))
             for grads in vjp(chunk.f, targets, v, plan):
                 for i, g in enumerate(grads):
-                    blocks[i].append(adapters[names[i]].out_rows(g, lead=1).detach())
+                    g = adapters[names[i]].out_rows(g, lead=1).detach()
+                    blocks[i].append(g if keep[i] is None else g[:, keep[i]])
         for name, parts in zip(names, blocks):
             gs[name].append(torch.cat(parts, dim=0))
 
-    for_each_chunk(model, hooks, inputs, visit, output_fn=output_fn, chunk_size=chunk_size, keep_inputs=True)
+    for_each_chunk(
+        model, hooks, inputs, visit, output_fn=output_fn, chunk_size=chunk_size, keep_inputs=True,
+        sample_mask=sample_mask,
+    )
     return {n: (torch.cat(xs[n], dim=0), torch.cat(gs[n], dim=1)) for n in adapters}

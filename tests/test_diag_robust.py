@@ -235,3 +235,56 @@ def test_snapshot_gets_the_umask_mode(tmp_path) -> None:
     mode = stat.S_IMODE(os.stat(tmp_path / "snap.safetensors").st_mode)
     assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == 0o644
     assert sorted(os.listdir(tmp_path)) == ["plain", "snap.safetensors"]
+
+
+# ----------------------------------------------------------------------------- padding
+
+
+def test_right_padded_gpt2_equals_unpadded_sequences() -> None:
+    pytest.importorskip("transformers")
+    from test_diag_gpt2 import tiny_gpt2
+
+    model = tiny_gpt2()
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj", "lm_head"]
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 11, (n,), generator=g) for n in (4, 2, 3)]
+    ids = torch.zeros(3, 4, dtype=torch.long)
+    mask = torch.zeros(3, 4, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    # reference: each sequence alone without padding, K weighted by its number of tokens
+    refs = [reference_K(model, s[None], names) for s in seqs]
+    ref = {n: sum(len(s) * r[n] for s, r in zip(seqs, refs)) / 9 for n in names}
+    with NFAMonitor(model, layers=names) as mon:
+        res = mon.measure({"input_ids": ids, "attention_mask": mask}, keep_matrices=True, chunk_size=2)
+        unmasked = mon.measure({"input_ids": ids, "attention_mask": mask}, keep_matrices=True, sample_mask=False)
+    for n in names:
+        assert res[n].n_samples == 9 and rel_err(res[n].K, ref[n]) < 1e-9, n
+        assert unmasked[n].n_samples == 12
+        if n != "lm_head":  # the output layer's K is I whatever the samples
+            assert rel_err(unmasked[n].K, ref[n]) > 1e-3
+    # the same mask given as sample_mask on a plain tensor probe (GPT-2 then attends to the padding,
+    # which only later positions see: right padding leaves the real tokens' outputs unchanged)
+    K = ptk_covariance(model, ids, layers=names, sample_mask=mask.bool())
+    assert all(rel_err(K[n], ref[n]) < 1e-9 for n in names)
+
+
+def test_sample_mask_checks() -> None:
+    model, x = mlp(), probe(4)
+    seq = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    xs = torch.randn(4, 3, 5, dtype=torch.float64)
+    keep = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1]])
+    K = ptk_covariance(seq, xs, sample_mask=keep)
+    rows = xs[keep.bool()]  # per-token model: the kept tokens alone give the same K
+    ref = reference_K(seq, rows, ["0", "2"])
+    assert all(rel_err(K[n], ref[n]) < 1e-9 for n in ref)
+    with pytest.raises(ValueError, match=r"sample_mask must have shape \(batch, tokens\) with batch = 4"):
+        ptk_covariance(seq, xs, sample_mask=keep[:2])
+    with pytest.raises(ValueError, match="0/1"):
+        ptk_covariance(seq, xs, sample_mask=keep * 2.5)
+    with pytest.raises(ValueError, match=r"output of layer '0' has shape \(4, 3, 6\).*\(4, 7\).*sample_mask=False"):
+        ptk_covariance(seq, xs, sample_mask=torch.ones(4, 7))
+    K_mlp = ptk_covariance(model, x, sample_mask=torch.ones(4, 7))  # per-sample rows: the mask does not apply
+    assert all(torch.equal(K_mlp[n], ptk_covariance(model, x)[n]) for n in K_mlp)
+    with pytest.raises(TypeError, match="sample_mask"):
+        ptk_covariance(model, x, sample_mask="attention_mask")
