@@ -59,7 +59,7 @@ class SLOHandle:
 
     @property
     def last_grad_norms(self) -> dict[str, Tensor]:
-        """Per-layer gradient norms of the last step, before normalisation (0-dim tensors)."""
+        """Per-layer gradient norms of the last step taken, before normalisation (0-dim tensors)."""
         return self.limiter.last_grad_norms
 
     @property
@@ -71,6 +71,11 @@ class SLOHandle:
     def nonfinite_steps(self) -> int:
         """Number of steps turned into no-ops because of a non-finite gradient."""
         return self.limiter.nonfinite_steps
+
+    @property
+    def taken_steps(self) -> int:
+        """Number of steps taken (not skipped); ``last_grad_norms`` belong to the last of them."""
+        return self.limiter.taken_steps
 
     def remove(self) -> None:
         """Detach: the optimizer steps as before."""

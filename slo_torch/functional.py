@@ -8,7 +8,7 @@ per-layer quantities stay on the device: norms come from ``torch._foreach_norm``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -17,8 +17,22 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 __all__ = ["layer_sq_norms", "slo_coefficients", "scale_layers_", "add_scaled_layers_", "slo_rescale_"]
 
 
-def _accumulate_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def accumulate_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """Real dtype in which norms of tensors of ``dtypes`` are accumulated: their own precision, at least float32.
+
+    float64 if any is float64 or complex128, else float32 (half precision and complex64 included).
+    """
+    return torch.float64 if any(dt in (torch.float64, torch.complex128) for dt in dtypes) else torch.float32
+
+
+def _norm_dtype(dt: torch.dtype, acc: torch.dtype, exact: bool) -> torch.dtype | None:
+    """``dtype=`` for ``torch._foreach_norm`` of tensors of ``dt`` (None: their own).
+
+    ``exact`` (scaled gradients): accumulate in double so that ``||S g||^2`` cannot overflow.
+    """
+    if exact:
+        return torch.complex128 if dt.is_complex else torch.float64
+    return acc if dt in (torch.float16, torch.bfloat16) else None
 
 
 def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
@@ -42,19 +56,23 @@ def layer_sq_norms(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     grouped: dict | None = None,
+    inv_scale: Tensor | None = None,
 ) -> Tensor:
     """Per-layer sums of squares: ``s_l = sum_{i: layer_index[i] = l} ||t_i||_F^2``.
 
     One ``torch._foreach_norm`` per (device, dtype) group, then a segment sum (``index_add_``) on
-    ``device`` (default: the first tensor's). Accumulates in float64 if any tensor is float64, else
-    float32. Sparse tensors count their (coalesced) values. Returns a tensor of shape
-    ``(num_layers,)``; ``layer_index`` lives on ``device``.
+    ``device`` (default: the first tensor's). Accumulates in the tensors' own precision, at least
+    float32 (:func:`accumulate_dtype`). Sparse tensors count their (coalesced) values. Returns a
+    tensor of shape ``(num_layers,)``; ``layer_index`` lives on ``device``.
     ``grouped`` may pass a precomputed ``_group_tensors_by_device_and_dtype([tensors], True)``.
+    ``inv_scale``: the tensors hold ``S t`` (e.g. GradScaler's scaled gradients) and
+    ``1 / S`` is given; the result is ``sum ||t_i||^2 = sum (||S t_i|| / S)^2``, with the per-tensor
+    norms taken in double and unscaled before squaring, so it is finite whenever the unscaled one is.
     """
     if device is None:
         device = layer_index.device
     if dtype is None:
-        dtype = _accumulate_dtype(tensors)
+        dtype = accumulate_dtype(t.dtype for t in tensors)
     out = torch.zeros(num_layers, dtype=dtype, device=device)
     if not tensors:
         return out
@@ -62,7 +80,7 @@ def layer_sq_norms(
         grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)  # type: ignore[arg-type]
     single = len(grouped) == 1
     for (dev, dt), ((group,), indices) in grouped.items():
-        norm_dtype = dtype if dt in (torch.float16, torch.bfloat16) else None
+        norm_dtype = _norm_dtype(dt, dtype, inv_scale is not None)
         try:
             norms = torch._foreach_norm(group, 2, dtype=norm_dtype) if norm_dtype else torch._foreach_norm(group, 2)
         except (RuntimeError, NotImplementedError):
@@ -70,7 +88,10 @@ def layer_sq_norms(
                 raise
             norms = [torch.linalg.vector_norm(t.coalesce()._values() if t.is_sparse else t, dtype=norm_dtype)
                      for t in group]
-        sq = to_device(torch.stack(norms), device, dtype).square_()
+        stacked = torch.stack(norms)
+        if inv_scale is not None:
+            stacked = stacked * to_device(inv_scale, dev, stacked.dtype)
+        sq = to_device(stacked, device, dtype).square_()
         idx = layer_index if single else layer_index[index_tensor(indices, device)]
         out.index_add_(0, idx, sq)
     return out

@@ -4,7 +4,8 @@
         base_optimizer=torch.optim.AdamW, model=model, speeds=promote(model, "layer", 10.0),
         mode="update", lr=3e-4)), callbacks=[SLOCallback()])
 
-Logged at every logging step, averaged over the optimizer steps since the previous log:
+Logged at every logging step, averaged over the optimizer steps taken since the previous log
+(a step skipped for a non-finite gradient or a GradScaler overflow adds nothing):
 ``slo/grad_norm/<layer>`` (``||g_l||_F`` before normalisation) and ``slo/nonfinite_steps``.
 At ``on_train_begin`` the callback moves itself ahead of the ``report_to`` reporters (so TensorBoard,
 W&B, ... receive its values) and warns once if the Trainer clips gradients (``max_grad_norm > 0``)
@@ -78,6 +79,7 @@ class SLOCallback(TrainerCallback):
         self.prefix = prefix
         self._sums: dict[str, Tensor] = {}
         self._count = 0
+        self._seen_steps: int | None = None  # taken_steps of the optimizer at the last on_step_end
 
     def _slo(self, kwargs: dict[str, Any]) -> Any | None:
         return self.source if self.source is not None else find_slo(kwargs.get("optimizer"))
@@ -94,6 +96,7 @@ class SLOCallback(TrainerCallback):
                 stacklevel=2,
             )
         slo = self._slo(kwargs)
+        self._seen_steps = None if slo is None else slo.taken_steps
         if slo is not None and getattr(slo, "mode", None) == "grad" and (args.max_grad_norm or 0) > 0:
             warnings.warn(
                 f"TrainingArguments.max_grad_norm={args.max_grad_norm} clips the gradients before "
@@ -109,6 +112,9 @@ class SLOCallback(TrainerCallback):
     ) -> None:
         slo = self._slo(kwargs)
         if slo is None:
+            return
+        previous, self._seen_steps = self._seen_steps, slo.taken_steps
+        if self._seen_steps == previous:  # skipped step: last_grad_norms still hold an earlier step's
             return
         norms = slo.last_grad_norms
         if not norms:

@@ -76,10 +76,19 @@ def pattern_specificity(pattern: str) -> tuple[int, int, int]:
     return (int(wildcards == 0), literal, -wildcards)
 
 
+_WRAPPER_NAMES = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def clean_name(name: str) -> str:
+    """``name`` without the components that FSDP1 and activation-checkpoint wrappers insert."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
+
+
 def _named_owners(model: nn.Module, per_tensor: bool) -> dict[int, tuple[str, str]]:
     """``id(param) -> (layer name, module name)`` in model order, first owner wins."""
     owners: dict[int, tuple[str, str]] = {}
     for mod_name, module in model.named_modules():
+        mod_name = clean_name(mod_name)
         for p_name, p in module.named_parameters(recurse=False):
             if id(p) not in owners:
                 full = f"{mod_name}.{p_name}" if mod_name else p_name
@@ -198,7 +207,7 @@ def _layers_from_groups(model: nn.Module | None, groups: list[Mapping[str, objec
     """Each tensor of a group with a ``"speed"`` key is a layer named by its parameter name."""
     names: dict[int, str] = {}
     if model is not None:
-        names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
+        names = {id(p): clean_name(n) for n, p in unwrap_model(model).named_parameters()}
     if not any(group.get("speed") is not None for group in groups):
         raise ValueError(
             "No speeds given: pass speeds={pattern: C, ...} (or a list in layer order), or put a "

@@ -17,9 +17,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .distributed import all_reduce_sum_, is_dtensor, local_tensor, shard_groups
+from .distributed import (
+    align_grad_placements,
+    all_reduce_sum_,
+    flat_shard_groups,
+    fsdp1_shard_groups,
+    is_dtensor,
+    local_tensor,
+    shard_groups,
+)
 from .functional import (
-    _accumulate_dtype,
+    accumulate_dtype,
     add_scaled_layers_,
     index_tensor,
     layer_sq_norms,
@@ -62,6 +70,7 @@ class SpeedLimiter:
         self.per_tensor = bool(per_tensor)
         self.on_nonfinite = on_nonfinite
         self.nonfinite_steps = 0
+        self.taken_steps = 0
         self._norms: Tensor | None = None
         self._update_norms: Tensor | None = None
         self._snapshot: tuple[list[Tensor], list[Tensor], list[int] | None] | None = None
@@ -128,9 +137,8 @@ class SpeedLimiter:
         self._n_limited = len(limited_ids)
         first = local_tensor(params[0]) if params else None
         self._device = first.device if first is not None else torch.device("cpu")
-        self._dtype = _accumulate_dtype(params)
         self._bins = torch.tensor(bins, dtype=torch.long, device=self._device)
-        self._speeds = torch.tensor(self.layer_speeds, dtype=self._dtype, device=self._device)
+        self._param_layers = [self.layer_names[b] if b < num else "<parameters without a speed>" for b in bins]
         group_of = {}
         for gi, g in enumerate(groups):
             for p in g["params"]:
@@ -141,8 +149,9 @@ class SpeedLimiter:
         keys: dict[tuple[int, ...], int] = {(): 0}
         self._reduce_groups: list[tuple[Any, ...]] = [()]
         self._bucket = []
-        for p in params:
-            pgs = shard_groups(p)
+        fsdp1 = fsdp1_shard_groups(self.model)
+        for p, name in zip(params, self._param_layers):
+            pgs = shard_groups(p) or flat_shard_groups(p, fsdp1, name)
             key = tuple(id(pg) for pg in pgs)
             if key not in keys:
                 keys[key] = len(self._reduce_groups)
@@ -154,16 +163,27 @@ class SpeedLimiter:
         self._lr_cache = None
         self._sparse: bool | None = None
         self._uniform: bool | None = None
+        self._bins_limited = self._bins[: self._n_limited]
+        self._set_dtype(accumulate_dtype(p.dtype for p in params))
+
+    def _set_dtype(self, dtype: torch.dtype) -> None:
+        """Accumulate norms and coefficients in ``dtype`` (follows the gradients, e.g. after ``model.double()``)."""
+        self._dtype = dtype
+        self._speeds = torch.tensor(self.layer_speeds, dtype=dtype, device=self._device)
+        self._lr_cache = None
         # fast path (every gradient present, one device and dtype): per-tensor coefficients are
         # written into one buffer whose 0-dim views are reused by torch._foreach_mul_ every step
-        self._bins_limited = self._bins[: self._n_limited]
-        self._coef_buf = torch.empty(self._n_limited, dtype=self._dtype, device=self._device)
+        self._coef_buf = torch.empty(self._n_limited, dtype=dtype, device=self._device)
         self._coef_views = self._coef_buf.unbind(0)
 
     # ------------------------------------------------------------ quantities
     @property
     def last_grad_norms(self) -> dict[str, Tensor]:
-        """Per-layer gradient norms ``||g_l||_F`` of the last step (before normalisation), 0-dim tensors."""
+        """Per-layer gradient norms ``||g_l||_F`` (before normalisation) of the last step taken, 0-dim tensors.
+
+        A skipped step (non-finite gradient, GradScaler overflow) leaves them unchanged; ``taken_steps``
+        counts the steps they can belong to.
+        """
         if self._norms is None:
             return {}
         return dict(zip(self.layer_names, self._norms.unbind(0)))
@@ -176,12 +196,13 @@ class SpeedLimiter:
         return dict(zip(self.layer_names, self._update_norms.unbind(0)))
 
     def _sq_norms(
-        self, tensors: list[Tensor], bins: Tensor, keep: list[int] | None, grouped: dict | None = None
+        self, tensors: list[Tensor], bins: Tensor, keep: list[int] | None, grouped: dict | None = None,
+        inv_scale: Tensor | None = None,
     ) -> Tensor:
-        """Per-bin sums of squares of the whole (unsharded) tensors."""
+        """Per-bin sums of squares of the whole (unsharded) tensors (of ``tensors * inv_scale``)."""
         nbins = len(self.layer_names) + 1
         if not self._distributed:
-            return layer_sq_norms(tensors, bins, nbins, self._device, self._dtype, grouped)
+            return layer_sq_norms(tensors, bins, nbins, self._device, self._dtype, grouped, inv_scale)
         owners = keep if keep is not None else range(len(tensors))
         members: list[list[int]] = [[] for _ in self._reduce_groups]
         for j, i in enumerate(owners):
@@ -189,7 +210,8 @@ class SpeedLimiter:
         total = torch.zeros(nbins, dtype=self._dtype, device=self._device)
         for b, (pgs, js) in enumerate(zip(self._reduce_groups, members)):
             idx = index_tensor(js, self._device)
-            sq = layer_sq_norms([tensors[j] for j in js], bins[idx], nbins, self._device, self._dtype)
+            sq = layer_sq_norms([tensors[j] for j in js], bins[idx], nbins, self._device, self._dtype,
+                                inv_scale=inv_scale)
             if b:  # every rank calls the all-reduce, with or without local gradients
                 all_reduce_sum_(sq, pgs)
             total += sq
@@ -210,37 +232,44 @@ class SpeedLimiter:
         """Norms, the skip decision (one host sync) and, in ``"grad"`` mode, the rescaling.
 
         ``grad_scale``/``found_inf`` come from ``GradScaler`` when the base optimizer unscales
-        gradients itself (fused optimizers): gradients are then ``S * g``, norms are reported as
-        ``||S g|| / S`` and the coefficient ``C / (||g|| + eps)`` applied to ``S g`` leaves the base's
-        own unscaling to produce ``C g / (||g|| + eps)``. Returns False if the step must be skipped.
+        gradients itself (fused optimizers): gradients are then ``S * g``, norms are ``||S g_i|| / S``
+        per tensor (in double, unscaled before squaring: no overflow) and the coefficient
+        ``C / (||g|| + eps)`` applied to ``S g`` leaves the base's own unscaling to produce
+        ``C g / (||g|| + eps)``. Returns False if the step must be skipped.
         """
         self.refresh()
         self._snapshot = None
+        if self._has_dtensor:
+            align_grad_placements(self._params, self._param_layers)
         grads, bins, n_lim, keep = self._gather()
         if self._has_dtensor:
             grads = [local_tensor(g) for g in grads]
-        grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True)  # type: ignore[arg-type]
+        # a rank may hold no gradient (FSDP1 shards that are empty there) and still joins the all-reduce
+        grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True) if grads else {}  # type: ignore[arg-type]
+        dtype = accumulate_dtype(dt for _, dt in grouped)
+        if grouped and dtype != self._dtype:
+            self._set_dtype(dtype)
         sparse = self._sparse
         if sparse is None:  # a parameter's gradient layout does not change between steps
             sparse = any(g.is_sparse for g in grads)
             if keep is None:  # cache only a verdict over every gradient
                 self._sparse = sparse
-        sq = self._sq_norms(grads, bins, keep, grouped)
+        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal()
+        sq = self._sq_norms(grads, bins, keep, grouped, inv_scale)
         # the one host synchronisation of the step: [any non-finite norm, GradScaler found inf]
         if found_inf is None:
             decision = [not bool(torch.isfinite(sq).all())]
         else:
             flags = [~torch.isfinite(sq).all(), to_device(found_inf, self._device) > 0]
             decision = torch.stack(flags).tolist()
-        norms = sq[:-1].sqrt()
-        if grad_scale is not None:
-            norms = norms * grad_scale.double().reciprocal().to(device=self._device, dtype=self._dtype)
-        self._norms = norms
         if len(decision) > 1 and decision[1]:
             return False  # GradScaler found inf/NaN: it handles the skip and the scale backoff
         if decision[0]:
             self._report_nonfinite(sq)
             return False
+        norms = sq[:-1].sqrt()
+        self._norms = norms
+        self.taken_steps += 1
         if self.mode == "update":
             self._take_snapshot(n_lim, keep, bins[:n_lim])
         elif n_lim:  # no limited layer has a gradient: nothing to rescale
@@ -306,12 +335,15 @@ class SpeedLimiter:
             return
         params, buffers, keep = self._snapshot
         self._snapshot = None
-        if not params:
+        if not params and not self._distributed:  # sharded: every rank joins the norms' all-reduce
             return
         bins = self._snapshot_bins
-        torch._foreach_sub_(buffers, params)  # buffers = p_old - p_new = -delta
+        if params:
+            torch._foreach_sub_(buffers, params)  # buffers = p_old - p_new = -delta
         norms = self._sq_norms(buffers, bins, keep)[:-1].sqrt_()
         self._update_norms = norms
+        if not params:
+            return
         k = slo_coefficients(norms, self._layer_step_sizes(), self.eps)
         # p_new + (1 - k)(p_old - p_new) = p_old + k (p_new - p_old)
         if keep is None and self._single_group(params):

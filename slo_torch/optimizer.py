@@ -151,7 +151,7 @@ class SLOptimizer(torch.optim.Optimizer):
 
     @property
     def last_grad_norms(self) -> dict[str, Tensor]:
-        """Per-layer gradient norms ``||g_l||_F`` of the last step, before normalisation (0-dim tensors)."""
+        """Per-layer gradient norms ``||g_l||_F`` of the last step taken, before normalisation (0-dim tensors)."""
         return self._limiter.last_grad_norms
 
     @property
@@ -163,6 +163,11 @@ class SLOptimizer(torch.optim.Optimizer):
     def nonfinite_steps(self) -> int:
         """Number of steps skipped because of a non-finite gradient."""
         return self._limiter.nonfinite_steps
+
+    @property
+    def taken_steps(self) -> int:
+        """Number of steps taken (not skipped); ``last_grad_norms`` belong to the last of them."""
+        return self._limiter.taken_steps
 
     # ---- torch.optim.Optimizer API
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

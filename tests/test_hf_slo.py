@@ -179,3 +179,56 @@ def test_callback_warns_on_clipping_and_runs_before_reporters(tmp_path: Path, tr
     clipping = [w for w in caught if "max_grad_norm" in str(w.message)]
     assert len(clipping) == (1 if clip > 0 else 0)
     assert any(k.startswith("slo/grad_norm/") for k in recorder.logs[0])  # the reporter saw the values
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["AdamW", "fused AdamW"])
+def test_callback_logs_only_steps_that_were_taken(tmp_path: Path, fused: bool) -> None:
+    # GradScaler skips step 2 (overflow): the non-fused optimizer is never called, the fused one skips
+    from transformers import TrainerControl, TrainerState
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    opt = SLOptimizer(torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused), model=model, speeds={"*": 1.0})
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    callback, args = SLOCallback(), args_for(tmp_path)
+    state, control = TrainerState(), TrainerControl()
+    taken = []
+    for step in range(4):
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean() * (float("inf") if step == 2 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if step != 2:
+            taken.append({k: float(v) for k, v in opt.last_grad_norms.items()})
+        callback.on_step_end(args, state, control, optimizer=opt)
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, control, logs=logs, optimizer=opt)
+    assert opt.taken_steps == 3
+    for layer in ("0", "2"):
+        assert logs[f"slo/grad_norm/{layer}"] == pytest.approx(sum(t[layer] for t in taken) / 3, rel=1e-6)
+
+
+class PoisonStep(TrainerCallback):
+    """Makes one step's gradient non-finite, so SLOptimizer skips that step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == self.step:
+            next(kwargs["model"].parameters()).grad.view(-1)[0] = float("nan")
+
+
+def test_skipped_step_logs_no_norms_in_the_trainer(tmp_path: Path, train: Any) -> None:
+    model = tiny_model()
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model=model, speeds=SPEEDS)
+    trainer = Trainer(model, args_for(tmp_path, max_steps=3, max_grad_norm=0.0), train_dataset=train,
+                      optimizers=(opt, None), callbacks=[PoisonStep(1), SLOCallback()])
+    with pytest.warns(RuntimeWarning, match="Non-finite gradient"):
+        trainer.train()
+    entries = [h for h in trainer.state.log_history if "loss" in h]
+    assert [e["slo/nonfinite_steps"] for e in entries] == [0, 1, 1]
+    assert [any(k.startswith("slo/grad_norm/") for k in e) for e in entries] == [True, False, True]
+    assert all(v == v for e in entries for v in e.values() if isinstance(v, float))  # no NaN logged

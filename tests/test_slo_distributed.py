@@ -1,4 +1,6 @@
-"""Two processes (gloo, CPU): DDP and FSDP2 (``fully_shard``) give single-process results.
+"""Two processes (gloo, CPU): DDP, FSDP2 (``fully_shard``), FSDP1 (``FullyShardedDataParallel`` with
+``use_orig_params=True``) and replicated DTensor parameters on a sharded batch (``Partial`` gradients)
+give single-process results.
 
 The workers run once per module (one process pair for all configurations) and save what they saw;
 the tests compare it with an unsharded single-process run on the full batch.
@@ -43,12 +45,18 @@ COMMON = textwrap.dedent("""
         return torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
 """)
 
+WRAPPERS = ("ddp", "fsdp2", "fsdp1_auto", "fsdp1_root", "fsdp1_no_shard", "dtensor_partial")
+
 WORKER = COMMON + textwrap.dedent("""
     import os, sys
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torch.distributed.tensor import DTensor, Shard, distribute_module
     from torch.nn.parallel import DistributedDataParallel as DDP
     from slo_torch import SLOptimizer
+    from slo_torch.layers import clean_name
 
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     configs = eval(sys.argv[5]); speeds = eval(sys.argv[6]); steps = int(sys.argv[7])
@@ -57,32 +65,79 @@ WORKER = COMMON + textwrap.dedent("""
     dist.init_process_group("gloo", rank=rank, world_size=world)
     x, y = make_data()
     xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    mesh = init_device_mesh("cpu", (world,))
 
-    def full(t):
-        return t.full_tensor() if hasattr(t, "full_tensor") else t
+    def wrap(wrapper, model):
+        if wrapper == "ddp":
+            return DDP(model)
+        if wrapper == "fsdp2":
+            for layer in (model[0], model[2], model[4]):
+                fully_shard(layer)
+            return fully_shard(model)
+        if wrapper == "dtensor_partial":  # Replicate weights, Shard(0) batch: Partial(sum) gradients
+            return distribute_module(model, mesh)
+        # FSDP1: one flat parameter per Linear (split inside tensors) or one for the whole model
+        # (whole tensors on one rank only, empty views on the other); NO_SHARD keeps full tensors
+        policy = ModuleWrapPolicy({nn.Linear}) if wrapper == "fsdp1_auto" else None
+        strategy = ShardingStrategy.NO_SHARD if wrapper == "fsdp1_no_shard" else ShardingStrategy.FULL_SHARD
+        return FSDP(model, use_orig_params=True, auto_wrap_policy=policy, sharding_strategy=strategy,
+                    device_id=torch.device("cpu"))
+
+    def batch(wrapper):
+        if wrapper == "dtensor_partial":
+            return DTensor.from_local(xs, mesh, [Shard(0)]), DTensor.from_local(ys, mesh, [Shard(0)])
+        return xs, ys
+
+    def full_params(wrapper, net, model):
+        if wrapper.startswith("fsdp1"):
+            with FSDP.summon_full_params(net):
+                return {clean_name(n): p.detach().clone() for n, p in net.named_parameters()}
+        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for n, p in model.named_parameters()}
+
+    def train(wrapper, kind, mode, head=False):
+        model = make_model()
+        net = wrap(wrapper, model)
+        if head:  # only the last layer, which FSDP1 without auto-wrap places on rank 1 alone
+            params, layer_speeds = [p for n, p in net.named_parameters() if clean_name(n).startswith("4.")], {"4": 2.0}
+        else:
+            params, layer_speeds = net.parameters(), speeds
+        opt = SLOptimizer(make_optimizer(kind, params), model=net, speeds=layer_speeds, mode=mode)
+        xb, yb = batch(wrapper)
+        norms, snapshots, local = [], [], []
+        for _ in range(steps):
+            opt.zero_grad()
+            ((net(xb) - yb) ** 2).mean().backward()
+            local.append(sum(p.grad is not None for p in opt.param_groups[0]["params"]))
+            opt.step()
+            norms.append({k: float(v) for k, v in opt.last_grad_norms.items()})
+            snapshots.append(full_params(wrapper, net, model))
+        return norms, snapshots, opt._limiter._distributed, local
+
+    def error_of(fn):
+        try:
+            fn()
+        except ValueError as e:
+            return str(e)
+        return None
 
     results = {}
-    for wrapper in ("ddp", "fsdp2"):
+    for wrapper in WRAPPERS:
         for name, (kind, mode) in configs.items():
-            model = make_model()
-            if wrapper == "ddp":
-                net = DDP(model)
-            else:
-                for layer in (model[0], model[2], model[4]):
-                    fully_shard(layer)
-                net = fully_shard(model)
-            opt = SLOptimizer(make_optimizer(kind, net.parameters()), model=net, speeds=speeds, mode=mode)
-            norms, params = [], []
-            for _ in range(steps):
-                opt.zero_grad()
-                ((net(xs) - ys) ** 2).mean().backward()
-                opt.step()
-                norms.append({k: float(v) for k, v in opt.last_grad_norms.items()})
-                params.append({n: full(p.detach()).clone() for n, p in model.named_parameters()})
+            norms, params, sharded, _ = train(wrapper, kind, mode)
             results[(wrapper, name)] = (norms, params)
-            results[(wrapper, name, "sharded")] = opt._limiter._distributed
-    if rank == 0:
-        torch.save(results, out)
+            results[(wrapper, name, "sharded")] = sharded
+    for name, (kind, mode) in configs.items():
+        norms, params, sharded, local = train("fsdp1_root", kind, mode, head=True)
+        results[("fsdp1_root_head", name)] = (norms, params)
+        results[("fsdp1_root_head", name, "local_grads")] = local
+    flat = FSDP(make_model(), use_orig_params=False, device_id=torch.device("cpu"))
+    results["flat_error"] = error_of(lambda: SLOptimizer(make_optimizer("sgd", flat.parameters()), model=flat,
+                                                         speeds={"*": 1.0}))
+    orig = FSDP(make_model(), use_orig_params=True, device_id=torch.device("cpu"))
+    results["no_model_error"] = error_of(lambda: SLOptimizer(
+        [{"params": orig.parameters(), "speed": 1.0}], base_optimizer=torch.optim.SGD, lr=0.1))
+    torch.save(results, f"{out}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
 """)
@@ -95,11 +150,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def worker_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def worker_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("slo_dist")
     script, out = tmp / "worker.py", tmp / "results.pt"
-    script.write_text(WORKER)
     port = str(_free_port())
+    script.write_text(f"WRAPPERS = {WRAPPERS!r}\n" + WORKER)
     procs = [
         subprocess.Popen([sys.executable, str(script), str(rank), "2", port, str(out), repr(CONFIGS),
                           repr(SPEEDS), str(STEPS)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -115,15 +170,16 @@ def worker_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
         pytest.fail("distributed workers timed out (hang)")
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
-    return torch.load(out)
+    return [torch.load(f"{out}.{rank}") for rank in range(2)]
 
 
-def _single_process(kind: str, mode: str) -> tuple[list, list]:
+def _single_process(kind: str, mode: str, head: bool = False) -> tuple[list, list]:
     namespace: dict = {}
     exec(COMMON, namespace)
     model = namespace["make_model"]()
     x, y = namespace["make_data"]()
-    opt = SLOptimizer(namespace["make_optimizer"](kind, model.parameters()), model=model, speeds=SPEEDS, mode=mode)
+    params, speeds = (model[4].parameters(), {"4": 2.0}) if head else (model.parameters(), SPEEDS)
+    opt = SLOptimizer(namespace["make_optimizer"](kind, params), model=model, speeds=speeds, mode=mode)
     norms, params = [], []
     for _ in range(STEPS):
         opt.zero_grad()
@@ -134,20 +190,36 @@ def _single_process(kind: str, mode: str) -> tuple[list, list]:
     return norms, params
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("wrapper", [*WRAPPERS, "fsdp1_root_head"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_two_processes_equal_one(worker_results: dict, wrapper: str, config: str) -> None:
-    norms, params = worker_results[(wrapper, config)]
-    ref_norms, ref_params = _single_process(*CONFIGS[config])
-    assert list(norms[0]) == ["0", "2", "4"]
-    for step in range(STEPS):
-        for layer, value in ref_norms[step].items():  # whole-tensor norms, not the local shard's
-            assert norms[step][layer] == pytest.approx(value, rel=1e-10)
-        for name, value in ref_params[step].items():
-            torch.testing.assert_close(params[step][name], value, rtol=1e-10, atol=1e-12)
+def test_two_processes_equal_one(worker_results: list, wrapper: str, config: str) -> None:
+    ref_norms, ref_params = _single_process(*CONFIGS[config], head=wrapper == "fsdp1_root_head")
+    for rank, results in enumerate(worker_results):  # both ranks: the same, whole-tensor norms
+        norms, params = results[(wrapper, config)]
+        assert list(norms[0]) == list(ref_norms[0]), rank
+        for step in range(STEPS):
+            for layer, value in ref_norms[step].items():
+                assert norms[step][layer] == pytest.approx(value, rel=1e-10), (rank, step, layer)
+            for name, value in ref_params[step].items():
+                torch.testing.assert_close(params[step][name], value, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_fsdp2_gradients_take_the_sharded_path(worker_results: dict, config: str) -> None:
-    assert worker_results[("fsdp2", config, "sharded")] is True
-    assert worker_results[("ddp", config, "sharded")] is False
+def test_sharded_gradients_take_the_sharded_path(worker_results: list, config: str) -> None:
+    results = worker_results[0]
+    for wrapper in ("fsdp2", "fsdp1_auto", "fsdp1_root"):
+        assert results[(wrapper, config, "sharded")] is True, wrapper
+    for wrapper in ("ddp", "fsdp1_no_shard", "dtensor_partial"):  # full tensors on every rank
+        assert results[(wrapper, config, "sharded")] is False, wrapper
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_a_rank_without_gradients_joins_the_step(worker_results: list, config: str) -> None:
+    # rank 0 holds empty views of the last layer (no gradients) and still joins every all-reduce
+    assert [r[("fsdp1_root_head", config, "local_grads")] for r in worker_results] == [[0] * STEPS, [2] * STEPS]
+
+
+def test_fsdp1_setups_that_cannot_give_whole_tensor_norms_are_refused(worker_results: list) -> None:
+    results = worker_results[0]
+    assert "use_orig_params=True" in results["flat_error"]
+    assert "pass the FSDP-wrapped model as model=" in results["no_model_error"]

@@ -61,3 +61,23 @@ def test_sparse_gradients() -> None:
 def test_speed_count_must_match() -> None:
     with pytest.raises(ValueError, match="one per layer"):
         slo_rescale_([torch.ones(2), torch.ones(2)], [1.0])
+
+
+def test_complex128_norms_are_accumulated_in_double() -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(30, dtype=torch.complex128), torch.randn(7, dtype=torch.complex128)
+    expected = math.sqrt(float(a.abs().pow(2).sum() + b.abs().pow(2).sum()))
+    norms = slo_rescale_([[a, b]], [2.0])
+    assert norms.dtype == torch.float64
+    assert float(norms[0]) == pytest.approx(expected, rel=1e-15)
+    assert math.sqrt(float(a.abs().pow(2).sum() + b.abs().pow(2).sum())) == pytest.approx(2.0, rel=1e-15)
+
+
+def test_scaled_tensors_are_unscaled_before_squaring() -> None:
+    # S g with S = 2**70: ||S g||^2 ~ 1e44 overflows float32, ||g||^2 does not
+    torch.manual_seed(0)
+    g = [torch.randn(1000), torch.randn(10)]
+    scale = torch.tensor(2.0**70)
+    sq = layer_sq_norms([t * scale for t in g], torch.tensor([0, 0]), 1, inv_scale=scale.double().reciprocal())
+    assert sq.dtype == torch.float32
+    assert float(sq[0]) == pytest.approx(sum(float(t.double().pow(2).sum()) for t in g), rel=1e-6)

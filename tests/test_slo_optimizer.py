@@ -444,11 +444,12 @@ def test_lr_schedulers_drive_it(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- AMP
-def _amp_run(fused: bool, scale: bool, mode: str, inf_step: int | None = None, unscale_first: bool = False):
+def _amp_run(fused: bool, scale: bool, mode: str, inf_step: int | None = None, unscale_first: bool = False,
+             init_scale: float = 2.0**12):
     model, x, y = make(dtype=torch.float32)
     opt = SLOptimizer(torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused), model=model,
                       speeds={"0": 5.0, "2": 0.5}, mode=mode)  # layer "4" untouched: scaled grads reach the base
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=scale)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, enabled=scale)
     norms = []
     for step in range(4):
         opt.zero_grad()
@@ -487,6 +488,91 @@ def test_grad_scaler_overflow_is_skipped_by_the_scaler(fused: bool) -> None:
     assert scaler.get_scale() == 2.0**11
     assert sum(int(s["step"]) for s in opt.state.values()) == 3 * 6
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["grad", "update"])
+def test_fused_optimizer_at_a_huge_loss_scale_equals_unscaled(mode: str) -> None:
+    # ||S g||^2 with S = 2**70 overflows float32 although S g and g are finite
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        scaled, opt, scaler, norms = _amp_run(True, True, mode, init_scale=2.0**70)
+    plain, _, _, ref_norms = _amp_run(True, False, mode)
+    assert opt.nonfinite_steps == 0 and opt.taken_steps == 4 and scaler.get_scale() == 2.0**70
+    for a, b in zip(scaled.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for n, r in zip(norms, ref_norms):
+        assert n == pytest.approx(r, rel=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["AdamW", "fused AdamW"])
+def test_skipped_scaler_step_keeps_the_norms_of_the_last_step_taken(fused: bool) -> None:
+    _, opt, _, norms = _amp_run(fused, True, "grad", inf_step=2)
+    assert opt.taken_steps == 3
+    assert norms[2] == norms[1] and all(math.isfinite(v) for n in norms for v in n.values())
+    assert norms[3] != norms[1]
+
+
+def test_nonfinite_skip_keeps_the_norms_of_the_last_step_taken() -> None:
+    model, x, y = make()
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=SPEEDS)
+    loss_of(model, x, y).backward()
+    opt.step()
+    taken = {k: float(v) for k, v in opt.last_grad_norms.items()}
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="Non-finite gradient"):
+        opt.step()
+    assert {k: float(v) for k, v in opt.last_grad_norms.items()} == taken
+    assert opt.taken_steps == 1 and opt.nonfinite_steps == 1
+
+
+# ----------------------------------------------------------------------------- precision
+def _complex_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8, dtype=torch.complex128), nn.Tanh(), nn.Linear(8, 8, dtype=torch.complex128),
+                          nn.Tanh(), nn.Linear(8, 3, dtype=torch.complex128))
+    return model, torch.randn(16, 5, dtype=torch.complex128), torch.randn(16, 3, dtype=torch.complex128)
+
+
+@pytest.mark.parametrize("mode", ["grad", "update"])
+@pytest.mark.parametrize("case", ["double() after construction", "complex128"])
+def test_norms_accumulate_in_the_parameters_precision(case: str, mode: str) -> None:
+    if case == "complex128":
+        model, x, y = _complex_model()
+    else:
+        model, x, y = make(dtype=torch.float32)
+    lr = 0.01
+    opt = SLOptimizer(torch.optim.Adam(model.parameters(), lr=lr), model=model, speeds=SPEEDS, mode=mode)
+    if case != "complex128":
+        model.double()
+        x, y = x.double(), y.double()
+    for _ in range(2):
+        opt.zero_grad()
+        (model(x) - y).abs().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        before = snapshot(model)
+        opt.step()
+        deltas = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+        for layer, C in LAYERS.items():
+            ref = math.sqrt(sum(float(g.abs().pow(2).sum()) for n, g in grads.items() if n.startswith(layer + ".")))
+            assert opt.last_grad_norms[layer].dtype == torch.float64
+            assert float(opt.last_grad_norms[layer]) == pytest.approx(ref, rel=1e-13)
+            if mode == "update":
+                moved = math.sqrt(sum(float(d.abs().pow(2).sum()) for n, d in deltas.items()
+                                      if n.startswith(layer + ".")))
+                assert moved == pytest.approx(lr * C, rel=1e-12)
+
+
+def test_grad_mode_rescales_in_double_after_double() -> None:
+    model, x, y = make(dtype=torch.float32)
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=SPEEDS)
+    model.double()
+    loss_of(model, x.double(), y.double()).backward()
+    before = snapshot(model)
+    opt.step()
+    for layer, C in LAYERS.items():
+        assert layer_deltas(model, before)[layer] == pytest.approx(0.1 * C, rel=1e-13)
 
 
 # -------------------------------------------------------------------------------- attach
