@@ -1,10 +1,15 @@
 """Time ``SLOptimizer.step()`` against the bare wrapped optimizer, interleaved in one run.
 
-The model has ``2 * layers`` parameter tensors (Linear weight + bias). Gradients are set once, so
-only the optimizer step is timed. Prints per-step medians, their ratio SLO / bare, and the median
-of the per-iteration ratios (more robust on a busy machine).
+1. The optimizer step alone: the model has ``2 * layers`` parameter tensors (Linear weight + bias);
+   gradients are set once, so only the step is timed. Prints per-step medians, their ratio
+   SLO / bare, and the median of the per-iteration ratios (more robust on a busy machine).
+2. A whole training step (forward + backward + step) of a GPT-2-config language model
+   (``transformers.GPT2LMHeadModel`` built from ``GPT2Config``, GPT-2's vocabulary, random tokens)
+   with foreach AdamW, bare and under SLO in grad and update mode, on identical models, interleaved.
+   SLO's share of the whole step is ``(step_SLO - step_bare) / whole_SLO`` (medians), with the
+   end-to-end ratio of whole-step medians beside it.
 
-    python benchmarks/slo_step.py --layers 100 --width 64 --steps 300
+    python benchmarks/slo_step.py --layers 100 --width 64 --steps 300 --whole-steps 10
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,6 +53,70 @@ def cases(layers: int, width: int, device: str) -> dict[str, tuple[Callable[[], 
     return out
 
 
+def make_gpt2(blocks: int, width: int, seq: int, device: str, seed: int = 0) -> Any:
+    """A GPT-2-config language model (GPT-2's vocabulary and defaults, ``blocks`` x ``width``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=blocks, n_embd=width, n_head=max(1, width // 64))
+    if seq > config.n_positions:
+        raise ValueError(f"--seq {seq} exceeds GPT-2's {config.n_positions} positions")
+    return GPT2LMHeadModel(config).to(device)
+
+
+def whole_step_cases(blocks: int, width: int, seq: int, device: str) -> dict[str, tuple[Any, torch.optim.Optimizer]]:
+    """``{name: (model, optimizer)}``: bare foreach AdamW and SLO around it in grad and update mode."""
+    out: dict[str, tuple[Any, torch.optim.Optimizer]] = {}
+    for name, mode in (("AdamW(foreach), bare", None), ("SLO grad mode", "grad"), ("SLO update mode", "update")):
+        model = make_gpt2(blocks, width, seq, device)
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        if mode is not None:
+            opt = SLOptimizer(opt, model=model, speeds={"transformer.h.0.mlp.c_fc": 10.0, "*": 0.1}, mode=mode)
+        out[name] = (model, opt)
+    return out
+
+
+def whole_step_table(args: argparse.Namespace) -> None:
+    """Forward + backward + step of a GPT-2-config model: bare AdamW vs SLO (grad, update), interleaved."""
+    cases = whole_step_cases(args.gpt2_blocks, args.gpt2_width, args.seq, args.device)
+    vocab = next(iter(cases.values()))[0].config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(args.device)
+    n_params = sum(p.numel() for p in next(iter(cases.values()))[0].parameters())
+    print(f"\nWhole training step: GPT-2 config ({args.gpt2_blocks} blocks, width {args.gpt2_width}, vocabulary "
+          f"{vocab}, {n_params / 1e6:.1f}M parameters), batch {args.batch} x {args.seq} tokens, "
+          f"{args.whole_steps} steps after {args.whole_warmup} warm-up steps, interleaved")
+
+    def forward_backward(model: Any, opt: torch.optim.Optimizer) -> Callable[[], None]:
+        def run() -> None:
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+        return run
+
+    names = list(cases)
+    fb = {n: forward_backward(*cases[n]) for n in names}
+    step = {n: cases[n][1].step for n in names}
+    for _ in range(args.whole_warmup):
+        for n in names:
+            fb[n]()
+            step[n]()
+    t_fb: dict[str, list[float]] = {n: [] for n in names}
+    t_step: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(args.whole_steps):  # rotate the order so that no variant always runs first
+        for n in names[i % len(names):] + names[: i % len(names)]:
+            t_fb[n].append(timed(fb[n], args.device))
+            t_step[n].append(timed(step[n], args.device))
+    med = statistics.median
+    bare = names[0]
+    whole = {n: [a + b for a, b in zip(t_fb[n], t_step[n])] for n in names}
+    print("| optimizer | forward + backward (ms) | step (ms) | whole step (ms) | SLO share of the whole step "
+          "| whole step / bare |")
+    print("|---|---|---|---|---|---|")
+    for n in names:
+        share = (med(t_step[n]) - med(t_step[bare])) / med(whole[n])
+        print(f"| {n} | {med(t_fb[n]) * 1e3:.1f} | {med(t_step[n]) * 1e3:.1f} | {med(whole[n]) * 1e3:.1f} | "
+              f"{'-' if n == bare else f'{share * 100:.1f}%'} | {med(whole[n]) / med(whole[bare]):.3f}x |")
+
+
 def timed(fn: Callable[[], None], device: str) -> float:
     if device != "cpu":
         torch.cuda.synchronize()
@@ -65,6 +135,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--whole-steps", type=int, default=10,
+                        help="timed whole training steps of the GPT-2-config model per variant (0: skip)")
+    parser.add_argument("--whole-warmup", type=int, default=2)
+    parser.add_argument("--gpt2-blocks", type=int, default=6)
+    parser.add_argument("--gpt2-width", type=int, default=384)
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, {2 * args.layers} parameter tensors "
@@ -85,6 +162,8 @@ def main() -> None:
         mb, ms = statistics.median(t_bare) * 1e3, statistics.median(t_slo) * 1e3
         paired = statistics.median(s / b for s, b in zip(t_slo, t_bare))
         print(f"| {name} | {mb:.3f} | {ms:.3f} | {ms / mb:.2f}x | {paired:.2f}x |")
+    if args.whole_steps > 0:
+        whole_step_table(args)
 
 
 if __name__ == "__main__":
