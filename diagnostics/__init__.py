@@ -4,9 +4,10 @@ Per linear layer ``h = W x (+ b)``: the PTK feature covariance ``K`` (exact or s
 ``W^T W``, the AGOP ``W^T K W``, and their correlations (UC-NFA, C-NFA) over training.
 """
 
+from .attention import AttentionProjectionAdapter
 from .engine import LayerHooks
 from .io import Snapshot, load_snapshot
-from .layers import LayerAdapter, find_linear_layers
+from .layers import LayerAdapter, find_linear_layers, register_adapter
 from .monitor import LayerRecord, NFAMonitor
 from .nfa import (
     agop,
@@ -35,6 +36,8 @@ __all__ = [
     "nfa_decomposition",
     "find_linear_layers",
     "LayerAdapter",
+    "AttentionProjectionAdapter",
+    "register_adapter",
     "LayerHooks",
     "load_snapshot",
     "Snapshot",

@@ -21,13 +21,14 @@ afterwards, so measuring never changes the run it observes.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from collections import OrderedDict
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .layers import LayerAdapter
 
@@ -56,12 +57,16 @@ OutputFn = Callable[[Any], Tensor]
 
 
 class LayerHooks:
-    """Forward hooks on the selected layers that record their outputs (and optionally inputs)
-    only inside :meth:`recording`; otherwise they return immediately and change nothing."""
+    """Hooks on the selected layers that record their outputs (and optionally inputs) only inside
+    :meth:`recording`; otherwise they return immediately and change nothing. How a layer is hooked
+    is up to its adapter (:meth:`LayerAdapter.attach`); this class is the :class:`~diagnostics.layers.Recorder`
+    the adapters report to."""
 
     def __init__(self, adapters: Mapping[str, LayerAdapter]) -> None:
         self.adapters = dict(adapters)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: list[RemovableHandle] = []
+        # an OrderedDict (weak-referenceable) so that RemovableHandle can remove entries
+        self._contexts: OrderedDict[int, Callable[[], AbstractContextManager]] = OrderedDict()
         self._recording = False
         self._keep_inputs = False
         self._forward_done = False
@@ -75,13 +80,19 @@ class LayerHooks:
     def attached(self) -> bool:
         return bool(self._handles)
 
+    @property
+    def is_recording(self) -> bool:
+        """Inside :meth:`recording` and before :meth:`forward_done`."""
+        return self._recording and not self._forward_done
+
     def attach(self) -> None:
         if self._handles:
             return
-        for name, adapter in self.adapters.items():
-            mod = adapter.module
-            self._handles.append(mod.register_forward_pre_hook(partial(self._pre, name)))
-            self._handles.append(mod.register_forward_hook(partial(self._post, name), with_kwargs=True))
+        groups: dict[tuple[type, int], list[LayerAdapter]] = {}  # adapters sharing a module are hooked together
+        for adapter in self.adapters.values():
+            groups.setdefault((type(adapter), id(adapter.module)), []).append(adapter)
+        for (cls, _), members in groups.items():
+            self._handles.extend(cls.attach(members, self))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -107,13 +118,22 @@ class LayerHooks:
         self._clear()
         self._recording, self._keep_inputs = True, keep_inputs
         try:
-            yield self
+            with ExitStack() as stack:
+                for factory in list(self._contexts.values()):
+                    stack.enter_context(factory())
+                yield self
         finally:
             self._recording = self._keep_inputs = False
             self._clear()
 
     def forward_done(self) -> None:
         self._forward_done = True
+
+    def while_recording(self, factory: Callable[[], AbstractContextManager]) -> RemovableHandle:
+        """Enter ``factory()`` around every recording until the returned handle is removed."""
+        handle = RemovableHandle(self._contexts)
+        self._contexts[handle.id] = factory
+        return handle
 
     def _clear(self) -> None:
         self.current = self.last_done = None
@@ -122,22 +142,19 @@ class LayerHooks:
         for lst in (*self.outputs.values(), *self.inputs.values()):
             lst.clear()
 
-    def _pre(self, name: str, module: nn.Module, args: tuple) -> None:
-        if self._recording and not self._forward_done:
-            self.current = name
-        return None
+    def enter(self, name: str) -> None:
+        self.current = name
 
-    def _post(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self._recording or self._forward_done:
-            return None
-        if not isinstance(output, Tensor):
-            raise TypeError(f"layer {name!r} returned {type(output).__name__}, expected a tensor")
+    def record(self, name: str, h: Tensor, x: Tensor | None = None) -> Tensor:
+        """Keep ``h`` (made to require grad) as layer ``name``'s output and return a copy for the
+        model to use downstream, so later in-place operations cannot change ``h``."""
         if not torch.is_grad_enabled():  # e.g. inside torch.utils.checkpoint(use_reentrant=True)
             self.no_grad.append(name)
         if self._keep_inputs:
-            x = args[0] if args else next(iter(kwargs.values()))
+            if x is None:
+                raise ValueError(f"layer {name!r}: its input could not be captured")
             self.inputs[name].append(x.detach().clone())
-        target = output if output.requires_grad else output.detach().requires_grad_(True)
+        target = h if h.requires_grad else h.detach().requires_grad_(True)
         self.outputs[name].append(target)
         self.current, self.last_done = None, name
         return target.clone()

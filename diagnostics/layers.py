@@ -13,21 +13,31 @@ Supported modules:
   Detected by duck typing, without importing ``transformers``.
 - ``nn.Conv2d`` (``groups=1``, zero padding), only when named explicitly in ``layers``: the input rows
   are the unfolded patches, ``W = weight.reshape(out, in*kh*kw)``, every spatial position is a row.
+- ``nn.MultiheadAttention``: four layers ``<name>.q``, ``<name>.k``, ``<name>.v`` and ``<name>.out_proj``
+  (see :mod:`diagnostics.attention`).
+
+Each kind is one rule in a registry (:func:`register_adapter`): the rule for a module builds its
+adapters, and the adapter class says how its outputs are captured (:meth:`LayerAdapter.attach`);
+the engine never branches on layer types.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Protocol, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "LayerAdapter",
     "LinearAdapter",
     "Conv1DAdapter",
     "Conv2dAdapter",
+    "Recorder",
+    "register_adapter",
     "find_linear_layers",
     "check_layer_sizes",
     "DEFAULT_MAX_K",
@@ -38,14 +48,58 @@ __all__ = [
 DEFAULT_MAX_K = 8192
 
 
+class Recorder(Protocol):
+    """What an adapter reports to while the engine records (implemented by ``engine.LayerHooks``)."""
+
+    @property
+    def is_recording(self) -> bool: ...
+
+    def enter(self, name: str) -> None:
+        """The forward of layer ``name`` starts (for error messages)."""
+
+    def record(self, name: str, h: Tensor, x: Tensor | None = None) -> Tensor:
+        """Record the output ``h`` (and input ``x``) of layer ``name``; returns the tensor the model
+        must use downstream instead of ``h`` (same values)."""
+
+    def while_recording(self, factory: Callable[[], AbstractContextManager]) -> RemovableHandle:
+        """Enter ``factory()`` around every recording until the returned handle is removed."""
+
+
 class LayerAdapter:
-    """Read one module as a linear map ``h = W x (+ b)`` with ``W`` of shape ``(k, d)``."""
+    """Read one module as a linear map ``h = W x (+ b)`` with ``W`` of shape ``(k, d)``.
+
+    ``module_name`` is the name of the module that computes the layer (``name`` itself, except for
+    layers inside a module such as the projections of ``nn.MultiheadAttention``)."""
 
     kind = "linear"
 
-    def __init__(self, name: str, module: nn.Module) -> None:
+    def __init__(self, name: str, module: nn.Module, module_name: str | None = None) -> None:
         self.name = name
         self.module = module
+        self.module_name = name if module_name is None else module_name
+
+    @classmethod
+    def attach(cls, adapters: Sequence["LayerAdapter"], recorder: Recorder) -> list[RemovableHandle]:
+        """Hooks that report the layers ``adapters`` (all of this class, sharing one module) to
+        ``recorder`` while it records. Default: the module's output is the layer's output ``h``, its
+        first argument the input ``x``."""
+        (adapter,) = adapters
+        name = adapter.name
+
+        def pre(module: nn.Module, args: tuple) -> None:
+            if recorder.is_recording:
+                recorder.enter(name)
+
+        def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor | None:
+            if not recorder.is_recording:
+                return None
+            if not isinstance(output, Tensor):
+                raise TypeError(f"layer {name!r} returned {type(output).__name__}, expected a tensor")
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            return recorder.record(name, output, x)
+
+        module = adapter.module
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post, with_kwargs=True)]
 
     @property
     def k(self) -> int:
@@ -114,6 +168,30 @@ class Conv2dAdapter(LayerAdapter):
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
+AdapterRule = Callable[[str, nn.Module], "list[LayerAdapter]"]
+_RULES: list[tuple[Callable[[nn.Module], bool], AdapterRule, bool]] = []
+
+
+def register_adapter(
+    match: type | tuple[type, ...] | Callable[[nn.Module], bool], *, explicit_only: bool = False
+) -> Callable[[AdapterRule], AdapterRule]:
+    """Decorator registering ``rule(name, module) -> [LayerAdapter, ...]`` for the modules ``match``
+    selects (a module class, a tuple of classes, or a predicate). The first registered rule that
+    matches a module is used; an empty list means the module is not supported. ``explicit_only``
+    rules apply only when ``layers`` names the module (not with ``layers=None``)."""
+    if isinstance(match, (type, tuple)):
+        classes = match
+        match = lambda module: isinstance(module, classes)  # noqa: E731
+    if not callable(match):
+        raise TypeError(f"match must be a module class, a tuple of classes or a predicate, got {match!r}")
+
+    def decorator(rule: AdapterRule) -> AdapterRule:
+        _RULES.append((match, rule, explicit_only))
+        return rule
+
+    return decorator
+
+
 def _is_conv1d_like(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     nf = getattr(module, "nf", None)
@@ -126,16 +204,28 @@ def _is_conv1d_like(module: nn.Module) -> bool:
     )
 
 
-def _adapter_for(name: str, module: nn.Module, include_conv: bool) -> LayerAdapter | None:
-    if isinstance(module, nn.Linear):
-        return LinearAdapter(name, module)
-    if _is_conv1d_like(module):
-        return Conv1DAdapter(name, module)
-    if include_conv and isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros":
-            return None
-        return Conv2dAdapter(name, module)
-    return None
+@register_adapter(nn.Linear)
+def _linear(name: str, module: nn.Module) -> list[LayerAdapter]:
+    return [LinearAdapter(name, module)]
+
+
+@register_adapter(_is_conv1d_like)
+def _conv1d(name: str, module: nn.Module) -> list[LayerAdapter]:
+    return [Conv1DAdapter(name, module)]
+
+
+@register_adapter(nn.Conv2d, explicit_only=True)
+def _conv2d(name: str, module: nn.Module) -> list[LayerAdapter]:
+    if module.groups != 1 or module.padding_mode != "zeros":
+        return []
+    return [Conv2dAdapter(name, module)]
+
+
+def _adapters_for(name: str, module: nn.Module, explicit: bool) -> list[LayerAdapter]:
+    for match, rule, explicit_only in _RULES:
+        if match(module):
+            return rule(name, module) if explicit or not explicit_only else []
+    return []
 
 
 def _user_name(name: str) -> str:
@@ -148,9 +238,11 @@ def find_linear_layers(
 ) -> dict[str, LayerAdapter]:
     """Select the linear layers of ``model`` by name, in model order.
 
-    ``layers=None`` selects every ``nn.Linear`` and ``Conv1D``-like module. Otherwise ``layers`` is a
-    name or glob pattern (``fnmatch``) or a list of them, matched against ``model.named_modules()``
-    names (without the ``_orig_mod.`` of ``torch.compile``, so a compiled model has its eager names);
+    ``layers=None`` selects every ``nn.Linear``, ``Conv1D``-like module and the four projections of
+    every ``nn.MultiheadAttention`` (``<name>.q``, ``.k``, ``.v``, ``.out_proj``). Otherwise ``layers``
+    is a name or glob pattern (``fnmatch``) or a list of them, matched against the layer names and
+    the names of the modules that compute them (``"enc.self_attn"`` selects its four projections),
+    without the ``_orig_mod.`` of ``torch.compile`` (a compiled model has its eager names);
     explicit selections may also pick ``nn.Conv2d`` layers. Every entry must match at least one
     supported layer. Returns ``{name: adapter}`` with ``adapter.weight_matrix()`` of shape ``(k, d)``.
     """
@@ -158,13 +250,13 @@ def find_linear_layers(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(layers, str):
         layers = [layers]
-    include_conv = layers is not None
     found: dict[str, LayerAdapter] = {}
     for name, module in model.named_modules():
         name = _user_name(name)
-        adapter = _adapter_for(name, module, include_conv)
-        if adapter is not None:
-            found[name] = adapter
+        for adapter in _adapters_for(name, module, explicit=layers is not None):
+            # parents come first: a layer a parent already claimed (the out_proj of an
+            # nn.MultiheadAttention, which its forward never calls) keeps the parent's adapter
+            found.setdefault(adapter.name, adapter)
     if layers is None:
         if not found:
             kinds = sorted({type(m).__name__ for m in model.modules()})
@@ -180,12 +272,18 @@ def find_linear_layers(
     modules = {_user_name(n): m for n, m in model.named_modules()}
     chosen: set[str] = set()
     for pattern in layers:
-        hits = [n for n in found if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        hits = [
+            n for n, a in found.items()
+            if pattern in (n, a.module_name)
+            or fnmatch.fnmatchcase(n, pattern)
+            or fnmatch.fnmatchcase(a.module_name, pattern)
+        ]
         if not hits:
             if pattern in modules:
                 raise ValueError(
                     f"layer {pattern!r} is a {type(modules[pattern]).__name__}, not a supported linear "
-                    f"layer (nn.Linear, Conv1D, nn.Conv2d with groups=1); available: {list(found)}"
+                    "layer (nn.Linear, Conv1D, nn.Conv2d with groups=1, nn.MultiheadAttention); "
+                    f"available: {list(found)}"
                 )
             raise ValueError(f"no linear layer matches {pattern!r}; available layers: {list(found)}")
         chosen.update(hits)
