@@ -8,7 +8,7 @@ from .attention import AttentionProjectionAdapter
 from .engine import LayerHooks
 from .io import Snapshot, load_snapshot
 from .layers import LayerAdapter, find_linear_layers, register_adapter
-from .monitor import LayerRecord, NFAMonitor
+from .monitor import LayerRecord, NFAMonitor, resolve_blocks
 from .nfa import (
     agop,
     kernel_alignment,
@@ -25,6 +25,7 @@ from .theory import early_cnfa_prediction, egop, feature_quality, randomize_kern
 __all__ = [
     "NFAMonitor",
     "LayerRecord",
+    "resolve_blocks",
     "ptk_covariance",
     "layer_jacobians",
     "nfm",

@@ -86,6 +86,9 @@ class NFACallback(TrainerCallback):
             layer and all records, see :func:`diagnostics.load_snapshot`) from world-process-zero; on
             ``resume_from_checkpoint`` the ``W_0`` of the latest snapshot is reused for the C-NFA.
         chunk_size: probe samples per forward pass (``None``: the engine's default).
+        blocks: ``{layer name or glob: spec}``, also log each block of a layer's output rows as
+            ``nfa/uc/<layer>[<label>]`` (e.g. ``{"transformer.h.*.attn.c_attn": ["q", "k", "v"]}``; see
+            :class:`~diagnostics.NFAMonitor`).
 
     The :class:`~diagnostics.NFAMonitor` of the current run is ``callback.monitor`` (its
     ``history`` / ``to_rows()`` hold every measurement).
@@ -104,6 +107,7 @@ class NFACallback(TrainerCallback):
         seed: int = 0,
         save_snapshots: bool = False,
         chunk_size: int | None = None,
+        blocks: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
@@ -125,6 +129,7 @@ class NFACallback(TrainerCallback):
         self.seed = int(seed)
         self.save_snapshots = bool(save_snapshots)
         self.chunk_size = chunk_size
+        self.blocks = blocks
         self.monitor: NFAMonitor | None = None
         self._pending: dict[str, float] = {}
         self._ordered = False
@@ -174,9 +179,11 @@ class NFACallback(TrainerCallback):
             raise ValueError("NFACallback needs the model; use it through transformers.Trainer(callbacks=[...])")
         if self.monitor is not None and self.monitor.model is model:
             if not self.monitor.attached:
-                self.monitor = NFAMonitor(model, self.layers, self.correlation, W0=self.monitor.W0)
+                self.monitor = NFAMonitor(model, self.layers, self.correlation, W0=self.monitor.W0, blocks=self.blocks)
             return
-        self.monitor = NFAMonitor(model, self.layers, self.correlation, W0=self._resumed_W0(args, state))
+        self.monitor = NFAMonitor(
+            model, self.layers, self.correlation, W0=self._resumed_W0(args, state), blocks=self.blocks
+        )
 
     def _due(self, state: TrainerState) -> bool:
         step = state.global_step

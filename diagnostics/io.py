@@ -1,7 +1,9 @@
 """Saving and loading monitor snapshots as safetensors (no pickle).
 
 Layout: tensors ``"<kind>/<layer>"`` with kind in ``K``, ``W``, ``W0``, ``nfm``, ``agop`` (weights in
-``(k, d)`` layout); string metadata ``format``, ``step``, ``layers`` (JSON list), ``estimator``, ``m``,
+``(k, d)`` layout; a block ``"<layer>[<label>]"`` of a monitor's ``blocks`` has its own rows of ``W`` and
+``W0`` and its diagonal block of ``K``); string metadata ``format``, ``step``, ``layers`` (JSON list of
+the record names), ``estimator``, ``m``,
 ``correlation``, ``agop_power`` and ``records`` (JSON list of every row of the monitor's history).
 The file is written to a temporary file in the target directory and moved into place with
 ``os.replace``, so readers never see a partial file; it gets the mode of any new file under the
@@ -68,20 +70,24 @@ def save_snapshot(monitor: "NFAMonitor", path: str | os.PathLike) -> None:
     """Write ``monitor``'s latest measurement and its whole history of records to ``path``."""
     tensors: dict[str, Tensor] = {}
     latest = monitor.history[-1] if monitor.history else {}
-    for name, adapter in monitor.adapters.items():
-        mats = {"W": adapter.weight_matrix().detach(), "W0": monitor.W0[name]}
-        if name in monitor.last_K:
-            mats["K"] = monitor.last_K[name]
-        rec = latest.get(name)
-        if rec is not None and rec.nfm is not None:
-            mats["nfm"], mats["agop"] = rec.nfm, rec.agop
-        for kind, t in mats.items():
-            tensors[f"{kind}/{name}"] = t.detach().cpu().contiguous().clone()
+    names = []
+    for layer, adapter in monitor.adapters.items():
+        W = adapter.weight_matrix().detach()
+        for name, rows in [(layer, slice(None)), *monitor.blocks.get(layer, [])]:  # the layer, then its blocks
+            names.append(name)
+            mats = {"W": W[rows], "W0": monitor.W0[layer][rows]}
+            if name in monitor.last_K:
+                mats["K"] = monitor.last_K[name]
+            rec = latest.get(name)
+            if rec is not None and rec.nfm is not None:
+                mats["nfm"], mats["agop"] = rec.nfm, rec.agop
+            for kind, t in mats.items():
+                tensors[f"{kind}/{name}"] = t.detach().cpu().contiguous().clone()
     first = next(iter(latest.values()), None)
     metadata = {
         "format": FORMAT,
         "step": json.dumps(first.step if first else None),
-        "layers": json.dumps(list(monitor.adapters)),
+        "layers": json.dumps(names),
         "estimator": json.dumps(first.estimator if first else None),
         "m": json.dumps(first.m if first else None),
         "correlation": monitor.correlation,

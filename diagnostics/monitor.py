@@ -7,20 +7,25 @@ while ``measure()`` runs (so training, compiled or not, never sees them), and on
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed
 from .engine import LayerHooks, OutputFn
-from .layers import DEFAULT_MAX_K, check_layer_sizes, find_linear_layers
+from .layers import DEFAULT_MAX_K, LayerAdapter, check_layer_sizes, find_linear_layers
 from .nfa import CORRELATIONS, nfa_summary
 from .ptk import check_estimator, ptk_sums_all_ranks, work_dtype
 
-__all__ = ["NFAMonitor", "LayerRecord"]
+__all__ = ["NFAMonitor", "LayerRecord", "resolve_blocks"]
+
+#: How a layer's output rows split into blocks: ``n`` equal blocks ``"0"``..``"n-1"``, a list of labels
+#: (equal blocks), or ``{label: rows}`` (consecutive blocks of the given sizes).
+BlockSpec = Union[int, Sequence[str], Mapping[str, int]]
 
 
 @dataclass
@@ -62,6 +67,64 @@ class LayerRecord:
         return row
 
 
+def _block_sizes(name: str, k: int, spec: BlockSpec) -> list[tuple[str, int]]:
+    """``[(label, rows)]`` of one layer's blocks, validated against its ``k`` output rows."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, Sequence, Mapping)) or isinstance(spec, str):
+        raise TypeError(
+            f"blocks for layer {name!r} must be an int, a list of labels or a dict {{label: rows}}, got {spec!r}"
+        )
+    if isinstance(spec, Mapping):
+        sizes = list(spec.items())
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for _, r in sizes):
+            raise ValueError(f"blocks for layer {name!r}: every block needs a positive int number of rows, got {spec!r}")
+        if sum(r for _, r in sizes) != k:
+            raise ValueError(
+                f"blocks for layer {name!r} cover {sum(r for _, r in sizes)} rows but the layer has k={k} output rows"
+            )
+    else:
+        labels = [str(i) for i in range(spec)] if isinstance(spec, int) else list(spec)
+        if not labels:
+            raise ValueError(f"blocks for layer {name!r}: pass at least one block, got {spec!r}")
+        if k % len(labels):
+            raise ValueError(
+                f"layer {name!r} has k={k} output rows, which do not split into {len(labels)} equal blocks; "
+                "pass {label: rows} for blocks of different sizes"
+            )
+        sizes = [(label, k // len(labels)) for label in labels]
+    labels = [label for label, _ in sizes]
+    if not all(isinstance(label, str) and label for label in labels) or len(set(labels)) != len(labels):
+        raise ValueError(f"blocks for layer {name!r}: labels must be distinct non-empty strings, got {labels}")
+    return sizes
+
+
+def resolve_blocks(
+    adapters: Mapping[str, LayerAdapter], blocks: Mapping[str, BlockSpec] | None
+) -> dict[str, list[tuple[str, slice]]]:
+    """``{layer: [(record name, rows), ...]}`` for ``blocks = {name or glob: spec}``: the output rows of
+    each matched layer split into consecutive blocks named ``"<layer>[<label>]"`` (spec: ``n`` equal
+    blocks labelled ``0``..``n-1``, a list of labels for equal blocks, or ``{label: rows}``)."""
+    if blocks is None:
+        return {}
+    if not isinstance(blocks, Mapping):
+        raise TypeError(f'blocks must be a dict {{layer name or glob: spec}}, e.g. {{"*.c_attn": ["q", "k", "v"]}}, got {blocks!r}')
+    out: dict[str, list[tuple[str, slice]]] = {}
+    owner: dict[str, str] = {}
+    for pattern, spec in blocks.items():
+        hits = [n for n in adapters if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"blocks pattern {pattern!r} matches no measured layer; measured layers: {list(adapters)}")
+        for name in hits:
+            if name in owner:
+                raise ValueError(f"layer {name!r} matches the blocks patterns {owner[name]!r} and {pattern!r}; keep one")
+            owner[name] = pattern
+            start, parts = 0, []
+            for label, rows in _block_sizes(name, adapters[name].k, spec):
+                parts.append((f"{name}[{label}]", slice(start, start + rows)))
+                start += rows
+            out[name] = parts
+    return out
+
+
 def _initial_weights(W0: Any, monitor: "NFAMonitor") -> dict[str, Tensor]:
     adapters = monitor.adapters
     if W0 is None:
@@ -94,6 +157,9 @@ class NFAMonitor:
     ``layers``: ``None`` (every ``nn.Linear``/``Conv1D``) or names/globs. ``correlation``:
     ``"pearson"`` or ``"cosine"``. ``agop_power``: ``s`` (1 or 0.5). ``W0``: initial weights (a dict of
     ``(k, d)`` tensors or a model with the same layers); default: snapshot at construction.
+    ``blocks``: ``{layer name or glob: spec}`` adds one record ``"<layer>[<label>]"`` per block of the
+    layer's output rows (see :func:`resolve_blocks`), with ``W_b`` the block's rows of ``W`` and ``K_bb``
+    the matching diagonal block of the layer's ``K`` (``AGOP = W_b^T K_bb W_b``); no extra backward passes.
     The model is not wrapped or modified (hooks exist only during ``measure()``); ``detach()`` or the end
     of a ``with`` block closes the monitor. A ``torch.compile``-d model is measured through its original
     modules in eager mode, under the eager layer names, without recompiling it.
@@ -108,6 +174,7 @@ class NFAMonitor:
         agop_power: float = 1.0,
         W0: Any = None,
         *,
+        blocks: Mapping[str, BlockSpec] | None = None,
         max_k: int | None = DEFAULT_MAX_K,
         process_group: Any = None,
     ) -> None:
@@ -118,6 +185,7 @@ class NFAMonitor:
         self.model = model
         self.adapters = find_linear_layers(model, layers)
         check_layer_sizes(self.adapters, max_k)
+        self.blocks = resolve_blocks(self.adapters, blocks)
         self.correlation = correlation
         self.agop_power = float(agop_power)
         self.process_group = process_group
@@ -170,25 +238,27 @@ class NFAMonitor:
         for name, adapter in self.adapters.items():
             K = (sums[name] / max(counts[name], 1)).to(work_dtype(adapter))
             W = adapter.weight_matrix().detach().to(K.dtype)
-            summary = nfa_summary(W, self.W0[name], K, self.correlation, self.agop_power)
-            self.last_K[name] = K
-            records[name] = LayerRecord(
-                layer=name,
-                step=int(step),
-                uc_nfa=summary["uc_nfa"],
-                c_nfa=summary["c_nfa"],
-                rel_change=summary["rel_change"],
-                kernel_alignment=summary["kernel_alignment"],
-                estimator=estimator,
-                m=m if estimator == "sketch" else None,
-                n_samples=counts[name],
-                correlation=self.correlation,
-                agop_power=self.agop_power,
-                norms=summary["norms"],
-                K=K if keep_matrices else None,
-                nfm=summary["nfm"] if keep_matrices else None,
-                agop=summary["agop"] if keep_matrices else None,
-            )
+            for rec_name, rows in [(name, slice(None)), *self.blocks.get(name, [])]:
+                K_b = K if rows == slice(None) else K[rows, rows].contiguous()
+                summary = nfa_summary(W[rows], self.W0[name][rows], K_b, self.correlation, self.agop_power)
+                self.last_K[rec_name] = K_b
+                records[rec_name] = LayerRecord(
+                    layer=rec_name,
+                    step=int(step),
+                    uc_nfa=summary["uc_nfa"],
+                    c_nfa=summary["c_nfa"],
+                    rel_change=summary["rel_change"],
+                    kernel_alignment=summary["kernel_alignment"],
+                    estimator=estimator,
+                    m=m if estimator == "sketch" else None,
+                    n_samples=counts[name],
+                    correlation=self.correlation,
+                    agop_power=self.agop_power,
+                    norms=summary["norms"],
+                    K=K_b if keep_matrices else None,
+                    nfm=summary["nfm"] if keep_matrices else None,
+                    agop=summary["agop"] if keep_matrices else None,
+                )
         self.history.append(records)
         return records
 

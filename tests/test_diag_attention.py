@@ -154,8 +154,10 @@ def test_cross_attention_with_kdim_vdim_matches_reference() -> None:
     assert [tuple(layers[f"attn.{r}"].weight_matrix().shape) for r in PROJ] == [(8, 8), (8, 5), (8, 6), (8, 8)]
     rows = {"q_in": T, "attn.q": T, "attn.k": S, "attn.v": S, "attn.out_proj": T, "head": T}
     ref = reference_K(model.reference, probe, {n: (rows[n], a.k) for n, a in layers.items()})
-    with NFAMonitor(model) as mon:
+    with NFAMonitor(model, blocks={"attn.[qk]": 2}) as mon:  # per head
         res = mon.measure(probe, keep_matrices=True)
+    assert rel_err(res["attn.k[1]"].K, ref["attn.k"][4:, 4:]) < 1e-9
+    assert torch.equal(res["attn.q[0]"].K, res["attn.q"].K[:4, :4])
     for n in layers:
         assert rel_err(res[n].K, ref[n]) < 1e-9, n
         assert res[n].n_samples == B * rows[n], n  # keys and values: one row per memory token
@@ -275,3 +277,18 @@ def test_selection_by_module_name_and_glob() -> None:
 
     layers = find_linear_layers(nn.ModuleDict({"a": Patched(8, 2)}))
     assert list(layers) == ["a.out_proj"] and layers["a.out_proj"].kind == "linear"
+
+
+def test_hooks_change_nothing_outside_measure() -> None:
+    model = Encoder(batch_first=True).eval()
+    x, kpm = encoder_probe()
+    seen: dict[str, list] = {"before": [], "after": []}
+    first = model.head.register_forward_hook(lambda m, a, out: seen["before"].append(out))
+    with NFAMonitor(model) as mon:
+        last = model.head.register_forward_hook(lambda m, a, out: seen["after"].append(out))
+        mon.measure((x, kpm))
+        seen["before"].clear(), seen["after"].clear()
+        model(x, kpm)
+        assert seen["before"][0] is seen["after"][0]  # the monitor's hook passed the output through untouched
+        assert "forward" not in vars(model.enc.layers[0].self_attn)
+    first.remove(), last.remove()

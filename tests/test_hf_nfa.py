@@ -194,3 +194,20 @@ def test_outside_a_trainer_it_says_how_to_order_it(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="callbacks.insert"):
         cb.on_train_begin(args, state, transformers.TrainerControl(), model=tiny_model())
     assert cb.monitor is not None and "transformer.h.0.mlp.c_fc" in cb.monitor.layer_names
+
+
+def test_blocks_are_logged_and_saved(tmp_path: Path, data: Any) -> None:
+    train, probe = data
+    layer = "transformer.h.0.attn.c_attn"
+    cb = NFACallback(probe, every_n_steps=2, layers=layer, estimator="exact", save_snapshots=True,
+                     blocks={"transformer.h.*.attn.c_attn": ["q", "k", "v"]})
+    trainer = Trainer(tiny_model(), args_for(tmp_path, max_steps=2), train_dataset=train, callbacks=[cb])
+    trainer.train()
+    logged = nfa_entries(trainer.state.log_history)[-1]
+    records = cb.monitor.history[-1]
+    assert list(records) == [layer, f"{layer}[q]", f"{layer}[k]", f"{layer}[v]"]
+    for name, rec in records.items():
+        assert logged[f"nfa/c/{name}"] == rec.c_nfa
+    snap = load_snapshot(tmp_path / "nfa" / "step_0000002.safetensors")
+    assert snap.records[f"{layer}[v]"].c_nfa == records[f"{layer}[v]"].c_nfa
+    assert torch.equal(snap.matrices[f"{layer}[v]"]["W0"], cb.monitor.W0[layer][32:])
