@@ -11,8 +11,8 @@ pre-activations to the recorder:
   row blocks of ``in_proj_weight`` (or the separate weights), ``x_q, x_k, x_v`` = query, key, value;
 - ``o = a W_o^T + b_o`` with ``a`` the concatenated attention heads.
 
-Every token is a row, in the layout of the module's inputs (``(B, L)`` with ``batch_first``, else
-``(L, B)``). The appended ``bias_k``/``bias_v`` and ``add_zero_attn`` positions are not projections and
+Every token is a row; the recorded tensors are batch-major ``(B, L, E)`` whatever ``batch_first``
+(so a ``(batch, tokens)`` sample mask applies to them). The appended ``bias_k``/``bias_v`` and ``add_zero_attn`` positions are not projections and
 give no rows. PyTorch's fused fast paths (``torch.backends.mha``) are off while recording, so nested
 tensors and fused encoder layers do not bypass the explicit computation; the model is unchanged
 outside ``measure()``.
@@ -146,8 +146,7 @@ def attention_forward(
             "tensors (with a key_padding_mask) to measure it"
         )
     batched = query.dim() == 3
-    user_layout = m.batch_first and batched  # rows of the recorded tensors follow the caller's (B, L) layout
-    if user_layout:  # keep the "is" relations between query, key and value, as nn.MultiheadAttention does
+    if m.batch_first and batched:  # keep the "is" relations between query, key and value, as nn.MultiheadAttention does
         if key is value:
             if query is key:
                 query = key = value = query.transpose(1, 0)
@@ -175,13 +174,11 @@ def attention_forward(
             is_causal = False
 
     def project(role: str, x: Tensor, h: Tensor) -> Tensor:
-        """Record ``h`` (rows: tokens) as layer ``names[role]`` with input ``x``; both in ``(L, B, *)``."""
+        """Record ``h`` as layer ``names[role]`` with input ``x``, both ``(L, B, *)``, batch-major."""
         name = names.get(role)
         if name is None or not recorder.is_recording:  # e.g. recomputed by checkpointing in a backward pass
             return h
-        if user_layout:
-            return recorder.record(name, h.transpose(0, 1), x.transpose(0, 1)).transpose(0, 1)
-        return recorder.record(name, h, x)
+        return recorder.record(name, h.transpose(0, 1), x.transpose(0, 1)).transpose(0, 1)
 
     # in-projection: the same linear calls as F._in_projection_packed / F._in_projection
     b = m.in_proj_bias
@@ -255,6 +252,6 @@ def attention_forward(
     if not batched:
         out = out.squeeze(1)
         weights = weights.squeeze(0) if weights is not None else None
-    if user_layout:
+    if m.batch_first and batched:
         out = out.transpose(1, 0)
     return out, weights

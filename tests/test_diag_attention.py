@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, vmap
 
-from diagnostics import NFAMonitor, agop, find_linear_layers, layer_jacobians, ptk_covariance
+from diagnostics import NFAMonitor, find_linear_layers, layer_jacobians, ptk_covariance
 
 from test_diag_ptk import rel_err
 
@@ -42,16 +42,25 @@ def ref_mha(mha: nn.MultiheadAttention, xq, xk, xv, eps: dict, prefix: str, kpm=
     return a @ mha.out_proj.weight.T + mha.out_proj.bias + eps[f"{prefix}.out_proj"]
 
 
-def reference_K(one_sample, samples: tuple, shapes: dict) -> dict:
+def reference_K(one_sample, samples: tuple, shapes: dict, tokens: torch.Tensor | None = None) -> dict:
     """jacrev of ``one_sample(eps, *sample) -> (T, C)`` w.r.t. zero perturbations ``eps`` (one (rows, k)
-    tensor per layer), vmap-ed over the samples; K = sum over samples, outputs and rows of g g^T / N."""
+    tensor per layer), vmap-ed over the samples; K = sum over samples, outputs and rows of g g^T / N.
+    ``tokens`` (B, T): only those rows and the outputs at those positions count (rows = the T tokens)."""
 
     def jac(*sample):
         zeros = {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()}
         return jacrev(lambda eps: one_sample(eps, *sample).reshape(-1))(zeros)
 
     J = vmap(jac)(*samples)  # name -> (B, C, rows, k)
-    return {n: torch.einsum("bcrk,bcrl->kl", g, g) / (g.shape[0] * g.shape[2]) for n, g in J.items()}
+    out = {}
+    for n, g in J.items():
+        if tokens is not None:
+            B, C, T = g.shape[:3]
+            outputs = tokens[:, :, None].expand(B, T, C // T).reshape(B, C)
+            g = g * (outputs[:, :, None] & tokens[:, None, :])[..., None]
+        rows = g.shape[0] * g.shape[2] if tokens is None else int(tokens.sum())
+        out[n] = torch.einsum("bcrk,bcrl->kl", g, g) / rows
+    return out
 
 
 class Encoder(nn.Module):
@@ -115,10 +124,17 @@ def test_transformer_encoder_default_layers_match_reference(batch_first: bool) -
     assert set(K) == set(names)
     for n in names:
         assert rel_err(K[n], ref[n]) < 1e-9, n
-    # AGOP of a projection block is the input-gradient outer product through that block alone
     W = find_linear_layers(model)["enc.layers.1.self_attn.v"].weight_matrix().detach()
     assert torch.equal(W, model.enc.layers[1].self_attn.in_proj_weight[16:24])
-    assert agop(W, K["enc.layers.1.self_attn.v"]).shape == (8, 8)
+    # only the real tokens as samples: attention rows are (batch, tokens) whatever batch_first (the
+    # sequence-first nn.Linear outputs inside the encoder are (tokens, batch), which a mask refuses)
+    ref_real = reference_K(model.reference, (x, kpm), shapes, tokens=~kpm)
+    with NFAMonitor(model, layers=None if batch_first else "enc.layers.*.self_attn") as mon:
+        res = mon.measure((x, kpm), sample_mask=~kpm, keep_matrices=True)
+    assert len(res) == (len(names) if batch_first else 8)
+    for n in res:
+        assert rel_err(res[n].K, ref_real[n]) < 1e-9, n
+        assert res[n].n_samples == int((~kpm).sum())
 
 
 class CrossAttention(nn.Module):
