@@ -6,6 +6,7 @@ optimizer object, its class and its checkpoints are unchanged; ``handle.remove()
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -30,7 +31,8 @@ class SLOHandle:
         optimizer._slo_attached = True  # type: ignore[attr-defined]
 
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
-        if len(args) > 1 or kwargs.get("closure") is not None:  # args[0] is the optimizer
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
+        if closure is not None:  # step(None) and step(closure=None) mean no closure, as in torch
             raise RuntimeError(
                 "attach() cannot speed-limit a step with a closure (the gradients do not exist yet when "
                 "the hook runs); use SLOptimizer(optimizer, ...) instead"
@@ -90,13 +92,16 @@ def attach(
     model: nn.Module | None,
     speeds: SpeedSpec,
     mode: str = "grad",
-    eps: float = 0.0,
+    slo_eps: float = 0.0,
     per_tensor: bool = False,
     on_nonfinite: str = "skip",
+    *,
+    eps: float | None = None,
 ) -> SLOHandle:
-    """Speed-limit ``optimizer`` in place: ``g_l <- C_l g_l / (||g_l||_F + eps)`` before each step.
+    """Speed-limit ``optimizer`` in place: ``g_l <- C_l g_l / (||g_l||_F + slo_eps)`` before each step.
 
-    Same arguments and maths as :class:`SLOptimizer`. A non-finite gradient sets every gradient to
+    Same arguments and maths as :class:`SLOptimizer` (``mode="grad"`` rescales ``p.grad`` in place;
+    ``eps=`` is the deprecated name of ``slo_eps``). A non-finite gradient sets every gradient to
     ``None`` so the step changes neither parameters nor (for ``torch.optim`` optimizers) their state.
     Closures are not supported. Returns a handle; ``handle.remove()`` restores plain steps.
     """
@@ -108,5 +113,15 @@ def attach(
         raise TypeError(f"attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if getattr(optimizer, "_slo_attached", False):
         raise ValueError("A speed limit is already attached to this optimizer; call handle.remove() first")
-    limiter = SpeedLimiter(optimizer, model, speeds, mode, eps, per_tensor, on_nonfinite)
+    if getattr(optimizer, "_slo_wrapped", False):
+        raise ValueError(
+            "This optimizer is wrapped by an SLOptimizer, which speed-limits it already; step the "
+            "SLOptimizer, or attach() to a plain optimizer"
+        )
+    if eps is not None:
+        if slo_eps != 0.0:
+            raise TypeError("Pass slo_eps= only (eps= is its deprecated name); got both eps= and slo_eps=")
+        warnings.warn("attach(..., eps=) is deprecated; use slo_eps=", DeprecationWarning, stacklevel=2)
+        slo_eps = eps
+    limiter = SpeedLimiter(optimizer, model, speeds, mode, slo_eps, per_tensor, on_nonfinite)
     return SLOHandle(optimizer, limiter)

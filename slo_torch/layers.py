@@ -3,7 +3,10 @@
 A *layer* is a module's own parameters (``module.parameters(recurse=False)``: weight and bias
 together), named by its ``model.named_modules()`` name; with ``per_tensor=True`` every parameter is
 its own layer, named by its ``model.named_parameters()`` name. A parameter shared by several modules
-(tied weights) belongs to the first module that owns it.
+(tied weights) belongs to the first module that owns it. The tensors of a parametrization
+(``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``, ``orthogonal``, ...) live in
+``<module>.parametrizations.<name>``; they belong to ``<module>``, the module that owns the
+parametrization.
 
 Speeds are given as
 
@@ -18,15 +21,17 @@ Layers that get no speed are left untouched.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
 
 __all__ = ["Layer", "resolve_layers", "promote", "promote_lowest", "pattern_specificity", "check_speed",
-           "unwrap_model"]
+           "normalize_speeds", "unwrap_model"]
 
 _WILDCARDS = "*?["
 
@@ -53,16 +58,55 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def check_model(model: object) -> None:
+    """``TypeError`` unless ``model`` is an ``nn.Module`` (or ``None``)."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be the nn.Module that owns the optimized parameters (model=model), got "
+            f"{type(model).__name__}"
+        )
+
+
 def check_speed(speed: object, where: str) -> float:
-    """Return ``speed`` as a float; ``ValueError`` unless it is a finite number ``>= 0``."""
+    """Return ``speed`` as a float; ``ValueError`` unless it is a finite real number ``>= 0``.
+
+    Python and NumPy numbers and one-element tensors are accepted.
+    """
     if isinstance(speed, torch.Tensor):
+        if speed.numel() != 1:
+            raise ValueError(
+                f"Invalid speed for {where}: a tensor of shape {tuple(speed.shape)}; a speed is a number "
+                "or a one-element tensor"
+            )
         speed = speed.item()
-    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
+    if isinstance(speed, bool) or not isinstance(speed, numbers.Real):
         raise ValueError(f"Invalid speed for {where}: {speed!r}; speeds must be finite numbers >= 0")
     speed = float(speed)
     if not math.isfinite(speed) or speed < 0:
         raise ValueError(f"Invalid speed for {where}: {speed}; speeds must be finite numbers >= 0")
     return speed
+
+
+def normalize_speeds(speeds: SpeedSpec) -> SpeedSpec:
+    """A speed specification with every value a Python float (or ``None``), validated by :func:`check_speed`.
+
+    Dict keys must be strings; a list stays in layer order; ``None`` (speeds in the param groups) stays.
+    """
+    if speeds is None:
+        return None
+    if isinstance(speeds, Mapping):
+        out: dict[str, float | None] = {}
+        for pattern, value in speeds.items():
+            if not isinstance(pattern, str):
+                raise ValueError(f"speed patterns must be strings, got {pattern!r}")
+            out[pattern] = None if value is None else check_speed(value, f"pattern {pattern!r}")
+        return out
+    if isinstance(speeds, (str, bytes, torch.Tensor)) or not isinstance(speeds, Sequence):
+        raise ValueError(
+            f"speeds must be a dict of layer-name patterns, a list in layer order, or None "
+            f"(param groups with a 'speed' key); got {type(speeds).__name__}"
+        )
+    return [None if v is None else check_speed(v, f"speeds[{i}]") for i, v in enumerate(speeds)]
 
 
 def pattern_specificity(pattern: str) -> tuple[int, int, int]:
@@ -84,15 +128,29 @@ def clean_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
 
 
+def _parametrization_owner(name: str, parametrized: set[str]) -> str:
+    """``"0"`` for ``"0.parametrizations.weight"`` (and anything below it) when ``"0"`` is parametrized."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part == "parametrizations" and ".".join(parts[:i]) in parametrized:
+            return ".".join(parts[:i])
+    return name
+
+
 def _named_owners(model: nn.Module, per_tensor: bool) -> dict[int, tuple[str, str]]:
-    """``id(param) -> (layer name, module name)`` in model order, first owner wins."""
+    """``id(param) -> (layer name, module name)`` in model order, first owner wins.
+
+    Parameters of a parametrization belong to the module that owns it.
+    """
     owners: dict[int, tuple[str, str]] = {}
+    parametrized = {clean_name(n) for n, m in model.named_modules() if is_parametrized(m)}
     for mod_name, module in model.named_modules():
         mod_name = clean_name(mod_name)
+        owner = _parametrization_owner(mod_name, parametrized) if parametrized else mod_name
         for p_name, p in module.named_parameters(recurse=False):
             if id(p) not in owners:
                 full = f"{mod_name}.{p_name}" if mod_name else p_name
-                owners[id(p)] = (full if per_tensor else mod_name, mod_name)
+                owners[id(p)] = (full if per_tensor else owner, owner)
     return owners
 
 
@@ -100,11 +158,7 @@ def _match_dict(
     names: list[str], aliases: dict[str, str], speeds: Mapping[str, object], known: dict[str, str]
 ) -> dict[str, float | None]:
     """Resolve a pattern dict to ``{layer name: speed}`` (most specific pattern wins; ``None``: no limit)."""
-    checked: dict[str, float | None] = {}
-    for pattern, value in speeds.items():
-        if not isinstance(pattern, str):
-            raise ValueError(f"speed patterns must be strings, got {pattern!r}")
-        checked[pattern] = None if value is None else check_speed(value, f"pattern {pattern!r}")
+    checked: Mapping[str, float | None] = normalize_speeds(speeds)  # type: ignore[assignment]
     out: dict[str, float | None] = {}
     for name in names:
         candidates = [
@@ -144,6 +198,7 @@ def resolve_layers(
     Raises ``ValueError`` for a parameter that is not in ``model``, a pattern that matches no layer,
     a list of the wrong length, or a negative/NaN/inf speed.
     """
+    check_model(model)
     groups = _as_groups(model, params)
     if speeds is None:
         return _layers_from_groups(model, groups)
@@ -177,16 +232,11 @@ def resolve_layers(
         known = dict(owners.values())
         resolved = _match_dict(names, module_of, speeds, known)
         return [Layer(n, tuple(by_layer[n]), resolved.get(n)) for n in names]
-    if isinstance(speeds, (str, bytes)) or not isinstance(speeds, Sequence):
-        raise ValueError(
-            f"speeds must be a dict of layer-name patterns, a list in layer order, or None "
-            f"(param groups with a 'speed' key); got {type(speeds).__name__}"
-        )
+    speeds = normalize_speeds(speeds)
     if len(speeds) != len(names):
         raise ValueError(f"speeds list has {len(speeds)} entries but there are {len(names)} layers: {names}")
     return [
-        Layer(n, tuple(by_layer[n]), None if s is None else check_speed(s, f"layer {n!r}"))
-        for n, s in zip(names, speeds)
+        Layer(n, tuple(by_layer[n]), s) for n, s in zip(names, speeds)  # type: ignore[arg-type]
     ]
 
 
@@ -234,6 +284,7 @@ def promote(model: nn.Module, layer: str, C: float) -> dict[str, float]:
     The paper's recipe (e.g. ``C = 500``: the layer moves at 500, every other layer at 0.002).
     ``layer`` must name a module of ``model`` with its own parameters, ``C`` must be finite and > 0.
     """
+    check_model(model)
     C = check_speed(C, f"promote({layer!r})")
     if C == 0:
         raise ValueError("promote() needs C > 0 (the other layers get 1/C)")

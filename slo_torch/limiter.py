@@ -28,19 +28,19 @@ from .distributed import (
 )
 from .functional import (
     accumulate_dtype,
-    add_scaled_layers_,
     index_tensor,
     layer_sq_norms,
     scale_layers_,
     slo_coefficients,
     to_device,
 )
-from .layers import SpeedSpec, resolve_layers
+from .layers import SpeedSpec, normalize_speeds, resolve_layers
 
 __all__ = ["SpeedLimiter", "MODES", "NONFINITE_CHOICES"]
 
 MODES = ("grad", "update")
 NONFINITE_CHOICES = ("skip", "raise")
+_CURRENT: Any = object()  # check_groups(): validate against the speeds in force
 
 
 class SpeedLimiter:
@@ -61,10 +61,10 @@ class SpeedLimiter:
         if on_nonfinite not in NONFINITE_CHOICES:
             raise ValueError(f"Unknown on_nonfinite {on_nonfinite!r}; valid choices: {NONFINITE_CHOICES}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"Invalid eps: {eps!r}; eps must be a finite number >= 0")
+            raise ValueError(f"Invalid slo_eps: {eps!r}; slo_eps must be a finite number >= 0")
         self.optimizer = optimizer
         self.model = model
-        self.speeds = speeds
+        self.speeds = normalize_speeds(speeds)
         self.mode = mode
         self.eps = float(eps)
         self.per_tensor = bool(per_tensor)
@@ -82,9 +82,14 @@ class SpeedLimiter:
     def _group_signature(self, groups: list[dict[str, Any]]) -> tuple[Any, ...]:
         return tuple((id(g["params"]), len(g["params"]), g.get("speed")) for g in groups)
 
-    def check_groups(self, groups: list[dict[str, Any]]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._snapshot = None
+        self._signature = None  # a copy's param groups are new objects: rebuild the plan on first use
+
+    def check_groups(self, groups: list[dict[str, Any]], speeds: SpeedSpec = _CURRENT) -> None:
         """Validate a would-be list of param groups (``ValueError`` if it cannot be speed-limited)."""
-        resolve_layers(self.model, self.speeds, groups, self.per_tensor)
+        resolve_layers(self.model, self.speeds if speeds is _CURRENT else speeds, groups, self.per_tensor)
         if self.mode == "update":
             for i, g in enumerate(groups):
                 if "lr" not in g:
@@ -92,15 +97,24 @@ class SpeedLimiter:
 
     def set_speeds(self, speeds: SpeedSpec) -> None:
         """Replace the speed specification (validated now; optimizer state is kept)."""
-        old = self.speeds
+        speeds = normalize_speeds(speeds)
+        self.check_groups(self.optimizer.param_groups, speeds)
         self.speeds = speeds
-        try:
-            self.check_groups(self.optimizer.param_groups)
-        except ValueError:
-            self.speeds = old
-            raise
         self._signature = None
         self.refresh()
+
+    def check_load(self, state_dict: dict[str, Any], speeds: SpeedSpec) -> None:
+        """``ValueError`` unless the optimizer can be speed-limited with ``speeds`` once it loaded
+        ``state_dict`` (whose saved param groups replace the current ones, parameters kept)."""
+        saved = state_dict.get("param_groups")
+        groups = self.optimizer.param_groups
+        if not isinstance(saved, list) or len(saved) != len(groups):
+            return  # the base optimizer's load_state_dict rejects it before changing anything
+        would_be = [dict(new, params=g["params"]) for g, new in zip(groups, saved)]
+        try:
+            self.check_groups(would_be, normalize_speeds(speeds))
+        except ValueError as e:
+            raise ValueError(f"Cannot load this state dict (the optimizer is unchanged): {e}") from e
 
     def refresh(self) -> None:
         """Rebuild the plan if the optimizer's param groups (or their speeds) changed."""
@@ -244,7 +258,8 @@ class SpeedLimiter:
         grads, bins, n_lim, keep = self._gather()
         if self._has_dtensor:
             grads = [local_tensor(g) for g in grads]
-        # a rank may hold no gradient (FSDP1 shards that are empty there) and still joins the all-reduce
+        # a rank may hold no gradient (FSDP1 shards that are empty there, or an optimizer of frozen
+        # layers): the step is then a no-op, and the rank still joins the all-reduce
         grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True) if grads else {}  # type: ignore[arg-type]
         dtype = accumulate_dtype(dt for _, dt in grouped)
         if grouped and dtype != self._dtype:
@@ -257,7 +272,9 @@ class SpeedLimiter:
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal()
         sq = self._sq_norms(grads, bins, keep, grouped, inv_scale)
         # the one host synchronisation of the step: [any non-finite norm, GradScaler found inf]
-        if found_inf is None:
+        if sq.is_meta:  # no values on the meta device: the base optimizer's own checks speak
+            decision = [False]
+        elif found_inf is None:
             decision = [not bool(torch.isfinite(sq).all())]
         else:
             flags = [~torch.isfinite(sq).all(), to_device(found_inf, self._device) > 0]
@@ -339,18 +356,20 @@ class SpeedLimiter:
             return
         bins = self._snapshot_bins
         if params:
-            torch._foreach_sub_(buffers, params)  # buffers = p_old - p_new = -delta
-        norms = self._sq_norms(buffers, bins, keep)[:-1].sqrt_()
+            torch._foreach_sub_(params, buffers)  # params = p_new - p_old = delta
+        norms = self._sq_norms(params, bins, keep)[:-1].sqrt_()
         self._update_norms = norms
         if not params:
             return
         k = slo_coefficients(norms, self._layer_step_sizes(), self.eps)
-        # p_new + (1 - k)(p_old - p_new) = p_old + k (p_new - p_old)
+        # k delta + p_old, accurate for any update size (p_new + (1 - k)(p_old - p_new) cancels p_old
+        # when the base's step is much larger than the parameters)
         if keep is None and self._single_group(params):
-            torch.index_select(1 - k, 0, self._bins_limited, out=self._coef_buf)
-            torch._foreach_addcmul_(params, buffers, self._coef_views)
+            torch.index_select(k, 0, self._bins_limited, out=self._coef_buf)
+            torch._foreach_mul_(params, self._coef_views)
         else:
-            add_scaled_layers_(params, buffers, bins, 1 - k)
+            scale_layers_(params, bins, k)
+        torch._foreach_add_(params, buffers)
 
     def skip_all_grads(self) -> None:
         """Drop every gradient so that a following ``optimizer.step()`` changes nothing."""

@@ -3,18 +3,21 @@
 Beaglehole, Mitliagkas, Agarwala, *Feature learning as alignment* (TMLR 2024, arXiv 2402.05271).
 Before the wrapped optimizer steps, every layer's gradient is rescaled to a fixed norm
 
-    g_l <- C_l * g_l / (||g_l||_F + eps)                       (mode="grad")
+    g_l <- C_l * g_l / (||g_l||_F + slo_eps)                   (mode="grad")
 
 so plain SGD moves layer ``l`` by exactly ``lr * C_l`` per step. ``mode="update"`` lets the wrapped
 optimizer step and then rescales each layer's parameter change to norm ``lr * C_l``.
 
 The wrapper shares ``param_groups``, ``state`` and ``defaults`` with the wrapped optimizer (the same
 objects, as timm's Lookahead does), so LR schedulers, ``GradScaler``, accelerate and the
-``transformers`` Trainer treat it as the optimizer they know, and checkpoints keep torch's format.
+``transformers`` Trainer treat it as the optimizer they know, and checkpoints keep torch's format
+(plus one ``"slo_speeds"`` entry that a plain optimizer ignores).
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,10 +31,13 @@ from .limiter import SpeedLimiter
 __all__ = ["SLOptimizer"]
 
 _NOT_FORWARDED = frozenset({"grad_scale", "found_inf"})
+_SLO_DEFAULTS = {"model": None, "speeds": None, "mode": "grad", "slo_eps": 0.0, "per_tensor": False,
+                 "on_nonfinite": "skip"}
+SPEEDS_KEY = "slo_speeds"  # state_dict entry with the speeds in force (a plain optimizer ignores it)
 
 
 class SLOptimizer(torch.optim.Optimizer):
-    """Speed Limited Optimization: ``g_l <- C_l g_l / (||g_l||_F + eps)`` per layer, then the base step.
+    """Speed Limited Optimization: ``g_l <- C_l g_l / (||g_l||_F + slo_eps)`` per layer, then the base step.
 
     Args:
         params: a ``torch.optim.Optimizer`` instance to wrap, or parameters / param groups from which
@@ -41,12 +47,14 @@ class SLOptimizer(torch.optim.Optimizer):
         model: the module owning the parameters; layers are its modules' own parameters.
         speeds: ``{glob pattern: C}`` over module names (most specific wins, ``"*"`` default), a list
             in layer order, or ``None`` when param groups carry a ``"speed"`` key.
-        mode: ``"grad"`` (normalise gradients) or ``"update"`` (rescale each layer's update to
-            ``lr * C_l``; use it with Adam-type optimizers, which undo gradient scaling).
-        eps: added to the norm, ``C / (||g|| + eps)``.
+        mode: ``"grad"`` (normalise gradients in place: ``p.grad`` holds the limited gradient after
+            ``step()``) or ``"update"`` (rescale each layer's update to ``lr * C_l``; use it with
+            Adam-type optimizers, which undo gradient scaling).
+        slo_eps: added to the norm, ``C / (||g|| + slo_eps)``.
         per_tensor: every parameter tensor is its own layer (named by its parameter name).
         on_nonfinite: ``"skip"`` (skip the step, warn, count in ``nonfinite_steps``) or ``"raise"``.
-        **base_kwargs: hyperparameters for ``base_optimizer`` (``lr=...``).
+        **base_kwargs: every keyword of ``base_optimizer``, passed on unchanged (``lr=...``,
+            ``eps=...``). When wrapping an instance, ``eps=`` is the deprecated name of ``slo_eps``.
     """
 
     def __init__(
@@ -57,7 +65,7 @@ class SLOptimizer(torch.optim.Optimizer):
         model: nn.Module | None = None,
         speeds: SpeedSpec = None,
         mode: str = "grad",
-        eps: float = 0.0,
+        slo_eps: float = 0.0,
         per_tensor: bool = False,
         on_nonfinite: str = "skip",
         **base_kwargs: Any,
@@ -67,6 +75,10 @@ class SLOptimizer(torch.optim.Optimizer):
             # "model" from the kwargs and passes it in place of the parameters (its LOMO convention).
             model = params if model is None else model
             params = [p for p in params.parameters() if p.requires_grad]
+        if isinstance(params, torch.optim.Optimizer) and "eps" in base_kwargs:
+            slo_eps = _deprecated_eps(base_kwargs.pop("eps"), slo_eps)
+        _check_unambiguous(base_optimizer, base_kwargs, dict(
+            model=model, speeds=speeds, mode=mode, slo_eps=slo_eps, per_tensor=per_tensor, on_nonfinite=on_nonfinite))
         base = _build_base(params, base_optimizer, base_kwargs)
         self.base_optimizer = base
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -77,7 +89,8 @@ class SLOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._warned_capturable_if_run_uncaptured = True
         self._patch_step_function()
-        self._limiter = SpeedLimiter(base, model, speeds, mode, eps, per_tensor, on_nonfinite)
+        self._limiter = SpeedLimiter(base, model, speeds, mode, slo_eps, per_tensor, on_nonfinite)
+        base._slo_wrapped = True  # type: ignore[attr-defined]  # attach() refuses it
 
     # ---- the wrapped optimizer's containers, always the same objects as the base's
     @property
@@ -118,11 +131,19 @@ class SLOptimizer(torch.optim.Optimizer):
         return getattr(base, name)
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # as torch.optim.Optimizer: only the optimizer itself is copied or pickled, not hooks or the
+        # step wrapper an LR scheduler puts on the instance (it would step the original)
+        return {"base_optimizer": self.base_optimizer, "_limiter": self._limiter}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                     "_optimizer_load_state_dict_post_hooks"):
+            self.__dict__.setdefault(name, OrderedDict())
+        self._warned_capturable_if_run_uncaptured = True
         self._patch_step_function()
+        self.base_optimizer._slo_wrapped = True  # type: ignore[attr-defined]
 
     # ---- SLO read-outs
     @property
@@ -130,7 +151,14 @@ class SLOptimizer(torch.optim.Optimizer):
         return self._limiter.mode
 
     @property
+    def slo_eps(self) -> float:
+        """``slo_eps`` of ``C / (||g|| + slo_eps)``."""
+        return self._limiter.eps
+
+    @property
     def eps(self) -> float:
+        """Deprecated name of :attr:`slo_eps`."""
+        warnings.warn("SLOptimizer.eps is deprecated; use SLOptimizer.slo_eps", DeprecationWarning, stacklevel=2)
         return self._limiter.eps
 
     @property
@@ -146,7 +174,10 @@ class SLOptimizer(torch.optim.Optimizer):
         return dict(zip(self._limiter.layer_names, self._limiter.layer_speeds))  # type: ignore[arg-type]
 
     def set_speeds(self, speeds: SpeedSpec) -> None:
-        """Change the speeds (same forms as the constructor's ``speeds``); optimizer state is kept."""
+        """Change the speeds (same forms as the constructor's ``speeds``); optimizer state is kept.
+
+        The speeds in force are saved by :meth:`state_dict` and restored by :meth:`load_state_dict`.
+        """
         self._limiter.set_speeds(speeds)
 
     @property
@@ -191,9 +222,9 @@ class SLOptimizer(torch.optim.Optimizer):
             setattr(base, name, self.__dict__[name])
         try:
             if closure is None:
-                result = base.step()
+                result = _base_step(base, None)
             else:
-                base.step(_replay_first(closure, loss))
+                _base_step(base, _replay_first(closure, loss))
                 result = loss
         finally:
             for name in forwarded:
@@ -215,10 +246,16 @@ class SLOptimizer(torch.optim.Optimizer):
         self._limiter.refresh()
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's ``{'state', 'param_groups'}`` state dict (this wrapper's hooks applied)."""
+        """The base optimizer's ``{'state', 'param_groups'}`` state dict and ``'slo_speeds'``.
+
+        ``'slo_speeds'`` is the speed specification in force (plain floats, patterns or a list;
+        ``None`` when the param groups carry the speeds), ignored by a plain optimizer's
+        ``load_state_dict``. This wrapper's state-dict hooks are applied.
+        """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.base_optimizer.state_dict()
+        state_dict[SPEEDS_KEY] = self._limiter.speeds
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -226,13 +263,22 @@ class SLOptimizer(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of the base optimizer (as written by :meth:`state_dict`)."""
+        """Load a state dict written by :meth:`state_dict` or by a plain optimizer of the base's type.
+
+        Its ``'slo_speeds'`` replace the current speeds (a plain optimizer's state dict keeps them).
+        Everything is validated first: a load that raises leaves the optimizer as it was.
+        """
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        has_speeds = SPEEDS_KEY in state_dict
+        speeds = state_dict.pop(SPEEDS_KEY, None)
+        self._limiter.check_load(state_dict, speeds if has_speeds else self._limiter.speeds)
         self.base_optimizer.load_state_dict(state_dict)
+        if has_speeds:
+            self._limiter.set_speeds(speeds)  # validated above: cannot fail now
         self._limiter.refresh()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -240,7 +286,7 @@ class SLOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         lim = self._limiter
         lim.refresh()
-        lines = [f"SLOptimizer(mode={lim.mode!r}, eps={lim.eps}, per_tensor={lim.per_tensor}, "
+        lines = [f"SLOptimizer(mode={lim.mode!r}, slo_eps={lim.eps}, per_tensor={lim.per_tensor}, "
                  f"on_nonfinite={lim.on_nonfinite!r}, {len(lim.layer_names)} speed-limited layer(s):"]
         shown = list(zip(lim.layer_names, lim.layer_speeds))
         for name, speed in shown[:12]:
@@ -258,6 +304,11 @@ def _build_base(
     if isinstance(params, SLOptimizer) or (isinstance(base_optimizer, type) and issubclass(base_optimizer, SLOptimizer)):
         raise ValueError("This optimizer is already an SLOptimizer; wrap the plain optimizer only once")
     if isinstance(params, torch.optim.Optimizer):
+        if getattr(params, "_slo_attached", False):
+            raise ValueError(
+                "A speed limit is attached to this optimizer (attach()); call handle.remove() before "
+                "wrapping it in SLOptimizer, or keep using the attached optimizer"
+            )
         if base_optimizer is not None or base_kwargs:
             raise TypeError(
                 "Pass either an optimizer instance, or parameters with base_optimizer=<class> and its "
@@ -272,6 +323,72 @@ def _build_base(
     if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
         raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}")
     return base_optimizer(params, **base_kwargs)
+
+
+def _deprecated_eps(eps: Any, slo_eps: float) -> Any:
+    """``eps=`` given while wrapping an instance: the old name of ``slo_eps`` (not ambiguous there)."""
+    if slo_eps != _SLO_DEFAULTS["slo_eps"]:
+        raise TypeError("Pass slo_eps= only (eps= is its deprecated name); got both eps= and slo_eps=")
+    warnings.warn(
+        "SLOptimizer(optimizer, eps=...) is deprecated; SLO's own eps is now slo_eps= (eps= is reserved "
+        "for the base optimizer's keyword in the SLOptimizer(params, base_optimizer=..., eps=...) form)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return eps
+
+
+def _check_unambiguous(
+    base_optimizer: Any, base_kwargs: dict[str, Any], slo_kwargs: dict[str, Any]
+) -> None:
+    """``TypeError`` if a keyword could mean SLO's knob or the base optimizer's."""
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        return
+    try:
+        signature = inspect.signature(base_optimizer)
+    except (TypeError, ValueError):  # a signature Python cannot read: nothing to compare
+        return
+    named = {n for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+    given = {n for n, v in slo_kwargs.items() if (v is not None if _SLO_DEFAULTS[n] is None else v != _SLO_DEFAULTS[n])}
+    clashes = sorted(given & named)
+    if clashes:
+        raise TypeError(
+            f"{base_optimizer.__name__} has its own {clashes} keyword(s), which SLOptimizer also takes: "
+            f"build the optimizer yourself and wrap the instance, SLOptimizer({base_optimizer.__name__}"
+            f"(params, ...), model=..., speeds=...)"
+        )
+    if "eps" in base_kwargs and "eps" not in named and not takes_any:
+        raise TypeError(
+            f"eps= goes to the base optimizer in this form, and {base_optimizer.__name__} takes no eps; "
+            "SLO's own eps is slo_eps="
+        )
+
+
+def _base_step(base: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:
+    """``base.step(closure)`` without the global step hooks, which the wrapper's step already ran.
+
+    ``torch.optim.Optimizer`` wraps every ``step`` to run the global hooks, then the instance's; the
+    wrapped function is called here with the base's own hooks around it, as torch's wrapper does.
+    """
+    step = type(base).step
+    inner = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
+    if inner is None:  # not torch's hook wrapper (a subclass replaced it): step as it says
+        return base.step() if closure is None else base.step(closure)
+    if hasattr(base.step, "_wrapped_by_lr_sched"):  # an LR scheduler of the base tracks its steps
+        base._opt_called = True  # type: ignore[attr-defined]
+    args: tuple[Any, ...] = (base,) if closure is None else (base, closure)
+    kwargs: dict[str, Any] = {}
+    for pre_hook in base._optimizer_step_pre_hooks.values():
+        result = pre_hook(base, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(f"{pre_hook} must return None or a tuple of (new_args, new_kwargs), got {result}")
+            args, kwargs = result
+    out = inner(*args, **kwargs)
+    for post_hook in base._optimizer_step_post_hooks.values():
+        post_hook(base, args, kwargs)
+    return out
 
 
 def _replay_first(closure: Callable[[], Any], loss: Any) -> Callable[[], Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -132,7 +133,7 @@ def test_bad_mode_eps_nonfinite_choice() -> None:
     with pytest.raises(ValueError, match=r"Unknown mode 'grads'.*\('grad', 'update'\)"):
         make(mode="grads")
     with pytest.raises(ValueError, match="eps"):
-        make(eps=-1.0)
+        make(slo_eps=-1.0)
     with pytest.raises(ValueError, match=r"'skip', 'raise'"):
         make(on_nonfinite="ignore")
 
@@ -169,3 +170,64 @@ def test_promote_lowest_and_set_speeds() -> None:
     assert opt.speeds["layers.0"] == 10.0  # unchanged after a rejected update
     with pytest.raises(ValueError, match="non-NaN"):
         promote_lowest(model, {"embed": float("nan")}, 10.0)
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "orthogonal", "custom"])
+def test_parametrized_tensors_belong_to_the_owning_module(kind: str) -> None:
+    from torch.nn.utils import parametrizations, parametrize
+
+    class Scale(nn.Module):  # a parametrization with a parameter of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return self.s * w
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    register = {
+        "weight_norm": lambda m: parametrizations.weight_norm(m),
+        "spectral_norm": lambda m: parametrizations.spectral_norm(m),
+        "orthogonal": lambda m: parametrizations.orthogonal(m),
+        "custom": lambda m: parametrize.register_parametrization(m, "weight", Scale().double()),
+    }[kind]
+    register(model[0])
+    owned = list(model[0].parameters())  # bias plus the parametrization's tensors
+    assert len(owned) >= 2
+    layers = resolve_layers(model, {"*": 1.0})
+    assert [layer.name for layer in layers] == ["0", "2"]
+    assert {id(p) for p in layers[0].params} == {id(p) for p in owned}
+    speeds = promote(model, "0", 10.0)
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model=model, speeds=speeds)
+    assert opt.speeds == {"0": 10.0, "2": 0.1}
+    before = [p.detach().clone() for p in owned]
+    model(torch.randn(8, 4, dtype=torch.float64)).pow(2).sum().backward()
+    opt.step()
+    moved = math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(owned, before)))
+    assert moved == pytest.approx(0.01 * 10.0, rel=1e-10)  # the whole layer, weight included
+
+
+@pytest.mark.parametrize("speed", [np.float32(2.0), np.int64(2), torch.tensor(2.0), torch.tensor([2.0])],
+                         ids=["np.float32", "np.int64", "0-dim tensor", "1-element tensor"])
+def test_numpy_and_one_element_tensor_speeds(speed) -> None:
+    model = Net()
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds={"embed": speed, "*": 1.0})
+    assert opt.speeds["embed"] == 2.0 and type(opt.speeds["embed"]) is float
+    opt.set_speeds([speed, None, 1.0, speed])
+    assert opt.speeds == {"embed": 2.0, "layers.1": 1.0, "head": 2.0}
+    assert promote(model, "head", speed) == {"head": 2.0, "*": 0.5}
+
+
+def test_bad_speed_and_model_types_say_what_was_expected() -> None:
+    model = Net()
+    sgd = lambda: torch.optim.SGD(model.parameters(), lr=0.1)  # noqa: E731
+    with pytest.raises(ValueError, match=r"shape \(2,\); a speed is a number or a one-element tensor"):
+        SLOptimizer(sgd(), model=model, speeds={"*": torch.tensor([1.0, 2.0])})
+    for bad in (model.parameters(), "x"):
+        with pytest.raises(TypeError, match="model must be the nn.Module that owns the optimized parameters"):
+            SLOptimizer(sgd(), model=bad, speeds={"*": 1.0})
+        with pytest.raises(TypeError, match="model must be the nn.Module"):
+            attach(sgd(), bad, {"*": 1.0})
+        with pytest.raises(TypeError, match="model must be the nn.Module"):
+            promote(bad, "embed", 2.0)

@@ -10,6 +10,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ def test_grad_mode_formula_with_eps_and_adam() -> None:
     model, x, y = make()
     ref = copy.deepcopy(model)
     eps = 0.3
-    opt = SLOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model=model, speeds=SPEEDS, eps=eps)
+    opt = SLOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model=model, speeds=SPEEDS, slo_eps=eps)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
     for _ in range(3):
         for m, o in ((model, opt), (ref, ref_opt)):
@@ -299,10 +300,12 @@ def test_state_dict_is_torch_format() -> None:
     loss_of(model, x, y).backward()
     opt.step()
     sd = opt.state_dict()
-    assert set(sd) == {"state", "param_groups"}
+    assert set(sd) == {"state", "param_groups", "slo_speeds"}
+    assert sd["slo_speeds"] == SPEEDS
     assert state_equal(sd["state"], opt.base_optimizer.state_dict()["state"])
     plain = torch.optim.AdamW(make()[0].parameters(), lr=0.01)
-    plain.load_state_dict(sd)  # loadable by the plain optimizer too
+    plain.load_state_dict(sd)  # loadable by the plain optimizer too, which ignores the speeds
+    assert state_equal(plain.state_dict(), opt.base_optimizer.state_dict())
 
 
 RESUME_SCRIPT = textwrap.dedent("""
@@ -690,3 +693,230 @@ def test_attach_update_mode_and_nonfinite() -> None:
         base.step(lambda: loss_of(model, x, y))
     with pytest.raises(ValueError, match="already attached"):
         attach(base, model, SPEEDS)
+
+
+# ----------------------------------------------------------- torch.optim contract details
+def _wrapped(form: str, model: nn.Module, **kw):
+    """(optimizer to step, handle or wrapper) for the four ways of setting SLO up."""
+    if form == "attach grad" or form == "attach update":
+        base = torch.optim.Adam(model.parameters(), lr=0.01)
+        return base, attach(base, model, SPEEDS, mode=form.split()[1], **kw)
+    opt = SLOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model=model, speeds=SPEEDS, mode=form, **kw)
+    return opt, opt
+
+
+FORMS = ["grad", "update", "attach grad", "attach update"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_step_without_any_gradient_is_a_noop(form: str) -> None:
+    model, x, y = make()
+    opt, _ = _wrapped(form, model)
+    before = snapshot(model)
+    opt.step()  # e.g. the optimizer of a frozen part: no parameter has a gradient
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()) and len(opt.state) == 0
+    loss_of(model, x, y).backward()
+    opt.step()  # later steps are normal
+    assert not torch.equal(model[0].weight, before["0.weight"])
+
+
+def test_grad_mode_leaves_the_limited_gradient_in_p_grad() -> None:
+    # like clip_grad_norm_, grad mode rescales p.grad in place; last_grad_norms keeps the raw norms
+    for form in FORMS:
+        model, x, y = make()
+        opt, handle = _wrapped(form, model)
+        loss_of(model, x, y).backward()
+        raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        for layer, C in LAYERS.items():
+            norm = layer_norm(raw, layer)
+            assert float(handle.last_grad_norms[layer]) == pytest.approx(norm, rel=1e-12)
+            for name in (f"{layer}.weight", f"{layer}.bias"):
+                expected = raw[name] * (C / norm) if "grad" in form else raw[name]
+                torch.testing.assert_close(model.get_parameter(name).grad, expected, rtol=1e-12, atol=0)
+
+
+def test_attach_step_none_means_no_closure() -> None:
+    model, x, y = make()
+    ref = copy.deepcopy(model)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach(base, model, SPEEDS)
+    ref_opt = SLOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1), model=ref, speeds=SPEEDS)
+    for call in (lambda o: o.step(None), lambda o: o.step(closure=None)):
+        for m, o in ((model, base), (ref, ref_opt)):
+            o.zero_grad()
+            loss_of(m, x, y).backward()
+            call(o)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def test_attach_and_wrap_exclude_each_other() -> None:
+    model, _, _ = make()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach(base, model, SPEEDS)
+    with pytest.raises(ValueError, match=r"attached to this optimizer \(attach\(\)\); call handle.remove\(\)"):
+        SLOptimizer(base, model=model, speeds={"*": 1.0})
+    handle.remove()
+    opt = SLOptimizer(base, model=model, speeds={"*": 1.0})
+    with pytest.raises(ValueError, match="wrapped by an SLOptimizer"):
+        attach(base, model, SPEEDS)
+    with pytest.raises(ValueError, match="wrapped by an SLOptimizer"):
+        attach(copy.deepcopy(opt).base_optimizer, model, SPEEDS)
+
+
+def test_global_step_hooks_run_once_per_step() -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    model, x, y = make()
+    calls: list[tuple[str, type]] = []
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    base.register_step_pre_hook(lambda o, a, k: calls.append(("base pre", type(o))))
+    opt = SLOptimizer(base, model=model, speeds=SPEEDS)
+    opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", type(o))))
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", type(o)))),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post", type(o))))]
+    try:
+        loss_of(model, x, y).backward()
+        opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    S, B = SLOptimizer, torch.optim.SGD
+    assert calls == [("global pre", S), ("pre", S), ("base pre", B), ("global post", S)]
+
+
+def test_failed_load_state_dict_leaves_the_optimizer_unchanged() -> None:
+    model, x, y = make()
+    groups = [{"params": model[0].parameters(), "speed": 2.0}, {"params": list(model[2:].parameters())}]
+    opt = SLOptimizer(groups, base_optimizer=torch.optim.Adam, model=model, lr=0.01)
+    loss_of(model, x, y).backward()
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    plain = torch.optim.Adam([{"params": model[0].parameters()}, {"params": list(model[2:].parameters())}], lr=0.5)
+    with pytest.raises(ValueError, match=r"Cannot load this state dict \(the optimizer is unchanged\).*No speeds"):
+        opt.load_state_dict(plain.state_dict())  # its groups carry no "speed"
+    assert state_equal(opt.state_dict(), before) and opt.speeds == {"0.weight": 2.0, "0.bias": 2.0}
+    bad = copy.deepcopy(before)
+    bad["slo_speeds"] = {"nope": 1.0}
+    with pytest.raises(ValueError, match="match no layer"):
+        opt.load_state_dict(bad)
+    assert state_equal(opt.state_dict(), before)
+    opt.step()  # still works
+
+
+def test_set_speeds_are_saved_and_loaded() -> None:
+    model, _, _ = make()
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=SPEEDS)
+    opt.set_speeds({"0": np.float32(7.0), "*": 1.0})
+    sd = opt.state_dict()
+    assert sd["slo_speeds"] == {"0": 7.0, "*": 1.0}
+    other = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=SPEEDS)
+    other.load_state_dict(sd)
+    assert other.speeds == {"0": 7.0, "2": 1.0, "4": 1.0}
+    other.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())  # plain: speeds kept
+    assert other.speeds == {"0": 7.0, "2": 1.0, "4": 1.0}
+
+
+@pytest.mark.parametrize("form", ["grad", "update"])
+def test_deepcopy_and_pickle_after_a_scheduler_behave_as_torch(form: str, tmp_path: Path) -> None:
+    model, x, y = make()
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=SPEEDS, mode=form)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # puts a step wrapper on the instance
+    opt.register_step_pre_hook(lambda o, a, k: None)  # local hooks are not copied, as in torch
+    loss_of(model, x, y).backward()
+    twin = copy.deepcopy(opt)
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    for p, q in zip(twin_params, model.parameters()):
+        p.grad = q.grad.clone()  # deepcopy does not copy gradients
+    before, twin_before = snapshot(model), [p.detach().clone() for p in twin_params]
+    twin.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the original is untouched
+    deltas = [float((p.detach() - b).norm()) for p, b in zip(twin_params, twin_before)]
+    assert math.hypot(deltas[0], deltas[1]) == pytest.approx(0.1 * 5.0, rel=1e-12)
+    assert twin.speeds == opt.speeds and not twin._optimizer_step_pre_hooks
+    torch.save(opt, tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=False)
+    assert state_equal(loaded.state_dict()["state"], opt.state_dict()["state"])
+    assert loaded.speeds == opt.speeds
+
+
+def test_eps_of_the_base_reaches_it_and_slo_eps_is_slo_s() -> None:
+    model, _, _ = make()
+    opt = SLOptimizer(model.parameters(), base_optimizer=torch.optim.AdamW, model=model, speeds=SPEEDS,
+                      lr=1e-3, eps=1e-6, slo_eps=0.5)
+    assert opt.param_groups[0]["eps"] == 1e-6 and opt.defaults["eps"] == 1e-6 and opt.slo_eps == 0.5
+    with pytest.warns(DeprecationWarning, match="slo_eps"):
+        old = SLOptimizer(torch.optim.AdamW(model.parameters()), model=model, speeds=SPEEDS, eps=0.25)
+    assert old.slo_eps == 0.25 and old.param_groups[0]["eps"] == 1e-8
+    with pytest.warns(DeprecationWarning, match="slo_eps"):
+        assert attach(torch.optim.SGD(model.parameters(), lr=0.1), model, SPEEDS, eps=0.25).limiter.eps == 0.25
+    with pytest.raises(TypeError, match="SGD takes no eps; SLO's own eps is slo_eps="):
+        SLOptimizer(model.parameters(), base_optimizer=torch.optim.SGD, model=model, speeds=SPEEDS, lr=0.1, eps=0.1)
+    with pytest.raises(TypeError, match="eps= is its deprecated name"):
+        SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=SPEEDS, eps=0.1, slo_eps=0.2)
+
+    class WithMode(torch.optim.SGD):  # a base optimizer with a keyword of SLO's own
+        def __init__(self, params, lr: float = 0.1, mode: str = "fast") -> None:
+            super().__init__(params, lr=lr)
+
+    with pytest.raises(TypeError, match=r"WithMode has its own \['mode'\] keyword.*wrap the instance"):
+        SLOptimizer(model.parameters(), base_optimizer=WithMode, model=model, speeds=SPEEDS, mode="update")
+
+
+def test_meta_parameters_let_the_base_optimizer_speak() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.Linear(3, 1))
+    opt = SLOptimizer(torch.optim.AdamW(model.parameters(), fused=True), model=model, speeds={"*": 1.0})
+    with torch.device("meta"):
+        for p in model.parameters():
+            p.grad = torch.rand_like(p)
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating point Tensors"):
+        opt.step()
+    opt.zero_grad()
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.grad = torch.rand_like(p)
+    opt.step()
+
+
+def test_update_mode_is_exact_when_the_base_step_dwarfs_the_parameters() -> None:
+    # the base moves parameters by ~1e12 (LBFGS on a degenerate loss does); the result must still be
+    # p_old + lr C delta / ||delta||, not p_new + (1 - k)(p_old - p_new), which cancels p_old
+    model, x, y = make(dtype=torch.float32)
+    ref = copy.deepcopy(model)
+    speeds = {name: C * 1e-12 for name, C in SPEEDS.items()}  # lr * C_l as in LAYERS
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=1e12), model=model, speeds=speeds, mode="update")
+    loss_of(model, x, y).backward()
+    loss_of(ref, x, y).backward()
+    opt.step()
+    for layer, C in LAYERS.items():
+        grads = [p.grad.double() for p in ref.get_submodule(layer).parameters()]
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        for p, p0, g in zip(model.get_submodule(layer).parameters(), ref.get_submodule(layer).parameters(), grads):
+            expected = p0.detach().double() - C * g / norm
+            torch.testing.assert_close(p.detach().double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_update_mode_lbfgs_on_a_degenerate_loss_steps_like_lbfgs() -> None:
+    # the loss is unbounded below (BatchNorm output summed): plain LBFGS ends in NaN; update mode must
+    # not crash inside the line search, and skips the non-finite steps
+    results = {}
+    for mode in ("plain", "update"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(4, 2, 1, stride=2), nn.BatchNorm2d(2))
+        x = torch.rand(1, 4, 16, 16)
+        base = torch.optim.LBFGS(model.parameters(), line_search_fn="strong_wolfe")
+        opt = base if mode == "plain" else SLOptimizer(base, model=model, speeds={"*": 1.0}, mode="update")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = model(x).sum()
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for _ in range(4):
+                opt.step(closure)
+        results[mode] = [bool(torch.isfinite(p).all()) for p in model.parameters()]
+    assert results["update"] == results["plain"] == [False] * 4
