@@ -320,6 +320,8 @@ RESUME_SCRIPT = textwrap.dedent("""
         base = torch.optim.AdamW(model.parameters(), lr=0.01) if mode == "update" else \\
             torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         opt = SLOptimizer(base, model=model, speeds={"0": 4.0, "*": 0.25}, mode=mode)
+        if phase != "second":  # speeds changed after construction are part of the checkpoint
+            opt.set_speeds({"0": 0.5, "*": 2.0})
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
         if phase == "second":
             ckpt = torch.load(f"{path}.{mode}.ckpt")
