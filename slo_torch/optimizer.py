@@ -33,6 +33,9 @@ __all__ = ["SLOptimizer"]
 _NOT_FORWARDED = frozenset({"grad_scale", "found_inf"})
 _SLO_DEFAULTS = {"model": None, "speeds": None, "mode": "grad", "slo_eps": 0.0, "per_tensor": False,
                  "on_nonfinite": "skip"}
+_HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+               "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+               "_optimizer_load_state_dict_post_hooks")
 SPEEDS_KEY = "slo_speeds"  # state_dict entry with the speeds in force (a plain optimizer ignores it)
 
 
@@ -81,12 +84,8 @@ class SLOptimizer(torch.optim.Optimizer):
             model=model, speeds=speeds, mode=mode, slo_eps=slo_eps, per_tensor=per_tensor, on_nonfinite=on_nonfinite))
         base = _build_base(params, base_optimizer, base_kwargs)
         self.base_optimizer = base
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        for name in _HOOK_DICTS:  # this wrapper's own hooks (torch.optim.Optimizer's attributes)
+            setattr(self, name, OrderedDict())
         self._warned_capturable_if_run_uncaptured = True
         self._patch_step_function()
         self._limiter = SpeedLimiter(base, model, speeds, mode, slo_eps, per_tensor, on_nonfinite)
@@ -137,10 +136,8 @@ class SLOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
-                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
-                     "_optimizer_load_state_dict_post_hooks"):
-            self.__dict__.setdefault(name, OrderedDict())
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
         self._warned_capturable_if_run_uncaptured = True
         self._patch_step_function()
         self.base_optimizer._slo_wrapped = True  # type: ignore[attr-defined]
