@@ -268,7 +268,11 @@ def test_step_is_noop_for_zero_grads(info: Any, form: str, full: bool) -> None:
 
 
 # --------------------------------------------------------------- the loss goes the right way
-def _right_direction(info: Any, form: str, opt_factory: Callable, weight, bias, inpt, schedulers=()) -> None:
+def _right_direction(
+    info: Any, form: str, opt_factory: Callable[[], Any], weight: torch.Tensor, bias: torch.Tensor,
+    inpt: torch.Tensor, schedulers: Any = (),
+) -> tuple[float, float]:
+    """Loss before and after 20 steps (and scheduler steps) on ``||W x + b||^2``."""
     opt = opt_factory()
     scheds = [s(opt) for s in schedulers]
 
@@ -372,7 +376,7 @@ def test_param_groups_weight_decay(info: Any, form: str, full: bool) -> None:
             loss = (weight.mv(inpt) + bias).pow(2).sum()
             loss.backward()
             sparse_grads(info, weight, bias)
-            opt.step() if not info.step_requires_closure else step(opt, form, lambda: loss, True)
+            opt.step()  # LBFGS: optim_db skips these tests (no param groups)
         if optim_input.kwargs.get("maximize", False):
             assert loss.item() > initial
         else:
@@ -400,7 +404,7 @@ def test_param_groups_lr(info: Any, form: str, full: bool) -> None:
             loss.backward()
             irrelevant.grad = torch.rand_like(irrelevant)
             sparse_grads(info, weight, bias, irrelevant)
-            opt.step() if not info.step_requires_closure else step(opt, form, lambda: loss, True)
+            opt.step()  # LBFGS: optim_db skips these tests (no param groups)
         if kwargs.get("maximize", False):
             assert loss.item() > initial
         else:
