@@ -182,6 +182,45 @@ def test_cross_attention_with_kdim_vdim_matches_reference() -> None:
     assert torch.equal(X, probe[1].reshape(-1, 5)) and G.shape == (T * 2, B * S, 8)
 
 
+class Decoder(nn.Module):
+    """nn.TransformerDecoder (1 layer): self-attention on the targets, cross-attention on a memory
+    (key is value: the packed key-value projection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(3, 8)
+        layer = nn.TransformerDecoderLayer(8, 2, dim_feedforward=12, batch_first=True)
+        self.dec = nn.TransformerDecoder(layer, num_layers=1)
+        self.head = nn.Linear(8, 2)
+        self.double()
+
+    def forward(self, x, mem):  # type: ignore[no-untyped-def]
+        return self.head(self.dec(self.inp(x), mem))
+
+    def reference(self, eps, x, mem):  # type: ignore[no-untyped-def]
+        layer, p = self.dec.layers[0], "dec.layers.0"
+        h = self.inp(x) + eps["inp"]
+        h = layer.norm1(h + ref_mha(layer.self_attn, h, h, h, eps, f"{p}.self_attn"))
+        h = layer.norm2(h + ref_mha(layer.multihead_attn, h, mem, mem, eps, f"{p}.multihead_attn"))
+        ff = layer.linear2(torch.relu(layer.linear1(h) + eps[f"{p}.linear1"])) + eps[f"{p}.linear2"]
+        return self.head(layer.norm3(h + ff)) + eps["head"]
+
+
+def test_transformer_decoder_cross_attention_matches_reference() -> None:
+    model = Decoder().eval()
+    g = torch.Generator().manual_seed(3)
+    B, T, S = 3, 4, 5
+    probe = (torch.randn(B, T, 3, generator=g, dtype=torch.float64), torch.randn(B, S, 8, generator=g, dtype=torch.float64))
+    layers = find_linear_layers(model)
+    assert "dec.layers.0.multihead_attn.v" in layers and "dec.layers.0.multihead_attn.out_proj" in layers
+    rows = {n: S if n.startswith("dec.layers.0.multihead_attn.") and n[-2:] in (".k", ".v") else T for n in layers}
+    ref = reference_K(model.reference, probe, {n: (rows[n], a.k) for n, a in layers.items()})
+    K = ptk_covariance(model, probe)
+    for n in layers:
+        assert rel_err(K[n], ref[n]) < 1e-9, n
+
+
 # ----------------------------------------------------------------------------- outputs while measuring
 
 
