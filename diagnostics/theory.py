@@ -16,15 +16,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .engine import default_output, eval_mode
+from .engine import Chunk, LayerHooks, VJPPlan, default_output, eval_mode, for_each_chunk, vjp
+from .layers import find_linear_layers
 from .nfa import matrix_correlation, nfa_correlation
-from .ptk import layer_jacobians
+from .ptk import _acc_dtype, ptk_sums, work_dtype
 
 __all__ = ["early_cnfa_prediction", "early_weight_change", "randomize_kernel", "egop", "feature_quality"]
 
 
 def _outputs(model: nn.Module, X: Tensor, output_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
-    """``f(X)`` in eval mode, mapped like :func:`diagnostics.layer_jacobians` maps it (``output_fn``, else the
+    """``f(X)`` in eval mode, mapped like :func:`diagnostics.ptk_covariance` maps it (``output_fn``, else the
     output itself or its ``.logits``); every submodule's train/eval flag is restored afterwards."""
     with eval_mode(model), torch.no_grad():
         out = model(X)
@@ -40,10 +41,12 @@ def early_weight_change(
 ) -> tuple[Tensor, Tensor]:
     """``(dW, K)`` at the current weights: ``dW = Σ_{α,c} r_{α,c} g_{α,c} x_α^T`` (``(k, d)``), the direction
     of one full-batch GD step on ``½ Σ (y - f)^2``, with residuals ``r = Y - f(X)``, and the unnormalised
-    ``K = Σ_c G_c^T G_c`` (``(k, k)``), from :func:`diagnostics.layer_jacobians` (eval mode).
+    ``K = Σ_{α,c} g_{α,c} g_{α,c}^T`` (``(k, k)``), in eval mode.
 
-    ``Y`` has the shape of the (``output_fn``-mapped) model output ``(B, ...)``. For a layer applied per
-    token (``N = B·T`` rows, sample-major), every token of sample ``b`` uses that sample's residuals.
+    ``Y`` has the shape of the (``output_fn``-mapped) model output ``(B, ...)``. The sum runs over the
+    layer's rows ``α``: every token of a layer applied per token, and every call of a layer called several
+    times per forward pass, each paired with its own input row. ``Σ_c r_c g_c`` for all rows at once is
+    one vector-Jacobian product with the residuals as the cotangent.
     """
     if not isinstance(layer, str):
         raise TypeError(f"early_cnfa_prediction: layer must be a module name (str), got {type(layer).__name__}")
@@ -53,19 +56,24 @@ def early_weight_change(
             f"early_cnfa_prediction: Y must have the shape of the model output {tuple(f.shape)}, got "
             f"{tuple(Y.shape)}; reshape the targets (e.g. Y[:, None] for one output)"
         )
-    rows, G = layer_jacobians(model, X, [layer], output_fn=output_fn)[layer]
-    n_samples = f.shape[0]
-    R = (Y.to(device=f.device, dtype=f.dtype) - f).reshape(n_samples, -1)  # (B, C)
-    C, N, _ = G.shape
-    if R.shape[1] != C or N % n_samples:
-        raise ValueError(
-            f"early_cnfa_prediction: layer {layer!r} has {C} outputs x {N} rows but the model output gives "
-            f"{R.shape[1]} outputs x {n_samples} samples; output_fn must return one row per input sample"
-        )
-    R_rows = R.repeat_interleave(N // n_samples, dim=0).to(G.dtype)  # (N, C): residual of each row's sample
-    dW = torch.einsum("nc,cnk,nd->kd", R_rows, G, rows.to(G.dtype))
-    K = torch.einsum("cnk,cnl->kl", G, G)
-    return dW, K
+    adapters = find_linear_layers(model, [layer])
+    adapter = adapters[layer]
+    dtype = work_dtype(adapter)
+    R = Y.to(device=f.device, dtype=f.dtype) - f
+    dW = torch.zeros(adapter.k, adapter.d, dtype=_acc_dtype(f.device), device=adapter.weight_matrix().device)
+    plan = VJPPlan([layer])
+
+    def visit(chunk: Chunk) -> None:
+        v = R[chunk.start : chunk.start + chunk.n].to(chunk.f.dtype).unsqueeze(0)
+        (hs,), (xs,) = chunk.outputs.values(), chunk.inputs.values()
+        for grads in vjp(chunk.f, hs, v, plan):
+            for g, x in zip(grads, xs):  # one (gradient, input) pair per call of the layer
+                rows_g = adapter.out_rows(g, lead=1)[0].to(dW.dtype)
+                dW.add_(rows_g.t() @ adapter.in_rows(x).to(dW.dtype))
+
+    for_each_chunk(model, LayerHooks(adapters), X, visit, output_fn=output_fn, keep_inputs=True)
+    sums, _ = ptk_sums(model, LayerHooks(adapters), X, "exact", output_fn=output_fn)
+    return dW.to(dtype), sums[layer].to(dtype)
 
 
 def early_cnfa_prediction(

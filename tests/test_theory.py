@@ -17,6 +17,7 @@ from diagnostics import (
     ptk_covariance,
     randomize_kernel,
 )
+from diagnostics.theory import early_weight_change
 
 
 class Square(nn.Module):
@@ -175,3 +176,21 @@ def test_early_prediction_restores_submodule_modes_and_reads_logits() -> None:
             return {"logits": self.net(x)}
 
     assert torch.allclose(early_cnfa_prediction(Wrapped(), "net.2", X, Y), expected, rtol=1e-12, atol=0)
+
+
+def test_early_prediction_layer_called_twice() -> None:
+    """A layer applied twice per forward pass: each call's gradient pairs with that call's input."""
+    torch.manual_seed(5)
+    shared = nn.Linear(6, 6, bias=False)
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.Tanh(), shared, nn.Tanh(), shared, nn.Tanh(),
+                          nn.Linear(6, 3, bias=False)).double()
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    Y = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    dW, _ = early_weight_change(model, "2", X, Y)
+    model.zero_grad()
+    (0.5 * ((model(X) - Y) ** 2).sum()).backward()  # autograd sums over both calls
+    assert torch.allclose(dW, -shared.weight.grad, rtol=1e-10, atol=1e-12)
+    predicted = float(early_cnfa_prediction(model, "2", X, Y))
+    measured = _measured_cnfa_after_gd_step(model, "2", X, Y, eta=1e-7)
+    assert abs(predicted - measured) <= 1e-4
