@@ -14,12 +14,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "all_reduce_sums", "is_main_process", "shard_bounds", "shard_probe"]
+__all__ = ["is_distributed", "world_size", "all_reduce_sums", "is_main_process", "shard_bounds", "shard_probe"]
 
 
 def is_distributed(group: Any = None) -> bool:
     """True when ``torch.distributed`` is initialised with more than one rank in ``group``."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def world_size(group: Any = None) -> int:
+    """Ranks in ``group`` (1 without ``torch.distributed``)."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_main_process(group: Any = None) -> bool:

@@ -43,8 +43,8 @@ __all__ = [
     "DEFAULT_MAX_K",
 ]
 
-#: Largest layer dimension (``k`` for ``K``, ``d`` for the NFM/AGOP) accepted by default.
-#: A 8192 x 8192 float32 matrix takes 256 MiB.
+#: Largest layer dimension (``k`` for ``K``, ``d`` for the NFM/AGOP) accepted by default. Measuring
+#: one float32 layer with k = d = 8192 allocates about 1.3 GiB (see ``diagnostics.ptk.measure_memory``).
 DEFAULT_MAX_K = 8192
 
 
@@ -290,18 +290,31 @@ def find_linear_layers(
     return {n: a for n, a in found.items() if n in chosen}
 
 
-def check_layer_sizes(adapters: dict[str, LayerAdapter], max_k: int | None = DEFAULT_MAX_K) -> None:
+def format_bytes(n: float) -> str:
+    """``n`` bytes as ``"1.5 GiB"``, ``"328 MiB"`` or ``"12 KiB"``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n / 2**10:.3g} KiB"
+
+
+def check_layer_sizes(
+    adapters: dict[str, LayerAdapter], max_k: int | None = DEFAULT_MAX_K, memory: dict[str, int] | None = None
+) -> None:
     """Raise ``ValueError`` before any computation if a layer's ``K`` (k x k) or NFM (d x d) would be
-    larger than ``max_k`` x ``max_k`` (``max_k=None`` disables the check)."""
+    larger than ``max_k`` x ``max_k`` (``max_k=None`` disables the check); ``memory`` (bytes per layer
+    and ``"total"``, from :func:`diagnostics.ptk.measure_memory`) is quoted in the message."""
     if max_k is None:
         return
     if not isinstance(max_k, int) or max_k < 1:
         raise ValueError(f"max_k must be a positive int or None, got {max_k!r}")
     too_big = {n: (a.k, a.d) for n, a in adapters.items() if max(a.k, a.d) > max_k}
     if too_big:
-        desc = ", ".join(f"{n!r} (k={k}, d={d})" for n, (k, d) in too_big.items())
+        size = (lambda n: f", ~{format_bytes(memory[n])}") if memory else (lambda n: "")
+        desc = ", ".join(f"{n!r} (k={k}, d={d}{size(n)})" for n, (k, d) in too_big.items())
+        total = f" Measuring all selected layers needs about {format_bytes(memory['total'])}." if memory else ""
         raise ValueError(
-            f"layers too large for k x k / d x d matrices with max_k={max_k}: {desc}. "
+            f"layers too large for k x k / d x d matrices with max_k={max_k}: {desc}.{total} "
             "Exclude them with layers=[...] (names or globs of the layers to keep), "
-            "or raise the limit with max_k=... (a k x k float32 matrix takes 4*k*k bytes)"
+            "or raise the limit with max_k=... (see diagnostics.ptk.measure_memory for the memory needed)"
         )

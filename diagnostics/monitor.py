@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from . import distributed
 from .engine import LayerHooks, OutputFn
-from .layers import DEFAULT_MAX_K, LayerAdapter, check_layer_sizes, find_linear_layers
+from .layers import DEFAULT_MAX_K, LayerAdapter, find_linear_layers
 from .nfa import CORRELATIONS, nfa_summary
-from .ptk import check_estimator, ptk_sums_all_ranks, work_dtype
+from .ptk import check_estimator, check_memory, covariance_from_sums, ptk_sums_all_ranks
 
 __all__ = ["NFAMonitor", "LayerRecord", "resolve_blocks"]
 
@@ -164,6 +164,8 @@ class NFAMonitor:
     of a ``with`` block closes the monitor. A ``torch.compile``-d model is measured through its original
     modules in eager mode, under the eager layer names, without recompiling it.
     Under ``torch.distributed`` every rank must call ``measure()`` with its own probe shard.
+    Layers with ``k`` or ``d`` above ``max_k``, or an estimated total (``memory_estimate``, see
+    :func:`diagnostics.ptk.measure_memory`) above ``max_memory`` bytes, are refused up front.
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class NFAMonitor:
         blocks: Mapping[str, BlockSpec] | None = None,
         max_k: int | None = DEFAULT_MAX_K,
         process_group: Any = None,
+        max_memory: int | None = None,
     ) -> None:
         if correlation not in CORRELATIONS:
             raise ValueError(f"unknown correlation {correlation!r}; use 'pearson' or 'cosine'")
@@ -184,8 +187,14 @@ class NFAMonitor:
             raise ValueError(f"agop_power must be a positive number (1 or 0.5), got {agop_power!r}")
         self.model = model
         self.adapters = find_linear_layers(model, layers)
-        check_layer_sizes(self.adapters, max_k)
         self.blocks = resolve_blocks(self.adapters, blocks)
+        #: Bytes of the k x k / d x d matrices one ``measure()`` allocates, per layer and ``"total"``
+        #: (with ``keep_matrices=True``; see :func:`diagnostics.ptk.measure_memory`).
+        self.memory_estimate = check_memory(
+            self.adapters, max_k, max_memory, keep_matrices=True, agop_power=agop_power,
+            world_size=distributed.world_size(process_group),
+            blocks={n: [r.stop - r.start for _, r in parts] for n, parts in self.blocks.items()},
+        )
         self.correlation = correlation
         self.agop_power = float(agop_power)
         self.process_group = process_group
@@ -229,18 +238,20 @@ class NFAMonitor:
             raise RuntimeError("this NFAMonitor was detached; create a new one to measure again")
         if step is None:
             step = len(self.history)
+        self.last_K = {}  # the previous K are not kept alive while the new ones are summed
         sums, counts = ptk_sums_all_ranks(
             self.model, self._hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch,
             self.process_group, allow_unused, sample_mask,
         )
         records: dict[str, LayerRecord] = {}
-        self.last_K = {}
         for name, adapter in self.adapters.items():
-            K = (sums[name] / max(counts[name], 1)).to(work_dtype(adapter))
+            K = covariance_from_sums(sums, counts, name, adapter)
             W = adapter.weight_matrix().detach().to(K.dtype)
             for rec_name, rows in [(name, slice(None)), *self.blocks.get(name, [])]:
                 K_b = K if rows == slice(None) else K[rows, rows].contiguous()
-                summary = nfa_summary(W[rows], self.W0[name][rows], K_b, self.correlation, self.agop_power)
+                summary = nfa_summary(
+                    W[rows], self.W0[name][rows], K_b, self.correlation, self.agop_power, keep_matrices
+                )
                 self.last_K[rec_name] = K_b
                 records[rec_name] = LayerRecord(
                     layer=rec_name,

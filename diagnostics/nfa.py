@@ -27,6 +27,7 @@ __all__ = [
     "kernel_alignment",
     "nfa_decomposition",
     "nfa_summary",
+    "summary_memory",
     "NORM_KEYS",
 ]
 
@@ -57,22 +58,37 @@ def _check_method(method: str) -> None:
         raise ValueError(f"unknown correlation {method!r}; use 'pearson' or 'cosine'")
 
 
+#: Entries converted to the correlation dtype at a time (no full float64 copy of a large matrix).
+_CORR_BLOCK = 1 << 18
+
+
 def matrix_correlation(A: Tensor, B: Tensor, method: str = "pearson") -> Tensor:
     """``rho(A, B)`` of the flattened matrices, as a 0-dim float64 tensor (float32 on MPS).
 
     pearson: ``<A - mean(A), B - mean(B)>_F / (|A - mean(A)|_F |B - mean(B)|_F)``;
-    cosine: ``<A, B>_F / (|A|_F |B|_F)``. NaN when a (centred) matrix is zero.
+    cosine: ``<A, B>_F / (|A|_F |B|_F)``. NaN when a (centred) matrix is zero. The sums are taken over
+    blocks of entries in float64, so no full-size copy of ``A`` or ``B`` is made.
     """
     _check_method(method)
     if A.shape != B.shape:
         raise ValueError(f"matrix_correlation needs equal shapes, got {tuple(A.shape)} and {tuple(B.shape)}")
     dtype = torch.float32 if A.device.type == "mps" else torch.float64
-    a = A.detach().reshape(-1).to(dtype)
-    b = B.detach().reshape(-1).to(device=a.device, dtype=dtype)
+    a = A.detach().reshape(-1)
+    b = B.detach().reshape(-1).to(device=a.device)
+    blocks = [(i, min(i + _CORR_BLOCK, a.numel())) for i in range(0, a.numel(), _CORR_BLOCK)]
+    zero = torch.zeros((), dtype=dtype, device=a.device)
+    mean_a = mean_b = zero
     if method == "pearson":
-        a, b = a - a.mean(), b - b.mean()
-    denom = a.norm() * b.norm()
-    return torch.where(denom > 0, (a @ b) / denom, torch.full_like(denom, float("nan")))
+        for i, j in blocks:
+            mean_a = mean_a + a[i:j].to(dtype).sum()
+            mean_b = mean_b + b[i:j].to(dtype).sum()
+        mean_a, mean_b = mean_a / max(a.numel(), 1), mean_b / max(a.numel(), 1)
+    dot, sq_a, sq_b = zero, zero, zero
+    for i, j in blocks:
+        x, y = a[i:j].to(dtype) - mean_a, b[i:j].to(dtype) - mean_b
+        dot, sq_a, sq_b = dot + x @ y, sq_a + x @ x, sq_b + y @ y
+    denom = sq_a.sqrt() * sq_b.sqrt()
+    return torch.where(denom > 0, dot / denom, torch.full_like(denom, float("nan")))
 
 
 def nfa_correlation(W: Tensor, K: Tensor, method: str = "pearson", power: float = 1.0) -> Tensor:
@@ -88,13 +104,20 @@ def kernel_alignment(W: Tensor, K: Tensor, method: str = "pearson") -> Tensor:
 NORM_KEYS = ("nfm_init", "nfm_cross", "nfm_centered", "agop_init", "agop_cross", "agop_centered")
 
 
-def _decomposition_norms(W0: Tensor, D: Tensor, K: Tensor, KD: Tensor, FD: Tensor, GD: Tensor) -> Tensor:
+def _sym_norm(X: Tensor) -> Tensor:
+    """``|X + X^T|_F``."""
+    return (X + X.t()).norm()
+
+
+def _decomposition_norms(W0: Tensor, D: Tensor, K: Tensor, KD: Tensor, centered: Tensor) -> Tensor:
     """The six norms of :func:`nfa_decomposition` stacked in ``NORM_KEYS`` order (no host sync), given
-    ``KD = K dW`` and the centred terms ``FD = dW^T dW``, ``GD = dW^T K dW`` already computed."""
-    cross = W0.t() @ D
-    kcross = W0.t() @ KD
-    terms = (nfm(W0), cross + cross.t(), FD, agop(W0, K), kcross + kcross.t(), GD)
-    return torch.stack([t.norm() for t in terms])
+    ``KD = K dW`` and the norms of the centred terms ``(|dW^T dW|, |dW^T K dW|)``. Every d x d term is
+    freed as soon as its norm is taken."""
+    nfm_init = nfm(W0).norm()
+    nfm_cross = _sym_norm(W0.t() @ D)
+    agop_init = agop(W0, K).norm()
+    agop_cross = _sym_norm(W0.t() @ KD)
+    return torch.stack([nfm_init, nfm_cross, centered[0], agop_init, agop_cross, centered[1]])
 
 
 def nfa_decomposition(W: Tensor, W0: Tensor, K: Tensor) -> dict[str, float]:
@@ -107,32 +130,38 @@ def nfa_decomposition(W: Tensor, W0: Tensor, K: Tensor) -> dict[str, float]:
     W0 = W0.to(W)
     D = W - W0
     KD = K @ D
-    norms = _decomposition_norms(W0, D, K, KD, nfm(D), D.t() @ KD)
+    centered = torch.stack([nfm(D).norm(), (D.t() @ KD).norm()])
+    norms = _decomposition_norms(W0, D, K, KD, centered)
     return dict(zip(NORM_KEYS, norms.tolist()))
 
 
 def nfa_summary(
-    W: Tensor, W0: Tensor, K: Tensor, method: str = "pearson", power: float = 1.0
+    W: Tensor, W0: Tensor, K: Tensor, method: str = "pearson", power: float = 1.0, keep_matrices: bool = True
 ) -> dict[str, Any]:
     """Everything a monitor reports for one layer: ``uc_nfa``, ``c_nfa``, ``rel_change``
     (``|W - W0|_F / |W|_F``), ``kernel_alignment`` and the decomposition ``norms``, plus the
-    matrices ``nfm`` and ``agop`` (of ``W``).
+    matrices ``nfm`` and ``agop`` (of ``W``; ``None`` unless ``keep_matrices``).
 
-    The centred ``dW^T dW`` and ``dW^T K dW`` are formed once (shared by the C-NFA and the
-    decomposition) and all scalars reach the host in one transfer."""
+    The terms are formed one after another and each is freed once its scalars are taken (the
+    centred ``dW^T dW`` and ``dW^T K dW`` are shared by the C-NFA and the decomposition); all scalars
+    reach the host in one transfer. :func:`diagnostics.layers.measure_memory` accounts for what
+    this allocates."""
     W0 = W0.to(W)
-    D = W - W0
     F, G = nfm(W), agop(W, K)
+    uc = matrix_correlation(F, psd_power(G, power), method)
+    if not keep_matrices:
+        F = G = None
+    alignment = kernel_alignment(W, K, method)
+    D = W - W0
     KD = K @ D
     FD, GD = nfm(D), D.t() @ KD  # = agop(D, K)
+    c = matrix_correlation(FD, psd_power(GD, power), method)
+    centered = torch.stack([FD.norm(), GD.norm()])
+    del FD, GD
     w_norm = W.norm()
-    corrs = torch.stack([
-        matrix_correlation(F, psd_power(G, power), method),
-        matrix_correlation(FD, psd_power(GD, power), method),
-        kernel_alignment(W, K, method),
-    ])
     rel_change = torch.where(w_norm > 0, D.norm() / w_norm, torch.full_like(w_norm, float("nan")))
-    norms = _decomposition_norms(W0, D, K, KD, FD, GD)
+    norms = _decomposition_norms(W0, D, K, KD, centered)
+    corrs = torch.stack([uc, c, alignment])
     values = torch.cat([corrs, torch.stack([rel_change]).to(corrs), norms.to(corrs)]).tolist()
     return {
         "uc_nfa": values[0],
@@ -143,3 +172,15 @@ def nfa_summary(
         "nfm": F,
         "agop": G,
     }
+
+
+def summary_memory(k: int, d: int, itemsize: int, power: float = 1.0, keep_matrices: bool = False) -> int:
+    """Peak bytes of the temporaries :func:`nfa_summary` allocates for a ``(k, d)`` weight in a dtype of
+    ``itemsize`` bytes (``K``, ``W`` and ``W0`` themselves not included): the largest of its stages,
+    ``max(2d² + kd, k², 2kd + 2d² (+ 4.25d² for power != 1), 3kd + d²)`` entries, plus the kept
+    ``nfm``/``agop`` (``2d²``) with ``keep_matrices``, plus the float64 blocks of the correlations.
+    Checked against the allocations the profiler records."""
+    eigh = 4.25 * d * d if power != 1 else 0.0  # symmetrised copy, eigenvectors, workspace, product
+    stages = (2 * d * d + k * d, k * k, 2 * k * d + 2 * d * d + eigh, 3 * k * d + d * d)
+    kept = 2 * d * d if keep_matrices else 0
+    return int(itemsize * (max(stages) + kept)) + 4 * 8 * min(_CORR_BLOCK, max(k, d) ** 2)

@@ -32,7 +32,8 @@ from .engine import (
     VJPPlan,
     vjp,
 )
-from .layers import DEFAULT_MAX_K, LayerAdapter, check_layer_sizes, find_linear_layers
+from .layers import DEFAULT_MAX_K, LayerAdapter, check_layer_sizes, find_linear_layers, format_bytes
+from .nfa import summary_memory
 
 __all__ = [
     "ptk_covariance",
@@ -42,10 +43,15 @@ __all__ = [
     "ESTIMATORS",
     "check_estimator",
     "work_dtype",
+    "covariance_from_sums",
+    "measure_memory",
+    "check_memory",
     "DEFAULT_SKETCH_SEED",
 ]
 
 ESTIMATORS = ("exact", "sketch")
+#: Entries of a k x k block Gram added to the float64 running sum at a time.
+ADD_BLOCK = 1 << 20
 #: Seed of the sketch projections when no generator is given (the same call gives the same ``K``).
 DEFAULT_SKETCH_SEED = 0
 
@@ -94,7 +100,99 @@ def _add_gram(
         rows = rows[:, keep]
     rows = rows.reshape(-1, rows.shape[-1]).to(buf.dtype)
     torch.mm(rows.t(), rows, out=buf)
-    acc.add_(buf, alpha=scale)
+    if acc.dtype == buf.dtype:
+        acc.add_(buf, alpha=scale)
+        return
+    step = max(1, ADD_BLOCK // buf.shape[1])  # a mixed-dtype add_ casts a full copy of buf (on CPU)
+    for i in range(0, buf.shape[0], step):
+        acc[i : i + step].add_(buf[i : i + step], alpha=scale)
+
+
+def covariance_from_sums(sums: dict[str, Tensor], counts: dict[str, int], name: str, adapter: LayerAdapter) -> Tensor:
+    """``K = K_unnorm / N`` of one layer in its working dtype; the running sum is taken out of ``sums``
+    and divided in place, so the float64 sum is freed as soon as ``K`` exists."""
+    return sums.pop(name).div_(max(counts[name], 1)).to(work_dtype(adapter))
+
+
+def measure_memory(
+    adapters: dict[str, LayerAdapter],
+    *,
+    summary: bool = True,
+    keep_matrices: bool = False,
+    agop_power: float = 1.0,
+    world_size: int = 1,
+    blocks: dict[str, list[int]] | None = None,
+) -> dict[str, int]:
+    """Bytes of the ``k x k`` / ``d x d`` matrices one measurement allocates: ``{layer: bytes}`` for each
+    layer measured alone and ``"total"`` for all of them at once (the peak over the measurement).
+
+    Per layer: the float64 running sum of ``K`` (``8k²``; 4 bytes on MPS), one ``k x k`` scratch per
+    distinct size, ``K`` itself (``k²`` in the working dtype, kept in ``NFAMonitor.last_K``) and, with
+    ``summary`` (``NFAMonitor.measure``), the NFA terms of :func:`diagnostics.nfa.summary_memory`,
+    formed one layer at a time (the weights of half-precision layers are copied to float32 there).
+    Under ``torch.distributed`` (``world_size > 1``) the sums are briefly held twice by the all-reduce.
+    ``blocks``: the row counts of each layer's blocks (``NFAMonitor(blocks=...)``), whose ``K_bb`` are kept too.
+    The forward and backward passes over one chunk of the probe come on top (bounded by ``chunk_size``
+    and ``VJP_BUDGET_BYTES`` per block of cotangents)."""
+
+    def sizes(names: list[str]) -> int:
+        acc, kept_K, scratch, convert, after, cast = [], [], {}, [], [], [0]
+        for n in names:
+            a = adapters[n]
+            w = a.weight_matrix()
+            dtype, acc_dtype = work_dtype(a), _acc_dtype(w.device)
+            item, acc_item = dtype.itemsize, acc_dtype.itemsize
+            K_bytes = item * a.k * a.k
+            acc.append(acc_item * a.k * a.k)
+            scratch[(a.k, dtype, w.device)] = K_bytes
+            own = 0 if dtype == acc_dtype else K_bytes  # float64 K is the divided sum itself
+            if dtype != acc_dtype:  # float64 copy of a block of the Gram when it is added to the sum
+                cast.append(acc_item * min(a.k * a.k, a.k * max(1, ADD_BLOCK // a.k)))
+            convert.append(acc[-1] + own)
+            temps = 0
+            if summary:
+                temps = summary_memory(a.k, a.d, item, agop_power, keep_matrices)
+                if w.dtype != dtype:  # W and W0 copied to the working dtype
+                    temps += 2 * item * a.k * a.d
+            sizes_b = (blocks or {}).get(n, [])
+            kept_nfa = 2 * item * a.d * a.d if summary and keep_matrices else 0  # nfm, agop per record
+            block_bytes = item * sum(r * r for r in sizes_b) + kept_nfa * len(sizes_b)
+            kept_K.append(K_bytes + block_bytes + kept_nfa)
+            after.append(K_bytes + block_bytes + temps)  # temps include this record's kept nfm/agop
+        sums_phase = sum(acc) * (2 if world_size > 1 else 1) + sum(scratch.values()) + max(cast)
+        # layer i is summarised while K (and kept matrices) of earlier layers and sums of later ones live
+        layer_phase = max(
+            sum(kept_K[:i]) + sum(acc[i + 1 :]) + max(convert[i], after[i]) for i in range(len(names))
+        )
+        return max(sums_phase, layer_phase)
+
+    out = {n: sizes([n]) for n in adapters}
+    out["total"] = sizes(list(adapters)) if adapters else 0
+    return out
+
+
+def check_memory(
+    adapters: dict[str, LayerAdapter],
+    max_k: int | None = DEFAULT_MAX_K,
+    max_memory: int | None = None,
+    **estimate_options: Any,
+) -> dict[str, int]:
+    """The :func:`measure_memory` estimate, after refusing layers larger than ``max_k`` (see
+    :func:`diagnostics.layers.check_layer_sizes`) and a total above ``max_memory`` bytes (``None``: no limit)."""
+    estimate = measure_memory(adapters, **estimate_options)
+    check_layer_sizes(adapters, max_k, estimate)
+    if max_memory is not None:
+        if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
+            raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
+        if estimate["total"] > max_memory:
+            top = sorted(adapters, key=estimate.__getitem__, reverse=True)[:5]
+            desc = ", ".join(f"{n!r} {format_bytes(estimate[n])}" for n in top)
+            raise ValueError(
+                f"measuring these layers needs about {format_bytes(estimate['total'])} of k x k / d x d "
+                f"matrices, more than max_memory={max_memory} bytes ({format_bytes(max_memory)}; largest: "
+                f"{desc}). Select fewer layers with layers=[...] or raise max_memory"
+            )
+    return estimate
 
 
 def _zero_sums(adapters: dict[str, LayerAdapter]) -> dict[str, Tensor]:
@@ -126,8 +224,13 @@ def ptk_sums(
     adapters = hooks.adapters
     generator = _as_generator(generator, next(iter(adapters.values())).weight_matrix().device)
     sums = _zero_sums(adapters)
-    with torch.inference_mode(False):  # scratch for the per-block Grams
-        bufs = {n: torch.empty(a.k, a.k, dtype=work_dtype(a), device=sums[n].device) for n, a in adapters.items()}
+    with torch.inference_mode(False):  # k x k scratch for the per-block Grams, one per size, dtype and device
+        scratch: dict[tuple, Tensor] = {}
+        for n, a in adapters.items():
+            key = (a.k, work_dtype(a), sums[n].device)
+            if key not in scratch:
+                scratch[key] = torch.empty(a.k, a.k, dtype=key[1], device=key[2])
+        bufs = {n: scratch[(a.k, work_dtype(a), sums[n].device)] for n, a in adapters.items()}
     counts: dict[str, Any] = {name: 0 for name in adapters}  # ints, or 0-dim tensors under a mask (one sync)
     plan = VJPPlan(allow_unused=allow_unused)
 
@@ -205,6 +308,7 @@ def ptk_covariance(
     process_group: Any = None,
     allow_unused: bool = False,
     sample_mask: SampleMask = None,
+    max_memory: int | None = None,
 ) -> dict[str, Tensor]:
     """PTK feature covariance per layer, ``K = (1/N) sum_alpha sum_c g_{alpha,c} g_{alpha,c}^T``
     with ``g_{alpha,c} = df_c(x_alpha)/dh_l`` (k x k, divided by the number of samples/tokens ``N``).
@@ -220,15 +324,20 @@ def ptk_covariance(
     tensor; ``sample_mask=False`` for none) only real tokens are samples (``N`` counts them) and outputs
     at padded positions are left out; outputs and layer outputs of shape ``(B, features)`` belong to
     the whole sequence.
+
+    Layers with ``k`` or ``d`` above ``max_k``, or a :func:`measure_memory` total above ``max_memory``
+    bytes, are refused before any computation.
     """
     adapters = find_linear_layers(model, layers)
-    check_layer_sizes(adapters, max_k)
+    check_memory(
+        adapters, max_k, max_memory, summary=False, world_size=distributed.world_size(process_group)
+    )
     hooks = LayerHooks(adapters)
     sums, counts = ptk_sums_all_ranks(
         model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch, process_group,
         allow_unused, sample_mask,
     )
-    return {n: (sums[n] / max(counts[n], 1)).to(work_dtype(adapters[n])) for n in sums}
+    return {n: covariance_from_sums(sums, counts, n, adapters[n]) for n in list(sums)}
 
 
 def layer_jacobians(

@@ -182,7 +182,7 @@ def test_bad_inputs() -> None:
 def test_size_guard() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 300))
-    with pytest.raises(ValueError, match=r"'2' \(k=300, d=8\).*layers=.*max_k"):
+    with pytest.raises(ValueError, match=r"'2' \(k=300, d=8, ~[\d.]+ [MK]iB\).*layers=.*max_k"):
         NFAMonitor(model, max_k=256)
     with pytest.raises(ValueError, match="max_k"):
         ptk_covariance(model, torch.randn(3, 4), max_k=256)

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import diagnostics.engine as engine
 from diagnostics import NFAMonitor, ptk_covariance
+from diagnostics.ptk import measure_memory
 
 from test_diag_ptk import reference_K, rel_err
 
@@ -288,3 +289,69 @@ def test_sample_mask_checks() -> None:
     assert all(torch.equal(K_mlp[n], ptk_covariance(model, x)[n]) for n in K_mlp)
     with pytest.raises(TypeError, match="sample_mask"):
         ptk_covariance(model, x, sample_mask="attention_mask")
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _peak_bytes(fn) -> int:
+    """Peak of the bytes allocated and not yet freed while ``fn`` runs, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize(
+    "widths, dtype, power, keep",
+    [
+        ((384,), torch.float32, 1.0, False),
+        ((384,), torch.float32, 0.5, True),
+        ((160, 384), torch.float64, 1.0, True),
+        ((384, 160, 256), torch.bfloat16, 1.0, False),
+    ],
+)
+def test_memory_estimate_bounds_what_measure_allocates(
+    monkeypatch: pytest.MonkeyPatch, widths: tuple[int, ...], dtype: torch.dtype, power: float, keep: bool
+) -> None:
+    import diagnostics.nfa as nfa
+
+    monkeypatch.setattr(nfa, "_CORR_BLOCK", 1024)  # small float64 blocks: the matrices dominate
+    torch.manual_seed(0)
+    mods: list[nn.Module] = [nn.Linear(8, 64), nn.Tanh()]
+    for a, b in zip((64, *widths), (*widths, 64)):
+        mods += [nn.Linear(a, b), nn.Tanh()]
+    model = nn.Sequential(*mods, nn.Linear(64, 2)).to(dtype)
+    names = [str(2 * i) for i in range(1, len(widths) + 2)]
+    x = torch.randn(4, 8, dtype=dtype)
+    NFAMonitor(model, layers=names, agop_power=power).measure(x, keep_matrices=keep)  # warm-up
+    mon = NFAMonitor(model, layers=names, agop_power=power)  # a fresh monitor: no earlier K to free
+    records: list = []
+    peak = _peak_bytes(lambda: records.append(mon.measure(x, keep_matrices=keep)))
+    estimate = mon.memory_estimate["total"] if keep else measure_memory(mon.adapters, agop_power=power)["total"]
+    slack = 2**18  # the forward/backward passes of the tiny probe are not part of the estimate
+    assert peak - slack <= estimate <= 1.25 * peak, (peak, estimate)
+    K_peak = _peak_bytes(lambda: ptk_covariance(model, x, layers=names))
+    K_estimate = measure_memory(mon.adapters, summary=False)["total"]
+    assert K_peak - slack <= K_estimate <= 1.25 * K_peak, (K_peak, K_estimate)
+
+
+def test_memory_guard_reports_the_estimate() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 300))
+    with pytest.raises(ValueError, match=r"'2' \(k=300, d=8, ~[\d.]+ MiB\).*about [\d.]+ MiB.*max_k"):
+        NFAMonitor(model, max_k=256)
+    est = NFAMonitor(model).memory_estimate
+    # one float32 layer with k = 300: float64 sum, scratch, K, and the k x k kernel-alignment term
+    assert est["2"] >= (8 + 4 + 4) * 300 * 300 and est["total"] >= est["2"]
+    with pytest.raises(ValueError, match=r"about [\d.]+ MiB .* more than max_memory=1048576 bytes \(1 MiB.*'2'"):
+        NFAMonitor(model, max_memory=2**20)
+    with pytest.raises(ValueError, match="max_memory"):
+        ptk_covariance(model, torch.randn(3, 4), max_memory=2**20)
+    assert NFAMonitor(model, max_memory=est["total"]).memory_estimate == est
