@@ -309,16 +309,18 @@ def _peak_bytes(fn) -> int:
 
 
 @pytest.mark.parametrize(
-    "widths, dtype, power, keep",
+    "widths, dtype, power, keep, blocks",
     [
-        ((384,), torch.float32, 1.0, False),
-        ((384,), torch.float32, 0.5, True),
-        ((160, 384), torch.float64, 1.0, True),
-        ((384, 160, 256), torch.bfloat16, 1.0, False),
+        ((384,), torch.float32, 1.0, False, None),
+        ((384,), torch.float32, 0.5, True, None),
+        ((160, 384), torch.float64, 1.0, True, None),
+        ((384, 160, 256), torch.bfloat16, 1.0, False, None),
+        ((384,), torch.float32, 1.0, True, {"2": 3}),
     ],
 )
 def test_memory_estimate_bounds_what_measure_allocates(
-    monkeypatch: pytest.MonkeyPatch, widths: tuple[int, ...], dtype: torch.dtype, power: float, keep: bool
+    monkeypatch: pytest.MonkeyPatch, widths: tuple[int, ...], dtype: torch.dtype, power: float, keep: bool,
+    blocks: dict | None,
 ) -> None:
     import diagnostics.nfa as nfa
 
@@ -330,8 +332,8 @@ def test_memory_estimate_bounds_what_measure_allocates(
     model = nn.Sequential(*mods, nn.Linear(64, 2)).to(dtype)
     names = [str(2 * i) for i in range(1, len(widths) + 2)]
     x = torch.randn(4, 8, dtype=dtype)
-    NFAMonitor(model, layers=names, agop_power=power).measure(x, keep_matrices=keep)  # warm-up
-    mon = NFAMonitor(model, layers=names, agop_power=power)  # a fresh monitor: no earlier K to free
+    NFAMonitor(model, layers=names, agop_power=power, blocks=blocks).measure(x, keep_matrices=keep)  # warm-up
+    mon = NFAMonitor(model, layers=names, agop_power=power, blocks=blocks)  # fresh: no earlier K to free
     records: list = []
     peak = _peak_bytes(lambda: records.append(mon.measure(x, keep_matrices=keep)))
     estimate = mon.memory_estimate["total"] if keep else measure_memory(mon.adapters, agop_power=power)["total"]
