@@ -39,6 +39,8 @@ __all__ = [
     "make_optimizer",
     "train_mse",
     "run_description",
+    "torch_device",
+    "nfa_long_rows",
 ]
 
 
@@ -251,6 +253,30 @@ def run_description(argv: Sequence[str], wall_s: float) -> str:
     cmd = " ".join(["python", *argv])
     return (f"`{cmd}` - wall time {wall_s:.0f} s on a {os.cpu_count()}-core {platform.machine()} CPU, "
             f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}.")
+
+
+def torch_device(text: str) -> torch.device:
+    """argparse ``type``: a ``torch.device`` that exists here (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    import argparse
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({exc}); use e.g. cpu or cuda") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text!r}: no such CUDA device here ({torch.cuda.device_count()} "
+                                         "visible); use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here; use --device cpu")
+    return device
+
+
+def nfa_long_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with one ``correlation`` value each and ``measure`` = UC-NFA or C-NFA (for one panel per layer with
+    both curves); ``step`` is the row's ``step`` or, where it has none, its ``epoch``."""
+    return [{"run": r["run"], "seed": r["seed"], "step": r.get("step", r.get("epoch")), "layer": r["layer"],
+             "measure": name, "correlation": r[key]}
+            for r in rows for key, name in (("uc_nfa", "UC-NFA"), ("c_nfa", "C-NFA"))]
 
 
 def markdown_table(header: Sequence[str], body: Iterable[Sequence[Any]]) -> str:

@@ -7,9 +7,11 @@ init), plain SGD, batch 128, MSE ``mean((f(x) - y)^2)``, first epoch at lr 1e-4 
 plain SGD, so each layer moves exactly ``lr·C_l`` per step. After every epoch it records each layer's
 UC-NFA and C-NFA (``NFAMonitor``, exact ``K`` on a fixed probe of training images) and the train/test
 loss and accuracy; at the end it draws the first-layer NFM diagonal ``diag(W_1^T W_1)`` as an image.
+``--preset authors`` applies the authors' per-dataset (lr, epochs): cifar10, cifar100, svhn (2.0, 150); stl10,
+gtsrb (0.1, 150); mnist (10.0, 50); lr scaled by C/10. Images are 32x32 (MNIST 28x28).
 
     python examples/image_mlp.py --dataset digits --optimizer both --out results/image_mlp_digits
-    python examples/image_mlp.py --dataset svhn --data-dir ~/data/svhn --optimizer both --out runs/svhn
+    python examples/image_mlp.py --dataset cifar10 --data-dir ~/data --preset authors --out runs/cifar10
 
 Writes ``metrics.csv``, ``nfm_diagonal.csv``, ``results.md``, ``nfa_curves.png``, ``loss_accuracy.png`` and
 ``nfm_diagonal.png`` to ``--out``. A missing or malformed data folder exits with status 2 and writes nothing.
@@ -32,15 +34,17 @@ from common import (
     make_optimizer,
     mean_std_table,
     minibatches,
+    nfa_long_rows,
     progress,
     run_description,
     set_seed,
     settings_table,
+    torch_device,
     write_csv,
     write_text,
 )
 from diagnostics import NFAMonitor, matrix_correlation, plot_matrices, plot_nfa_curves, plot_scalar_curves
-from image_data import DataError, ImageData, load_dataset, mlp_tensors, pixel_map
+from image_data import DATASETS, NATIVE_SIZE, DataError, ImageData, load_dataset, mlp_tensors, pixel_map
 
 # SLO over plain SGD moves layer l by exactly lr·C_l per step (Frobenius norm). With C = 500 and lr = 1e-3 the
 # promoted layer moves 0.5 per step (about 5% of its default-init norm sqrt(256/3) ≈ 9.2, a share that falls
@@ -48,6 +52,9 @@ from image_data import DataError, ImageData, load_dataset, mlp_tensors, pixel_ma
 # slow to fit the digits in 150 epochs (see the README). No warm-up epoch: the step size is fixed by construction.
 SLO_LR = 1e-3
 SLO_C = 500.0
+#: The authors' (lr for 10 classes, epochs) per data set; the lr is scaled by C/10.
+AUTHORS_PRESET = {"cifar10": (2.0, 150), "cifar100": (2.0, 150), "svhn": (2.0, 150), "stl10": (0.1, 150),
+                  "gtsrb": (0.1, 150), "mnist": (10.0, 50)}
 
 
 @torch.no_grad()
@@ -63,7 +70,10 @@ def schedule(args: argparse.Namespace, optimizer: str, num_classes: int) -> tupl
     """(learning rate of the first epoch, learning rate afterwards) for ``optimizer``."""
     if optimizer == "slo":
         return args.slo_lr, args.slo_lr
-    return args.warmup_lr, (args.lr if args.lr is not None else 2.0 * num_classes / 10)
+    if args.lr is not None:
+        return args.warmup_lr, args.lr
+    base = AUTHORS_PRESET[args.dataset][0] if args.preset == "authors" else 2.0
+    return args.warmup_lr, base * num_classes / 10
 
 
 def train_run(
@@ -74,9 +84,9 @@ def train_run(
     X, Y, Xt, Yt = tensors
     C = data.num_classes
     set_seed(seed)
-    model = bias_free_mlp(X.shape[1], args.width, args.depth, C)
+    model = bias_free_mlp(X.shape[1], args.width, args.depth, C).to(X.device)
     first = model[0].weight
-    maps = {"init": pixel_map((first.detach() ** 2).sum(dim=0), data.image_shape)}  # diag(W^T W)_i = sum_k W_ki^2
+    maps = {"init": pixel_map((first.detach() ** 2).sum(dim=0).cpu(), data.image_shape)}  # diag(W^T W)_i = sum_k W_ki^2
     warm_lr, lr = schedule(args, optimizer, C)
     opt = make_optimizer(model, optimizer, warm_lr, C=args.slo_C, layer=args.promote_layer)
     mon = NFAMonitor(model)
@@ -86,8 +96,8 @@ def train_run(
     status = "completed"
 
     def record(epoch: int, epoch_lr: float) -> None:
-        train_loss, train_acc = loss_accuracy(model, X, Y, data.train.labels)
-        test_loss, test_acc = loss_accuracy(model, Xt, Yt, data.test.labels)
+        train_loss, train_acc = loss_accuracy(model, X, Y, data.train.labels.to(X.device))
+        test_loss, test_acc = loss_accuracy(model, Xt, Yt, data.test.labels.to(X.device))
         for rec in mon.measure(probe, step=epoch).values():
             values = dict(uc_nfa=rec.uc_nfa, c_nfa=rec.c_nfa, rel_change=rec.rel_change,
                           kernel_alignment=rec.kernel_alignment, lr=epoch_lr, train_loss=train_loss,
@@ -101,6 +111,7 @@ def train_run(
         for group in opt.param_groups:
             group["lr"] = epoch_lr
         for idx in minibatches(X.shape[0], args.batch, steps_per_epoch, gen):
+            idx = idx.to(X.device)
             loss = ((model(X[idx]) - Y[idx]) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -110,7 +121,7 @@ def train_run(
             break
         record(epoch, epoch_lr)
     mon.detach()
-    maps["final"] = pixel_map((first.detach() ** 2).sum(dim=0), data.image_shape)
+    maps["final"] = pixel_map((first.detach() ** 2).sum(dim=0).cpu(), data.image_shape)
     return rows, maps, status
 
 
@@ -132,18 +143,15 @@ def tracking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def nfa_long_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows with one ``correlation`` value each and ``measure`` = UC-NFA or C-NFA (for one panel per layer)."""
-    return [{"run": r["run"], "seed": r["seed"], "step": r["step"], "layer": r["layer"], "measure": name,
-             "correlation": r[key]} for r in rows for key, name in (("uc_nfa", "UC-NFA"), ("c_nfa", "C-NFA"))]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", choices=("svhn", "celeba", "digits"), required=True)
-    ap.add_argument("--data-dir", type=Path, help="folder with the data files (svhn, celeba)")
+    ap.add_argument("--dataset", choices=DATASETS, required=True)
+    ap.add_argument("--data-dir", type=Path, help="folder with the data files (all but digits)")
+    ap.add_argument("--preset", choices=("default", "authors"), default="default",
+                    help="authors: their per-dataset lr and epochs (explicit --lr / --epochs win)")
     ap.add_argument("--optimizer", choices=("sgd", "slo", "both"), default="both")
-    ap.add_argument("--epochs", type=int, default=150, help="training epochs, the first at --warmup-lr")
+    ap.add_argument("--epochs", type=int, help="training epochs, the first at --warmup-lr (default 150, or the "
+                    "preset's)")
     ap.add_argument("--max-train", type=int, help="random subset of the training set (CelebA: balanced)")
     ap.add_argument("--max-test", type=int, help="random subset of the test set (CelebA: balanced)")
     ap.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds")
@@ -160,7 +168,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--promote-layer", default="0", help="module name of the promoted layer ('0' = first)")
     ap.add_argument("--probe", type=int, default=500, help="training images on which K is computed")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--device", type=torch_device, default="cpu", help="torch device, e.g. cpu or cuda")
     args = ap.parse_args(argv)
+    if args.preset == "authors" and args.dataset not in AUTHORS_PRESET:
+        ap.error(f"--preset authors has no settings for {args.dataset} (only {', '.join(AUTHORS_PRESET)}); "
+                 "use --preset default")
+    if args.epochs is None:
+        args.epochs = AUTHORS_PRESET[args.dataset][1] if args.preset == "authors" else 150
     for name in ("epochs", "width", "depth", "batch", "probe", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -171,8 +185,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < least:
             ap.error(f"--{name.replace('_', '-')} must be >= {least} for {args.dataset}, got {value}")
-    if args.image_size is not None and (args.image_size < 1 or (args.dataset == "svhn" and args.image_size != 32)):
-        ap.error(f"--image-size {args.image_size}: SVHN images are 32x32; CelebA and digits take a positive size")
+    native = NATIVE_SIZE.get(args.dataset)
+    if args.image_size is not None and (args.image_size < 1 or native not in (None, args.image_size)):
+        ap.error(f"--image-size {args.image_size}: {args.dataset.upper()} images are {native}x{native}; only CelebA "
+                 "and digits take a size")
     return args
 
 
@@ -197,7 +213,7 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
     final = [r for r in rows if r["step"] == end[r["run"], r["seed"]]]
     first_layer = [r for r in final if r["layer"] == "0"]
     track = tracking(rows)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
     for name in runs:
         warm, lr = schedule(args, name, data.num_classes)
         settings[f"lr schedule ({name})"] = f"epoch 1: {warm:g}, then {lr:g}"
@@ -246,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    tensors = mlp_tensors(data)
+    tensors = tuple(t.to(args.device) for t in mlp_tensors(data))
     probe = tensors[0][probe_indices(args, data)]
     rows: list[dict[str, Any]] = []
     maps: dict[str, Tensor] = {}

@@ -120,3 +120,68 @@ def test_bad_arguments_exit_2(
     code, err = _main_exit([*args, "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and expected in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dataset,writer,classes,side", [  # the 3x32x32 formats of 10 classes or fewer: slow
+    ("cifar100", "cifar_python", 100, 32), ("mnist", "mnist_gz", 10, 28),
+    pytest.param("cifar10", "cifar_binary", 10, 32, marks=pytest.mark.slow),
+    pytest.param("stl10", "stl10", 10, 32, marks=pytest.mark.slow),
+    pytest.param("gtsrb", "gtsrb", 3, 32, marks=pytest.mark.slow),
+])
+def test_authors_datasets_one_epoch(tmp_path: Path, dataset: str, writer: str, classes: int, side: int) -> None:
+    from test_image_formats import write_cifar, write_gtsrb, write_mnist, write_stl10
+
+    data = tmp_path / "data"
+    {"cifar_binary": lambda: write_cifar(data, 10, "binary", per_batch=16),
+     "cifar_python": lambda: write_cifar(data, 100, "python", "py2", per_batch=70),
+     "mnist_gz": lambda: write_mnist(data, n_train=70, gz=True), "stl10": lambda: write_stl10(data, n_train=12),
+     "gtsrb": lambda: write_gtsrb(data, per_class=4)}[writer]()
+    out = tmp_path / "out"
+    args = ["--dataset", dataset, "--data-dir", str(data), "--preset", "authors", "--max-train", "64",
+            "--optimizer", "sgd", *TINY, "--out", str(out)]
+    threads = torch.get_num_threads()
+    try:
+        _image_mlp().main(args)
+    finally:
+        torch.set_num_threads(threads)
+    with open(out / "metrics.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["step"] for r in rows} == {"0", "1"} and {r["layer"] for r in rows} == {"0", "2", "4"}
+    assert all(-1 - 1e-6 <= float(r["uc_nfa"]) <= 1 + 1e-6 and 0 <= float(r["test_acc"]) <= 1 for r in rows)
+    with open(out / "nfm_diagonal.csv", newline="", encoding="utf-8") as fh:
+        cells = [r for r in csv.DictReader(fh) if r["map"] == "init"]
+    assert len(cells) == side * side  # one value per pixel of the side x side input
+    assert f"{classes} classes" in (out / "results.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("dataset,lr,epochs", [("cifar10", 2.0, 150), ("cifar100", 20.0, 150), ("svhn", 2.0, 150),
+                                              ("stl10", 0.1, 150), ("gtsrb", 0.43, 150), ("mnist", 10.0, 50)])
+def test_authors_preset_lr_and_epochs(dataset: str, lr: float, epochs: int) -> None:
+    mlp = _image_mlp()
+    classes = {"cifar100": 100, "gtsrb": 43}.get(dataset, 10)
+    args = mlp.parse_args(["--dataset", dataset, "--data-dir", "x", "--preset", "authors", "--out", "o"])
+    assert args.epochs == epochs
+    warm, after = mlp.schedule(args, "sgd", classes)
+    assert warm == 1e-4 and after == pytest.approx(lr)  # the authors' lr scaled by C/10
+    explicit = mlp.parse_args(["--dataset", dataset, "--data-dir", "x", "--preset", "authors", "--epochs", "3",
+                               "--lr", "0.5", "--out", "o"])
+    assert explicit.epochs == 3 and mlp.schedule(explicit, "sgd", classes) == (1e-4, 0.5)
+    default = mlp.parse_args(["--dataset", dataset, "--data-dir", "x", "--out", "o"])
+    assert default.epochs == 150 and mlp.schedule(default, "sgd", classes)[1] == pytest.approx(2.0 * classes / 10)
+
+
+def test_authors_preset_needs_a_listed_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _main_exit(["--dataset", "digits", "--preset", "authors", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--preset authors has no settings for digits" in err
+
+
+@pytest.mark.parametrize("dataset,expected", [("cifar100", "cifar-100-python/train"),
+                                              ("mnist", "MNIST/raw/train-images-idx3-ubyte"),
+                                              ("stl10", "stl10_binary/train_X.bin"),
+                                              ("gtsrb", "gtsrb/GT-final_test.csv")])
+def test_new_datasets_missing_files_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], dataset: str,
+                                           expected: str) -> None:
+    out = tmp_path / "out"
+    code, err = _main_exit(["--dataset", dataset, "--data-dir", str(tmp_path), "--out", str(out)], capsys)
+    assert code == 2 and str(tmp_path / expected) in err and "http" in err
+    assert not out.exists()
