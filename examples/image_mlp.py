@@ -34,6 +34,7 @@ from common import (
     make_optimizer,
     mean_std_table,
     minibatches,
+    PhaseTimer,
     nfa_long_rows,
     progress,
     run_description,
@@ -95,10 +96,15 @@ def train_run(
     rows: list[dict[str, Any]] = []
     status = "completed"
 
+    timer = PhaseTimer()
+
     def record(epoch: int, epoch_lr: float) -> None:
-        train_loss, train_acc = loss_accuracy(model, X, Y, data.train.labels.to(X.device))
-        test_loss, test_acc = loss_accuracy(model, Xt, Yt, data.test.labels.to(X.device))
-        for rec in mon.measure(probe, step=epoch).values():
+        with timer("train and test sets"):
+            train_loss, train_acc = loss_accuracy(model, X, Y, data.train.labels.to(X.device))
+            test_loss, test_acc = loss_accuracy(model, Xt, Yt, data.test.labels.to(X.device))
+        with timer(f"K and NFA on {probe.shape[0]} images"):
+            records = mon.measure(probe, step=epoch)
+        for rec in records.values():
             values = dict(uc_nfa=rec.uc_nfa, c_nfa=rec.c_nfa, rel_change=rec.rel_change,
                           kernel_alignment=rec.kernel_alignment, lr=epoch_lr, train_loss=train_loss,
                           train_acc=train_acc, test_loss=test_loss, test_acc=test_acc)
@@ -106,21 +112,24 @@ def train_run(
                          **{k: float(f"{v:.5g}") for k, v in values.items()}})
 
     record(0, 0.0)
+    timer.seconds.clear()  # per-epoch figures below: epochs 1.. only
     for epoch in progress(range(1, args.epochs + 1), desc=f"{data.name} {optimizer} seed {seed}"):
         epoch_lr = warm_lr if epoch == 1 else lr
         for group in opt.param_groups:
             group["lr"] = epoch_lr
-        for idx in minibatches(X.shape[0], args.batch, steps_per_epoch, gen):
-            idx = idx.to(X.device)
-            loss = ((model(X[idx]) - Y[idx]) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        with timer(f"train ({steps_per_epoch} steps)"):
+            for idx in minibatches(X.shape[0], args.batch, steps_per_epoch, gen):
+                idx = idx.to(X.device)
+                loss = ((model(X[idx]) - Y[idx]) ** 2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             status = f"diverged in epoch {epoch} (non-finite weights); stopped"
             break
         record(epoch, epoch_lr)
     mon.detach()
+    print(f"{optimizer} seed {seed}: {timer.per_epoch(max(r['step'] for r in rows))}", file=sys.stderr)
     maps["final"] = pixel_map((first.detach() ** 2).sum(dim=0).cpu(), data.image_shape)
     return rows, maps, status
 

@@ -1,0 +1,332 @@
+"""VGG-11 without BatchNorm on images: UC-NFA and C-NFA of all eight conv layers in patch space, every epoch.
+
+The authors' conv settings: VGG-11's eight 3x3 conv layers (padding 1, stride 1) with max-pooling, an
+average pool to 1x1 and the classifier 512 -> 4096 -> 4096 -> classes with dropout; Kaiming-normal (fan_out)
+conv init and N(0, 0.01) linear init (biases 0); SGD with momentum 0.9 and batch 256 on the MSE to one-hot
+labels minus 1/C, one epoch at lr 1e-4, then lr 1.0. A conv layer is measured as the linear map
+``h = W p`` on its unfolded 3x3 patches ``p``: ``W`` is the weight reshaped to ``(out, in·3·3)`` and ``K``
+sums over samples, outputs and spatial positions. ``--width-mult`` scales every channel count and the
+classifier's hidden width (1 = the real VGG-11). ``digits`` (scikit-learn's 8x8 digits upsampled to 32x32,
+three channels) is an offline smoke run, not the paper's data.
+
+    python examples/image_cnn.py --dataset digits --optimizer both --width-mult 0.25 --out results/image_cnn_digits
+    python examples/image_cnn.py --dataset cifar10 --data-dir ~/data --optimizer both --device cuda --out runs/vgg
+
+Writes ``metrics.csv``, ``results.md``, ``nfa_curves.png`` and ``loss_accuracy.png`` to ``--out``. A missing or
+malformed data folder exits with status 2 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from common import (
+    mean_std_table,
+    minibatches,
+    PhaseTimer,
+    nfa_long_rows,
+    progress,
+    run_description,
+    set_seed,
+    settings_table,
+    torch_device,
+    write_csv,
+    write_text,
+)
+from diagnostics import NFAMonitor, plot_nfa_curves, plot_scalar_curves
+from image_data import DataError, ImageData, centered_one_hot, channel_stats, load_dataset, standardize
+
+#: VGG-11's feature stack ("A" in the VGG paper): conv output channels, "M" = 2x2 max-pool.
+VGG11_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+CLASSIFIER_WIDTH = 4096
+# SLO over SGD with momentum 0.9: the promoted layer's normalised gradient has norm C, so one step moves it
+# lr·C = 0.025 (up to 10x that once momentum has built up along a steady direction), about 1% of the
+# first conv layer's init norm sqrt(2·in_channels) = sqrt(6) ≈ 2.45 (independent of the width); the other
+# layers move lr/C = 1e-7 per step, i.e. they stay at their init.
+SLO_LR = 5e-5
+SLO_C = 500.0
+
+
+def vgg11(num_classes: int, width_mult: float = 1.0, in_channels: int = 3, dropout: float = 0.5) -> nn.Sequential:
+    """VGG-11 without BatchNorm: ``features`` (conv1..conv8 with ReLU and max-pools), ``avgpool`` to 1x1 and
+    ``classifier`` (Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear); every channel count and the
+    classifier width multiplied by ``width_mult`` (rounded, at least 1). Init as torchvision's VGG:
+    conv ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``, linear ``N(0, 0.01)``, biases 0."""
+    if not (math.isfinite(width_mult) and width_mult > 0):
+        raise ValueError(f"vgg11: width_mult must be a finite number > 0, got {width_mult!r}")
+
+    def scaled(c: int) -> int:
+        return max(1, round(c * width_mult))
+
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels, conv, pool = in_channels, 0, 0
+    for item in VGG11_CONFIG:
+        if item == "M":
+            pool += 1
+            layers[f"pool{pool}"] = nn.MaxPool2d(kernel_size=2, stride=2)
+        else:
+            conv += 1
+            layers[f"conv{conv}"] = nn.Conv2d(channels, scaled(int(item)), kernel_size=3, padding=1)
+            layers[f"relu{conv}"] = nn.ReLU(inplace=True)
+            channels = scaled(int(item))
+    hidden = scaled(CLASSIFIER_WIDTH)
+    model = nn.Sequential(OrderedDict(
+        features=nn.Sequential(layers),
+        avgpool=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(),
+        classifier=nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        ),
+    ))
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def conv_layers(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Conv2d`` modules of ``model`` in model order (``features.conv1`` ... ``features.conv8``)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def cnn_tensors(data: ImageData, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(X_train, Y_train, X_test, Y_test)`` on ``device``: images with three channels (a grey channel is
+    repeated), standardised per channel with the training mean/std; targets one-hot minus ``1/C``."""
+    mean, std = channel_stats(data.train.images)
+    out = []
+    for split in (data.train, data.test):
+        x = standardize(split.images, mean, std)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        out += [x.contiguous().to(device), centered_one_hot(split.labels, data.num_classes).to(device)]
+    return out[0], out[1], out[2], out[3]
+
+
+@torch.no_grad()
+def loss_accuracy(model: nn.Module, X: Tensor, Y: Tensor, batch: int = 1000) -> tuple[float, float]:
+    """MSE ``mean((f(x) - y)^2)`` and accuracy ``mean(argmax f(x) == argmax y)`` in eval mode, in batches."""
+    model.eval()
+    sq, hits = X.new_zeros((), dtype=torch.float64), X.new_zeros((), dtype=torch.int64)
+    for start in range(0, X.shape[0], batch):
+        out, y = model(X[start:start + batch]), Y[start:start + batch]
+        sq += ((out - y) ** 2).sum(dtype=torch.float64)
+        hits += (out.argmax(dim=1) == y.argmax(dim=1)).sum()
+    model.train()
+    return float(sq / Y.numel()), float(hits) / X.shape[0]
+
+
+def make_optimizer(model: nn.Module, optimizer: str, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """SGD with momentum (``sgd``), or SLO over it (``slo``): the first conv layer at speed ``C``, every other
+    layer (each conv or linear module: weight and bias together) at ``1/C``."""
+    base = torch.optim.SGD(model.parameters(), lr=args.warmup_lr, momentum=args.momentum)
+    if optimizer == "sgd":
+        return base
+    from slo_torch import SLOptimizer, promote
+
+    return SLOptimizer(base, model=model, speeds=promote(model, conv_layers(model)[0], args.slo_C))
+
+
+def schedule(args: argparse.Namespace, optimizer: str) -> tuple[float, float]:
+    """(learning rate of the first epoch, learning rate afterwards) for ``optimizer``."""
+    return (args.slo_lr, args.slo_lr) if optimizer == "slo" else (args.warmup_lr, args.lr)
+
+
+def train_run(args: argparse.Namespace, data: ImageData, tensors: tuple[Tensor, ...], probe: Tensor,
+              optimizer: str, seed: int) -> tuple[list[dict[str, Any]], str]:
+    """Train one (optimizer, seed); return one row per (epoch, conv layer) (epoch 0 = init) and a status line."""
+    X, Y, Xt, Yt = tensors
+    set_seed(seed)
+    model = vgg11(data.num_classes, args.width_mult).to(X.device)
+    opt = make_optimizer(model, optimizer, args)
+    warm_lr, lr = schedule(args, optimizer)
+    mon = NFAMonitor(model, layers=conv_layers(model))
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    steps = max(1, X.shape[0] // args.batch)
+    rows: list[dict[str, Any]] = []
+
+    timer = PhaseTimer()
+
+    def record(epoch: int, epoch_lr: float, train_loss: float) -> None:
+        with timer("test set"):
+            test_loss, test_acc = loss_accuracy(model, Xt, Yt)
+        with timer(f"K and NFA on {probe.shape[0]} images"):
+            records = mon.measure(probe, step=epoch)
+        for rec in records.values():
+            values = dict(uc_nfa=rec.uc_nfa, c_nfa=rec.c_nfa, rel_change=rec.rel_change,
+                          kernel_alignment=rec.kernel_alignment, lr=epoch_lr, train_loss=train_loss,
+                          test_loss=test_loss, test_acc=test_acc)
+            rows.append({"run": optimizer, "seed": seed, "epoch": epoch, "layer": rec.layer,
+                         **{k: float(f"{v:.5g}") for k, v in values.items()}})
+
+    status = "completed"
+    record(0, 0.0, loss_accuracy(model, X, Y)[0])
+    timer.seconds.clear()  # per-epoch figures below: epochs 1.. only
+    for epoch in progress(range(1, args.epochs + 1), desc=f"{data.name} {optimizer} seed {seed}"):
+        epoch_lr = warm_lr if epoch == 1 else lr
+        for group in opt.param_groups:
+            group["lr"] = epoch_lr
+        total = X.new_zeros((), dtype=torch.float64)
+        with timer(f"train ({steps} steps of {min(args.batch, X.shape[0])})"):
+            for idx in minibatches(X.shape[0], args.batch, steps, gen):
+                idx = idx.to(X.device)
+                loss = ((model(X[idx]) - Y[idx]) ** 2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach()
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            status = f"diverged in epoch {epoch} (non-finite weights); stopped"
+            break
+        record(epoch, epoch_lr, float(total) / steps)
+    mon.detach()
+    print(f"{optimizer} seed {seed}: {timer.per_epoch(max(r['epoch'] for r in rows))}", file=sys.stderr)
+    return rows, status
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--dataset", choices=("cifar10", "digits"), required=True,
+                    help="cifar10 (the paper's data) or digits (offline smoke run)")
+    ap.add_argument("--data-dir", type=Path, help="folder holding cifar-10-batches-py/ or cifar-10-batches-bin/")
+    ap.add_argument("--optimizer", choices=("sgd", "slo", "both"), default="both")
+    ap.add_argument("--epochs", type=_positive_int, default=150, help="training epochs, the first at --warmup-lr")
+    ap.add_argument("--max-train", type=_positive_int, help="random subset of the training set (default: all)")
+    ap.add_argument("--max-test", type=_positive_int, help="random subset of the test set (default: all)")
+    ap.add_argument("--probe", type=_positive_int, default=1000, help="first training images on which K is computed")
+    ap.add_argument("--width-mult", type=_positive_float, default=1.0,
+                    help="multiplies every channel count and the classifier width (1 = VGG-11)")
+    ap.add_argument("--seed", type=_seed, nargs="+", default=[0], help="one or more seeds")
+    ap.add_argument("--out", type=Path, required=True, help="output folder")
+    ap.add_argument("--batch", type=_positive_int, default=256)
+    ap.add_argument("--lr", type=_positive_float, default=1.0, help="SGD learning rate after the first epoch")
+    ap.add_argument("--warmup-lr", type=_positive_float, default=1e-4, help="SGD learning rate of the first epoch")
+    ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (also under SLO)")
+    ap.add_argument("--slo-lr", type=_positive_float, default=SLO_LR, help="learning rate under SLO (every epoch)")
+    ap.add_argument("--slo-C", type=_positive_float, default=SLO_C,
+                    help="SLO speed of the first conv layer (every other layer 1/C)")
+    ap.add_argument("--device", type=torch_device, default="cpu", help="torch device, e.g. cpu or cuda")
+    ap.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if not 0.0 <= args.momentum < 1.0:
+        ap.error(f"--momentum must lie in [0, 1), got {args.momentum}")
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out} exists and is not a folder; pass a folder path (new or existing)")
+    parent = args.out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        ap.error(f"--out {args.out}: {parent} is not writable; pass a folder you can write to")
+    return args
+
+
+def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str, Any]], statuses: list[str],
+                  wall: float, command: list[str], n_probe: int) -> str:
+    """metrics.csv, nfa_curves.png, loss_accuracy.png and results.md; returns the markdown."""
+    out = args.out
+    write_csv(rows, out / "metrics.csv")
+    plot_rows = [{**r, "step": r["epoch"]} for r in rows]
+    plot_nfa_curves(nfa_long_rows(rows), out / "nfa_curves.png", metrics=("correlation",), linestyle_key="measure",
+                    title=f"{data.name}, VGG-11 x{args.width_mult:g}: UC-NFA (solid) and C-NFA (dashed) per conv "
+                          "layer, patch space; x = epoch")
+    plot_scalar_curves(plot_rows, out / "loss_accuracy.png", keys=("train_loss", "test_loss", "test_acc"),
+                       log_keys=("train_loss", "test_loss"), title=f"{data.name}, VGG-11 x{args.width_mult:g}; x = epoch")
+    end: dict[tuple[Any, Any], int] = {}
+    for r in rows:
+        end[r["run"], r["seed"]] = max(end.get((r["run"], r["seed"]), 0), r["epoch"])
+    final = [r for r in rows if r["epoch"] == end[r["run"], r["seed"]]]
+    first = [r for r in final if r["layer"] == rows[0]["layer"]]
+    channels = [m.out_channels for m in vgg11(data.num_classes, args.width_mult).modules() if isinstance(m, nn.Conv2d)]
+    settings = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
+    settings["conv channels"] = " ".join(map(str, channels))
+    settings["classifier"] = f"{channels[-1]} -> {max(1, round(CLASSIFIER_WIDTH * args.width_mult))} x 2 -> " \
+                             f"{data.num_classes}, dropout 0.5"
+    for name in dict.fromkeys(r["run"] for r in rows):
+        warm, lr = schedule(args, name)
+        settings[f"lr schedule ({name})"] = f"epoch 1: {warm:g}, then {lr:g}"
+    c, h, w = data.image_shape
+    text = (
+        f"# VGG-11 (no BatchNorm) on {data.name}, width x{args.width_mult:g}\n\n{run_description(command, wall)}\n\n"
+        + ("Smoke run on scikit-learn's 8x8 digits upsampled to 32x32 with the grey channel repeated three "
+           "times - not the paper's data.\n\n" if data.name == "digits" else "")
+        + f"Data: {len(data.train)} train / {len(data.test)} test images, {c}x{h}x{w} (fed as 3 channels), "
+        f"{data.num_classes} classes; K on the first {n_probe} training images, every conv layer in patch space "
+        "(`W` = weight reshaped to (out, in·3·3), `K` summed over samples, outputs and positions).\n\n"
+        + (("**Runs that did not finish:** " + "; ".join(statuses) + "\n\n") if statuses else "")
+        + f"## Final loss and accuracy (mean ± std over seeds {args.seed})\n\n"
+        "`train_loss`: mean minibatch loss of the last epoch (dropout on); epoch 0: the initial network's loss on "
+        "the training set.\n\n"
+        + mean_std_table(first, ["run", "epoch"], ["train_loss", "test_loss", "test_acc"])
+        + "\n## Final NFA correlations per conv layer\n\n"
+        + mean_std_table(final, ["run", "layer"], ["uc_nfa", "c_nfa", "rel_change", "kernel_alignment"])
+        + "\n## Settings\n\n" + settings_table(settings)
+        + "\nFigures: `nfa_curves.png` (one column per conv layer), `loss_accuracy.png`.\n"
+    )
+    write_text(out / "results.md", text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    try:  # read and check all data before anything is written
+        data = load_dataset(args.dataset, args.data_dir, image_size=32 if args.dataset == "digits" else None,
+                            max_train=args.max_train, max_test=args.max_test, seed=0)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    tensors = cnn_tensors(data, args.device)
+    probe = tensors[0][: args.probe]  # the loader shuffled the training set once (seed 0)
+    rows: list[dict[str, Any]] = []
+    unfinished: list[str] = []
+    for optimizer in (("sgd", "slo") if args.optimizer == "both" else (args.optimizer,)):
+        for seed in args.seed:
+            run_rows, status = train_run(args, data, tensors, probe, optimizer, seed)
+            rows += run_rows
+            if status != "completed":
+                unfinished.append(f"{optimizer} seed {seed}: {status}")
+    wall = time.perf_counter() - t0
+    print(write_outputs(args, data, rows, unfinished, wall, ["examples/image_cnn.py", *argv], probe.shape[0]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Conv2d layers of a VGG-11 (no BatchNorm, 3x3 padding 1, max-pools): K, the patch-space NFM and AGOP against
+independent float64 references, and SLO treating each conv module (weight and bias) as one layer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diagnostics import NFAMonitor, find_linear_layers, ptk_covariance
+from slo_torch import SLOptimizer, promote, resolve_layers
+from test_diag_ptk import reference_K, rel_err
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from image_cnn import conv_layers, vgg11  # noqa: E402
+
+
+def tiny_vgg(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = vgg11(num_classes=4, width_mult=1 / 32).double()  # channels 2 4 8 8 16 16 16 16, classifier 128
+    with torch.no_grad():  # move the biases off zero so they would show up if they wrongly entered K
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.bias.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def test_vgg_conv_K_matches_jacrev_reference_for_all_eight_layers() -> None:
+    model = tiny_vgg()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    names = conv_layers(model)
+    assert len(names) == 8
+    K = ptk_covariance(model, x, layers=names, chunk_size=2)
+    ref = reference_K(model, x, names)  # jacrev w.r.t. zero perturbations of each conv output, per position
+    for n in names:
+        assert K[n].shape == ref[n].shape == (model.get_submodule(n).out_channels,) * 2
+        assert rel_err(K[n], ref[n]) < 1e-10, n
+
+
+def patch_agop(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """``(1/N) sum over samples, outputs c and positions p of grad_p f_c grad_p f_c^T``, the gradient taken w.r.t.
+    the unfolded 3x3 patch at ``p`` as an independent input (the conv recomputed as ``W p + b`` by hand)."""
+    conv = model.get_submodule(name)
+    leaf: dict[str, torch.Tensor] = {}
+
+    def as_patches(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        patches = F.unfold(args[0], 3, padding=1).detach().requires_grad_(True)  # (B, in*9, H*W)
+        leaf["p"] = patches
+        h = module.weight.reshape(module.out_channels, -1) @ patches + module.bias[:, None]
+        return h.reshape(output.shape)
+
+    handle = conv.register_forward_hook(as_patches)
+    try:
+        f = model(x)
+    finally:
+        handle.remove()
+    total = torch.zeros(leaf["p"].shape[1], leaf["p"].shape[1], dtype=torch.float64)
+    for c in range(f.shape[1]):
+        g = torch.autograd.grad(f[:, c].sum(), leaf["p"], retain_graph=True)[0]  # (B, in*9, H*W)
+        rows = g.transpose(1, 2).reshape(-1, g.shape[1])
+        total += rows.t() @ rows
+    return total / (leaf["p"].shape[0] * leaf["p"].shape[2])
+
+
+def test_vgg_patch_space_nfm_and_agop() -> None:
+    model = tiny_vgg(1)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    names = conv_layers(model)
+    with NFAMonitor(model, layers=names) as mon:
+        records = mon.measure(x, keep_matrices=True)
+    for n in (names[0], names[4], names[7]):  # 32x32, 4x4 and 2x2 positions
+        conv = model.get_submodule(n)
+        W = conv.weight.detach().reshape(conv.out_channels, conv.in_channels * 9)
+        assert torch.equal(find_linear_layers(model, [n])[n].weight_matrix().detach(), W)
+        torch.testing.assert_close(records[n].nfm, W.t() @ W, rtol=1e-12, atol=0)
+        assert rel_err(records[n].agop, patch_agop(model, x, n)) < 1e-10, n
+
+
+def test_slo_treats_each_conv_module_as_one_layer() -> None:
+    model = tiny_vgg(2).train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # same forward in both passes below
+    names = conv_layers(model)
+    layers = resolve_layers(model, promote(model, names[0], 50.0))
+    by_name = {layer.name: layer for layer in layers}
+    for n in names:
+        conv = model.get_submodule(n)
+        assert by_name[n].params == (conv.weight, conv.bias) and by_name[n].speed == (50.0 if n == names[0] else 0.02)
+    assert [layer.name for layer in layers] == [*names, "classifier.0", "classifier.3", "classifier.6"]
+
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    ((model(x) - y) ** 2).mean().backward()
+    grads = {n: torch.cat([p.grad.flatten() for p in by_name[n].params]) for n in by_name}
+    before = {n: torch.cat([p.detach().flatten() for p in by_name[n].params]).clone() for n in by_name}
+    model.zero_grad()
+    lr = 0.1
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=lr), model=model, speeds=promote(model, names[0], 50.0))
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+    for n, layer in by_name.items():
+        after = torch.cat([p.detach().flatten() for p in layer.params])
+        expected = -lr * layer.speed * grads[n] / grads[n].norm()  # weight and bias normalised jointly
+        torch.testing.assert_close(after - before[n], expected, rtol=1e-9, atol=1e-15)

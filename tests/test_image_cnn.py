@@ -1,0 +1,120 @@
+"""examples/image_cnn.py: the VGG-11 (no BatchNorm) model, a one-epoch run on CIFAR-10 files written in the
+published format, and exit status 2 for missing or tampered data."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from test_image_formats import write_cifar
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CONVS = [f"features.conv{i}" for i in range(1, 9)]
+TINY = ["--epochs", "1", "--max-train", "64", "--width-mult", "0.0625", "--probe", "8"]
+
+
+def _image_cnn():
+    sys.path.insert(0, str(EXAMPLES))
+    import image_cnn
+
+    return image_cnn
+
+
+def test_vgg11_layout_parameter_count_and_init() -> None:
+    cnn = _image_cnn()
+    torch.manual_seed(0)
+    model = cnn.vgg11(10)
+    # torchvision's vgg11 has 132,863,336 parameters with a 25088 -> 4096 first linear layer and 1000 classes;
+    # with the 1x1 average pool (512 -> 4096) and 10 classes the same layers hold 28,144,010
+    assert sum(p.numel() for p in model.parameters()) == 132_863_336 - (25088 - 512) * 4096 - 4096 * 990 - 990
+    assert cnn.conv_layers(model) == CONVS
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [64, 128, 256, 256, 512, 512, 512, 512]
+    assert all(m.kernel_size == (3, 3) and m.padding == (1, 1) and m.stride == (1, 1) for m in convs)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 5
+    assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 2
+    for m in convs[4:]:  # kaiming normal, fan_out: std sqrt(2 / (out * 9))
+        assert abs(float(m.weight.std()) / math.sqrt(2 / (m.out_channels * 9)) - 1) < 0.02
+        assert float(m.bias.abs().max()) == 0.0
+    hidden = model.classifier[3]
+    assert abs(float(hidden.weight.std()) / 0.01 - 1) < 0.01 and float(hidden.bias.abs().max()) == 0.0
+    small = cnn.vgg11(10, width_mult=0.25)
+    assert [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)] == [16, 32, 64, 64, 128, 128, 128, 128]
+    assert small.classifier[0].in_features == 128 and small.classifier[0].out_features == 1024
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.fixture(scope="module")
+def cifar_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("image_cnn")
+    write_cifar(root / "data", per_batch=16, n_test=16)
+    threads = torch.get_num_threads()
+    try:
+        _image_cnn().main(["--dataset", "cifar10", "--data-dir", str(root / "data"), "--optimizer", "both",
+                           *TINY, "--out", str(root / "out")])
+    finally:
+        torch.set_num_threads(threads)
+    return root / "out"
+
+
+def test_one_epoch_cifar10_run_writes_outputs(cifar_run: Path) -> None:
+    with open(cifar_run / "metrics.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"run", "seed", "epoch", "layer", "uc_nfa", "c_nfa", "rel_change", "train_loss", "test_acc"} <= set(rows[0])
+    assert {r["run"] for r in rows} == {"sgd", "slo"}
+    assert {r["layer"] for r in rows} == set(CONVS)  # all eight conv layers, nothing else
+    assert {r["epoch"] for r in rows} == {"0", "1"} and len(rows) == 2 * 2 * 8
+    for r in rows:
+        assert -1 - 1e-6 <= float(r["uc_nfa"]) <= 1 + 1e-6 and 0 <= float(r["test_acc"]) <= 1
+        assert float(r["train_loss"]) > 0 and math.isfinite(float(r["test_loss"]))
+    after = [r for r in rows if r["epoch"] == "1"]
+    assert all(-1 - 1e-6 <= float(r["c_nfa"]) <= 1 + 1e-6 and float(r["rel_change"]) > 0 for r in after)
+    # SLO: the promoted first conv layer moves lr·C = 5e-5 * 500 per step, the others 1/C of that
+    slo = {r["layer"]: float(r["rel_change"]) for r in after if r["run"] == "slo"}
+    assert slo["features.conv1"] > 1e3 * max(slo[n] for n in CONVS[1:])
+    text = (cifar_run / "results.md").read_text(encoding="utf-8")
+    assert "| width_mult | 0.0625 |" in text and "| conv channels | 4 8 16 16 32 32 32 32 |" in text
+    for png in ("nfa_curves.png", "loss_accuracy.png"):
+        assert (cifar_run / png).stat().st_size > 1000
+
+
+def _main_exit(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        _image_cnn().main(args)
+    return exc.value.code, capsys.readouterr().err
+
+
+def test_missing_or_tampered_data_exits_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code, err = _main_exit(["--dataset", "cifar10", "--data-dir", str(tmp_path), *TINY, "--out", str(out)], capsys)
+    assert code == 2 and str(tmp_path / "cifar-10-batches-py") in err and "cs.toronto.edu/~kriz/cifar" in err
+    write_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"cposix\nsystem\n(S'echo hi'\ntR.")
+    code, err = _main_exit(["--dataset", "cifar10", "--data-dir", str(tmp_path), *TINY, "--out", str(out)], capsys)
+    assert code == 2 and "refused to load the global posix.system" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--dataset", "digits", "--width-mult", "0"], "--width-mult: must be a finite number > 0"),
+    (["--dataset", "digits", "--max-train", "0"], "--max-train: must be a positive integer"),
+    (["--dataset", "cifar10"], "--dataset cifar10 needs --data-dir DIR"),
+    (["--dataset", "digits", "--device", "cuda:7"], "no such CUDA device here"),
+])
+def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                              expected: str) -> None:
+    code, err = _main_exit([*args, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "taken").write_text("x")
+    code, err = _main_exit(["--dataset", "digits", "--out", str(tmp_path / "taken")], capsys)
+    assert code == 2 and "exists and is not a folder" in err
