@@ -176,7 +176,7 @@ def train_run(args: argparse.Namespace, data: ImageData, tensors: tuple[Tensor, 
 
     status = "completed"
     record(0, 0.0, loss_accuracy(model, X, Y)[0])
-    timer.seconds.clear()  # per-epoch figures below: epochs 1.. only
+    timer.reset()  # per-epoch figures below: epochs 1.. only
     for epoch in progress(range(1, args.epochs + 1), desc=f"{data.name} {optimizer} seed {seed}"):
         epoch_lr = warm_lr if epoch == 1 else lr
         for group in opt.param_groups:
