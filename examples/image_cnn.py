@@ -297,7 +297,7 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
         + "\n## Final NFA correlations per conv layer\n\n"
         + mean_std_table(final, ["run", "layer"], ["uc_nfa", "c_nfa", "rel_change", "kernel_alignment"])
         + "\n## Settings\n\n" + settings_table(settings)
-        + "\nFigures: `nfa_curves.png` (one column per conv layer), `loss_accuracy.png`.\n"
+        + "\nFigures: `nfa_curves.png` (one panel per conv layer), `loss_accuracy.png`.\n"
     )
     write_text(out / "results.md", text)
     return text
