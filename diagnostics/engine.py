@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -348,9 +348,10 @@ def _cuda_devices(model: nn.Module, inputs: Any) -> list[int]:
 def _measuring(model: nn.Module, inputs: Any) -> Iterator[None]:
     """Eval mode with grad enabled, compiled code run eagerly (``torch.compiler.set_stance("force_eager")``:
     no recompilation, and forward hooks run), and the global CPU/CUDA RNG states restored afterwards."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
     with (
         torch.random.fork_rng(devices=_cuda_devices(model, inputs)),
-        torch.compiler.set_stance("force_eager"),
+        set_stance("force_eager") if set_stance is not None else nullcontext(),
         eval_mode(model),
         torch.inference_mode(False),
         torch.enable_grad(),
@@ -378,6 +379,8 @@ def for_each_chunk(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     n_total = probe_batch_size(inputs)
     mask = resolve_sample_mask(inputs, sample_mask)
+    inner = getattr(model, "_orig_mod", None)  # the module a torch.compile wrapper compiles
+    runner = inner if isinstance(inner, nn.Module) else model
     with hooks.attached_for(), _measuring(model, inputs):
         for start in range(0, n_total, chunk_size):
             part = split_probe(inputs, start, min(start + chunk_size, n_total))
@@ -385,7 +388,7 @@ def for_each_chunk(
             n = min(start + chunk_size, n_total) - start
             with hooks.recording(keep_inputs):
                 try:
-                    out = _call(model, part)
+                    out = _call(runner, part)
                 except Exception as err:  # re-raise with the layer and the input shapes
                     layer, done = hooks.current, hooks.last_done
                     if layer is not None:
