@@ -19,6 +19,12 @@ import torch
 __all__ = ["plot_nfa_curves", "plot_scalar_curves", "plot_matrices"]
 
 _LINESTYLES = ("-", "--", ":", "-.")
+_MAX_COLUMNS = 4
+#: Axis labels of the usual row keys; other keys are shown with ``_`` replaced by a space.
+AXIS_LABELS = {"uc_nfa": "UC-NFA", "c_nfa": "C-NFA", "feature_quality": "feature quality", "test_mse": "test MSE",
+               "train_mse": "train MSE", "train_loss": "train loss", "test_loss": "test loss",
+               "train_acc": "train accuracy", "test_acc": "test accuracy", "rel_change": "relative change",
+               "kernel_alignment": "kernel alignment", "correlation": "correlation"}
 
 
 def _float(value: Any) -> float:
@@ -36,12 +42,42 @@ def _unique(values: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
+def _label(key: str) -> str:
+    return AXIS_LABELS.get(key, key.replace("_", " "))
+
+
+def _columns(n: int) -> tuple[int, int]:
+    """(rows, columns) of a grid for ``n`` panels: at most four columns, rows filled evenly."""
+    rows = math.ceil(n / _MAX_COLUMNS)
+    return rows, math.ceil(n / rows)
+
+
 def _figure(nrows: int, ncols: int, panel: tuple[float, float] = (4.0, 3.0)) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            'diagnostics.plots needs matplotlib; install it with: pip install "slo-torch[examples]"',
+            name=exc.name,
+        ) from exc
 
     fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     return fig, axes
+
+
+def _panels(n_blocks: int, n_per_block: int, panel: tuple[float, float] = (4.0, 3.0)) -> tuple[Any, list[list[Any]]]:
+    """A figure with ``n_blocks`` blocks of ``n_per_block`` panels each (a block starts on a new row), at most
+    four columns; returns the figure and the axes per block. Unused grid cells are hidden."""
+    rows, cols = _columns(n_per_block)
+    fig, axes = _figure(n_blocks * rows, cols, panel)
+    blocks = []
+    for b in range(n_blocks):
+        cells = [axes[b * rows + k // cols][k % cols] for k in range(rows * cols)]
+        for ax in cells[n_per_block:]:
+            ax.set_visible(False)
+        blocks.append(cells[:n_per_block])
+    return fig, blocks
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
@@ -57,11 +93,16 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _finish(fig: Any, axes: Any, title: str | None, path: str | os.PathLike[str]) -> Path:
-    """Legend on the last panel of the first row (if any curve is labelled), the title, then save."""
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        axes[0][-1].legend(handles, labels, fontsize=7)
+def _finish(fig: Any, title: str | None, path: str | os.PathLike[str]) -> Path:
+    """One figure-level legend below the panels (every labelled series once, none hidden behind curves),
+    the title, then save."""
+    entries: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center",
+                   ncols=min(len(entries), _MAX_COLUMNS), fontsize=8)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -102,12 +143,18 @@ def _curves(
         vals = [list(by_step[s].values()) for s in steps]
         mean = [sum(v) / len(v) for v in vals]
         std = [math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0 for v, m in zip(vals, mean)]
-        label = " / ".join(str(x) for x in (group, style) if x is not None) or metric
+        label = " / ".join(_series_name(k, x) for k, x in ((group_key, group), (linestyle_key, style))
+                           if x is not None) or _label(metric)
         colour = colours.get(group)
         ax.plot(steps, mean, color=colour, linestyle=styles.get(style, "-"), label=label, linewidth=1.4)
         if any(s > 0 for s in std):
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=colour, alpha=0.2, linewidth=0)
+
+
+def _series_name(key: str | None, value: Any) -> str:
+    """``sgd`` for a name, ``init_scale 0.1`` for a number (a bare number says nothing in a legend)."""
+    return f"{_label(key)} {value}" if key and math.isfinite(_float(value)) else str(value)
 
 
 def _pad_flat_axis(ax: Any) -> None:
@@ -135,28 +182,30 @@ def plot_nfa_curves(
     group_key: str = "run",
     title: str | None = None,
     linestyle_key: str | None = None,
+    x_label: str = "step",
 ) -> Path:
-    """Grid of panels, one row per metric and one column per layer, each metric against ``step``.
+    """One block of panels per metric, one panel per layer (at most four columns), each metric against ``step``.
 
     One colour per value of ``group_key`` (ignored when no row has that key), one line style per value of
     ``linestyle_key`` (optional); where rows carry a ``seed`` key the line is the mean over seeds with a
-    +- one-std band. Returns the PNG path.
+    +- one-std band. One legend for the whole figure; ``x_label`` names the ``step`` axis (e.g. "epoch").
+    Returns the PNG path.
     """
     _check_rows(rows, ["step", *metrics], "plot_nfa_curves")
     gk = group_key if any(group_key in r for r in rows) else None
     layers = _unique(str(r.get("layer", "")) for r in rows)
     colours, styles = _palettes(rows, gk, linestyle_key)
-    fig, axes = _figure(len(metrics), len(layers))
-    for i, metric in enumerate(metrics):
-        for j, layer in enumerate(layers):
-            ax = axes[i][j]
+    fig, blocks = _panels(len(metrics), len(layers))
+    for metric, block in zip(metrics, blocks):
+        for layer, ax in zip(layers, block):
             _curves(ax, [r for r in rows if str(r.get("layer", "")) == layer], metric, gk, colours,
                     linestyle_key, styles)
             _pad_flat_axis(ax)
-            ax.set_title(f"{metric} - layer {layer}" if layer else metric, fontsize=9)
-            ax.set_xlabel("step")
+            ax.set_title(f"{_label(metric)} - layer {layer}" if layer else _label(metric), fontsize=9)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(_label(metric))
             ax.grid(alpha=0.3)
-    return _finish(fig, axes, title, path)
+    return _finish(fig, title, path)
 
 
 def plot_scalar_curves(
@@ -166,39 +215,51 @@ def plot_scalar_curves(
     group_key: str = "run",
     log_keys: Sequence[str] = (),
     title: str | None = None,
+    x_label: str = "step",
 ) -> Path:
-    """One panel per key, the key against ``step``, one colour per ``group_key`` value, mean +- std over
-    seeds; keys in ``log_keys`` get a log y-axis. A value repeated on several rows of the same
-    (group, seed, step) - e.g. one row per layer - counts once. Returns the PNG path."""
+    """One panel per key (at most four columns), the key against ``step``, one colour per ``group_key`` value,
+    mean +- std over seeds; keys in ``log_keys`` get a log y-axis. A value repeated on several rows of the same
+    (group, seed, step) - e.g. one row per layer - counts once. One legend for the whole figure; ``x_label``
+    names the ``step`` axis. Returns the PNG path."""
     _check_rows(rows, ["step", *keys], "plot_scalar_curves")
     gk = group_key if any(group_key in r for r in rows) else None
     colours, styles = _palettes(rows, gk, None)
-    fig, axes = _figure(1, len(keys))
-    for j, key in enumerate(keys):
-        ax = axes[0][j]
+    fig, (block,) = _panels(1, len(keys))
+    for key, ax in zip(keys, block):
         _curves(ax, rows, key, gk, colours, None, styles)
         _pad_flat_axis(ax)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step")
+        ax.set_title(_label(key), fontsize=9)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(_label(key))
         if key in log_keys:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    return _finish(fig, axes, title, path)
+    return _finish(fig, title, path)
 
 
 def plot_matrices(
-    mats: Mapping[str, torch.Tensor], path: str | os.PathLike[str], cmap: str = "viridis"
+    mats: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    cmap: str = "viridis",
+    index_name: str | None = None,
 ) -> Path:
-    """Heatmaps of 2-D matrices side by side, titled by their keys, each with its own colour bar."""
+    """Heatmaps of 2-D matrices (at most four per row), titled by their keys, each with its own colour bar and
+    integer ticks; with ``index_name="x"`` the ticks read ``x_1, x_2, ...`` (1-based) instead of 0, 1, ..."""
     if not mats:
         raise ValueError("plot_matrices: pass a non-empty dict {title: 2-D tensor}")
     for name, m in mats.items():
         if torch.as_tensor(m).ndim != 2:
             raise ValueError(f"plot_matrices: matrix {name!r} must be 2-D, got shape {tuple(torch.as_tensor(m).shape)}")
-    fig, axes = _figure(1, len(mats), panel=(4.2, 3.6))
-    for ax, (name, m) in zip(axes[0], mats.items()):
+    fig, (block,) = _panels(1, len(mats), panel=(4.2, 3.6))  # first: says how to install matplotlib if missing
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ticks = FuncFormatter(lambda v, _: f"${index_name}_{{{int(v) + 1}}}$" if index_name else f"{int(v)}")
+    for ax, (name, m) in zip(block, mats.items()):
         arr = torch.as_tensor(m).detach().to("cpu", torch.float64).numpy()
         im = ax.imshow(arr, cmap=cmap, interpolation="nearest")
         ax.set_title(name, fontsize=9)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+            axis.set_major_formatter(ticks)
         fig.colorbar(im, ax=ax, shrink=0.8)
     return _save(fig, path)

@@ -53,3 +53,71 @@ def test_plot_errors_name_the_problem(tmp_path: Path) -> None:
         plot_nfa_curves([{"step": 0, "layer": "0", "uc_nfa": 1.0}], tmp_path / "x.png")
     with pytest.raises(ValueError, match="2-D"):
         plot_matrices({"v": torch.ones(3)}, tmp_path / "x.png")
+
+
+@pytest.fixture
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every matplotlib Figure saved during the test (they are still written to disk)."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        figures.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return figures
+
+
+def _layer_rows(n_layers: int) -> list[dict]:
+    """Three runs whose curves all sit at 1.0 in the last layer (as a readout's NFA does)."""
+    return [{"run": run, "seed": 0, "step": step, "layer": str(layer),
+             "uc_nfa": 1.0 if layer == n_layers - 1 else 0.1 * i + 0.01 * step, "c_nfa": 0.5}
+            for i, run in enumerate(("sgd", "small_init", "slo")) for step in (1, 2, 3) for layer in range(n_layers)]
+
+
+def _columns(fig) -> int:
+    return max(ax.get_subplotspec().get_gridspec().ncols for ax in fig.axes if ax.get_subplotspec() is not None)
+
+
+def test_nfa_curves_one_figure_legend_labels_and_wrapping(tmp_path: Path, saved_figures: list) -> None:
+    plot_nfa_curves(_layer_rows(6), tmp_path / "nfa.png", x_label="epoch")
+    (fig,) = saved_figures
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 12 and _columns(fig) <= 4
+    assert all(ax.get_legend() is None for ax in fig.axes)  # no legend inside a panel, over the curves
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["sgd", "small_init", "slo"]
+    assert len({h.get_color() for h in legend.legend_handles}) == 3  # every series distinguishable
+    assert {ax.get_xlabel() for ax in panels} == {"epoch"}
+    assert {ax.get_ylabel() for ax in panels} == {"UC-NFA", "C-NFA"}
+
+
+def test_numeric_groups_are_named_in_the_legend(tmp_path: Path, saved_figures: list) -> None:
+    rows = [{"init_scale": s, "kind": k, "step": t, "layer": "0", "c_nfa": 0.5} for s in (1.0, 0.1)
+            for k in ("measured", "predicted") for t in (1, 2)]
+    plot_nfa_curves(rows, tmp_path / "e.png", metrics=("c_nfa",), group_key="init_scale", linestyle_key="kind")
+    labels = [t.get_text() for t in saved_figures[0].legends[0].get_texts()]
+    assert labels == ["init scale 1.0 / measured", "init scale 1.0 / predicted", "init scale 0.1 / measured",
+                      "init scale 0.1 / predicted"]
+
+
+def test_scalar_curves_wrap_and_label(tmp_path: Path, saved_figures: list) -> None:
+    keys = ("train_loss", "test_loss", "train_acc", "test_acc", "feature_quality")
+    rows = [{"run": r, "step": t, **{k: 0.5 + t for k in keys}} for r in ("sgd", "slo") for t in (0, 1)]
+    plot_scalar_curves(rows, tmp_path / "s.png", keys=keys, x_label="epoch")
+    (fig,) = saved_figures
+    assert _columns(fig) <= 4 and len(fig.legends) == 1
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_visible()] == [
+        "train loss", "test loss", "train accuracy", "test accuracy", "feature quality"]
+
+
+def test_matrices_have_integer_ticks(tmp_path: Path, saved_figures: list) -> None:
+    plot_matrices({"EGOP": torch.eye(20), "NFM": torch.eye(20)}, tmp_path / "m.png", index_name="x")
+    fig = saved_figures[0]
+    for ax in fig.axes[:2]:
+        lo, hi = sorted(ax.get_xlim())
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks)
+        assert ax.xaxis.get_major_formatter()(0, 0) == "$x_{1}$"  # matrix index 0 is x_1
