@@ -201,14 +201,16 @@ def lm_head_sketch(repeats: int) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="n = 500, fewer repeats and seeds")
-    ap.add_argument("--sizes", type=int, nargs="*", default=None)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", type=int, nargs="*", default=None,
+                    help="probe sizes n (default: %(default)s, i.e. 2000 20000, or 500 with --quick)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per method (the best is reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on shared machines)")
-    ap.add_argument("--child", choices=list(METHODS))
-    ap.add_argument("--n", type=int)
-    ap.add_argument("--out")
+    ap.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)  # internal: one measurement
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.n, args.repeats, args.threads, args.out)

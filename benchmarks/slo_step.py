@@ -128,18 +128,19 @@ def timed(fn: Callable[[], None], device: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--layers", type=int, default=100, help="Linear layers (2 tensors each)")
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--width", type=int, default=64, help="in and out features of every layer")
+    parser.add_argument("--steps", type=int, default=300, help="timed steps (medians over them)")
+    parser.add_argument("--warmup", type=int, default=100, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--whole-steps", type=int, default=10,
                         help="timed whole training steps of the GPT-2-config model per variant (0: skip)")
-    parser.add_argument("--whole-warmup", type=int, default=2)
-    parser.add_argument("--gpt2-blocks", type=int, default=6)
-    parser.add_argument("--gpt2-width", type=int, default=384)
+    parser.add_argument("--whole-warmup", type=int, default=2, help="untimed whole steps first")
+    parser.add_argument("--gpt2-blocks", type=int, default=6, help="transformer blocks of the GPT-2-config model")
+    parser.add_argument("--gpt2-width", type=int, default=384, help="width of the GPT-2-config model")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     args = parser.parse_args()

@@ -32,7 +32,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as exc:
+    raise ModuleNotFoundError(
+        f"diagnostics.hf needs the optional package {exc.name or 'transformers'!r}; install it with: "
+        'pip install "slo-torch[hf]"',
+        name=exc.name,
+    ) from exc
 
 from slo_torch.hf import run_before_reporters
 

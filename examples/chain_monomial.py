@@ -26,18 +26,24 @@ from common import (
     bias_free_mlp,
     chain_monomial,
     chain_monomial_data,
+    check_ready,
+    command_line,
     eval_schedule,
     make_optimizer,
+    make_parser,
     markdown_table,
     mean_std,
     mean_std_table,
     mse,
-    run_description,
+    nonnegative_int,
+    positive_float,
+    positive_int,
     scale_init_,
     set_seed,
     settings_table,
     train_mse,
     write_csv,
+    write_run_info,
     write_text,
 )
 from diagnostics import NFAMonitor, egop, feature_quality, nfm, plot_matrices, plot_nfa_curves, plot_scalar_curves
@@ -143,15 +149,24 @@ def observations(final: dict[str, dict[str, list[float]]], var: float) -> str:
     return "\n".join(lines) + f"\n\n(Var f* = {var:g}: a test MSE of 0.2 is R² ≈ {1 - 0.2 / var:.2f}.)\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    ap.add_argument("--out", type=Path, default=Path("results/chain_monomial"))
-    ap.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
-    ap.add_argument("--steps", type=int, help="override the preset's number of SGD steps")
-    ap.add_argument("--slo-C", type=float, help="override the SLO speed C of the first layer (others 1/C)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the networks are small: 1 is fastest)")
-    args = ap.parse_args()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments, validated; checks the output folder and matplotlib before any training."""
+    ap = make_parser(__doc__)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default", help="settings (see PRESETS)")
+    ap.add_argument("--out", type=Path, default=Path("results/chain_monomial"), help="output folder")
+    ap.add_argument("--seeds", type=nonnegative_int, nargs="+", help="override the preset's seeds")
+    ap.add_argument("--steps", type=positive_int, help="override the preset's number of SGD steps")
+    ap.add_argument("--slo-C", type=positive_float, help="override the SLO speed C of the first layer (others 1/C)")
+    ap.add_argument("--threads", type=positive_int, default=1,
+                    help="torch CPU threads (the networks are small: 1 is fastest)")
+    args = ap.parse_args(argv)
+    check_ready(ap, args.out, modules=["matplotlib"])
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     s = PRESETS[args.preset]
     if args.seeds:
@@ -177,7 +192,8 @@ def main() -> None:
     write_csv(rows, out / "metrics.csv")
     plot_nfa_curves(rows, out / "nfa_curves.png", title="chain monomial: NFA correlations per layer")
     plot_scalar_curves(rows, out / "feature_quality_test_mse.png", log_keys=("test_mse",))
-    plot_matrices({"target EGOP*": E, **{f"NFM layer 0, {k}": v for k, v in nfms.items()}}, out / "nfm_vs_egop.png")
+    plot_matrices({"target EGOP*": E, **{f"NFM layer 0, {k}": v for k, v in nfms.items()}}, out / "nfm_vs_egop.png",
+                  index_name="x")
 
     last = [r for r in rows if r["step"] == s.steps]
     first = [r for r in last if r["layer"] == "0"]
@@ -190,7 +206,7 @@ def main() -> None:
     )
     text = (
         f"# Chain monomial ({args.preset} preset)\n\n"
-        f"{run_description(sys.argv, wall)}\n\n"
+        f"`{command_line([__file__, *argv])}`\n\n"
         f"## Final values, first layer (mean ± std over seeds {list(s.seeds)}, step {s.steps})\n\n"
         + mean_std_table(first, ["run"], ["uc_nfa", "c_nfa", "feature_quality", "test_mse"])
         + "\n## Final NFA correlations, every layer\n\n"
@@ -208,6 +224,7 @@ def main() -> None:
     )
     write_text(out / "results.md", text)
     print(text)
+    write_run_info(out, [__file__, *argv], wall)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ is run as ``python examples/<name>.py`` because the script's directory is then f
 
 from __future__ import annotations
 
+import argparse
 import csv
+import importlib
+import json
 import math
 import os
 import random
@@ -16,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -40,10 +44,19 @@ __all__ = [
     "eval_schedule",
     "make_optimizer",
     "train_mse",
-    "run_description",
     "torch_device",
     "nfa_long_rows",
     "PhaseTimer",
+    "write_run_info",
+    "command_line",
+    "make_parser",
+    "positive_int",
+    "nonnegative_int",
+    "positive_float",
+    "nonnegative_float",
+    "install_hint",
+    "require",
+    "check_ready",
 ]
 
 
@@ -249,13 +262,25 @@ def _as_float(value: Any) -> float:
         return math.nan
 
 
-def run_description(argv: Sequence[str], wall_s: float) -> str:
-    """One markdown line: the command that was run, its wall time, the machine and the torch version."""
+def command_line(argv: Sequence[str]) -> str:
+    """The command that ran a script, as ``python examples/<script>.py <args>`` (``argv = sys.argv``): the same
+    text wherever the script was started from, so files that quote it do not change between runs."""
+    return " ".join(["python", f"examples/{Path(argv[0]).name}", *argv[1:]])
+
+
+def write_run_info(out: str | os.PathLike[str], argv: Sequence[str], wall_s: float) -> Path:
+    """Write what changes from run to run (wall time, machine, versions) to ``out/run.json``, atomically, and
+    print it as one line. ``results.md`` holds only what the command determines, so re-running a committed
+    result leaves the repository unchanged (``.gitignore`` covers ``run.json``)."""
     import platform
 
-    cmd = " ".join(["python", *argv])
-    return (f"`{cmd}` - wall time {wall_s:.0f} s on a {os.cpu_count()}-core {platform.machine()} CPU, "
-            f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}.")
+    info = {"command": command_line(argv), "wall_s": round(wall_s, 1), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "processor": platform.processor(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    path = _atomic_write(Path(out) / "run.json", lambda fh: fh.write(json.dumps(info, indent=1) + "\n"))
+    print(f"wall time {wall_s:.0f} s on {os.cpu_count()} {platform.machine()} CPU core(s), "
+          f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__} (written to {path})")
+    return path
 
 
 def torch_device(text: str) -> torch.device:
@@ -376,3 +401,110 @@ def progress(iterable: Iterable[Any], **kw: Any) -> Iterable[Any]:
     except ImportError:  # pragma: no cover - tqdm is in the "examples" extra
         return iterable
     return tqdm(iterable, **kw)
+
+
+# ---------------------------------------------------------------------------------- command line
+#: Optional packages the examples use, and the extra of ``slo-torch`` that installs each.
+EXTRAS = {"matplotlib": "examples", "tqdm": "examples", "scipy": "examples", "PIL": "examples",
+          "sklearn": "examples", "transformers": "hf", "accelerate": "hf"}
+
+
+def install_hint(module: str) -> str:
+    """``"<module> is not installed: pip install \\"slo-torch[<extra>]\\""`` for an optional package."""
+    top = module.split(".")[0]
+    extra = EXTRAS.get(top)
+    fix = f'pip install "slo-torch[{extra}]"' if extra else f"pip install {top}"
+    return f"the optional package {top!r} is not installed; install it with: {fix}"
+
+
+def require(module: str) -> ModuleType:
+    """``importlib.import_module(module)``; if an optional package is missing, a ``ModuleNotFoundError``
+    that says which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ModuleNotFoundError(install_hint(exc.name or module), name=exc.name) from exc
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows every default (except ``None``) and keeps the description's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action, argparse._StoreConstAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def make_parser(doc: str | None) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` described by the first paragraph of ``doc`` whose ``--help`` shows the defaults."""
+    return argparse.ArgumentParser(description=(doc or "").split("\n\n")[0], formatter_class=_HelpFormatter)
+
+
+def _number(kind: type, text: str, ok: Callable[[Any], bool], wanted: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+    if not (ok(value) and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type``: an integer ``>= 1``."""
+    return _number(int, text, lambda v: v >= 1, "a positive integer (>= 1)")
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse ``type``: an integer ``>= 0``."""
+    return _number(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type``: a finite number ``> 0``."""
+    return _number(float, text, lambda v: v > 0, "a finite number > 0")
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse ``type``: a finite number ``>= 0``."""
+    return _number(float, text, lambda v: v >= 0, "a finite number >= 0")
+
+
+def _output_dir_problem(path: Path, option: str) -> str | None:
+    if path.exists():
+        if not path.is_dir():
+            return f"{option} {path} exists and is not a folder; pass a folder path (new or existing)"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{option} {path} is not writable; pass a folder you can write to"
+        return None
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{option} {path} cannot be created: {parent} is a file, not a folder; pass another path"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{option} {path} cannot be created: {parent} is not writable; pass a folder you can write to"
+    return None
+
+
+def check_ready(
+    parser: argparse.ArgumentParser,
+    out: str | os.PathLike[str] | None = None,
+    modules: Iterable[str] = (),
+    option: str = "--out",
+) -> None:
+    """Before any training: the output folder ``out`` can be created and written (nothing is created here) and
+    the optional ``modules`` import; otherwise exit through ``parser.error`` (usage, the reason and the fix,
+    status 2)."""
+    problems = []
+    if out is not None:
+        problem = _output_dir_problem(Path(out), option)
+        if problem:
+            problems.append(problem)
+    for module in modules:
+        try:
+            require(module)
+        except ImportError as exc:
+            problems.append(str(exc))
+    if problems:
+        parser.error("; ".join(problems))

@@ -21,15 +21,19 @@ import torch
 from common import (
     bias_free_mlp,
     chain_monomial_data,
+    check_ready,
+    command_line,
     hidden_layers,
     make_optimizer,
+    make_parser,
     mean_std_table,
-    run_description,
+    positive_int,
     scale_init_,
     set_seed,
     settings_table,
     train_mse,
     write_csv,
+    write_run_info,
     write_text,
 )
 from diagnostics import NFAMonitor, early_cnfa_prediction, plot_nfa_curves
@@ -74,12 +78,21 @@ def run_one(s: Settings, scale: float, seed: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    ap.add_argument("--out", type=Path, default=Path("results/early_time"))
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the networks are small: 1 is fastest)")
-    args = ap.parse_args()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments, validated; checks the output folder and matplotlib before any training."""
+    ap = make_parser(__doc__)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default", help="settings (see PRESETS)")
+    ap.add_argument("--out", type=Path, default=Path("results/early_time"), help="output folder")
+    ap.add_argument("--threads", type=positive_int, default=1,
+                    help="torch CPU threads (the networks are small: 1 is fastest)")
+    args = ap.parse_args(argv)
+    check_ready(ap, args.out, modules=["matplotlib"])
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     s = PRESETS[args.preset]
 
@@ -104,7 +117,7 @@ def main() -> None:
     values = [k for k in summary[0] if k not in ("init_scale", "layer")]
     text = (
         f"# Early-time C-NFA prediction ({args.preset} preset)\n\n"
-        f"{run_description(sys.argv, wall)}\n\n"
+        f"`{command_line([__file__, *argv])}`\n\n"
         f"Mean ± std over seeds {list(s.seeds)}; full-batch GD, lr {s.lr}, MSE; `K` on the {s.n} training points.\n\n"
         + mean_std_table(summary, ["init_scale", "layer"], values, digits=4)
         + "\n## Settings\n\n" + settings_table(asdict(s))
@@ -112,6 +125,7 @@ def main() -> None:
     )
     write_text(out / "results.md", text)
     print(text)
+    write_run_info(out, [__file__, *argv], wall)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+from common import (
+    check_ready,
+    install_hint,
+    make_parser,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+
+try:
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+except ImportError as exc:
+    raise ModuleNotFoundError(install_hint(exc.name or "transformers"), name=exc.name) from exc
 
 from diagnostics.hf import NFACallback, nfa_rows_from_log_history
 from slo_torch import SLOptimizer
@@ -104,7 +118,9 @@ def build_model(
         vocab_size=vocab_size, n_positions=seq_len, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # transformers cannot infer it from the class name GPT2LMHeadModel and warns
+    return model
 
 
 def has_accelerator() -> bool:
@@ -139,34 +155,47 @@ def optimizer_setup(name: str, model: nn.Module, lr: float, speeds: dict[str, fl
 
 # ------------------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--output-dir", default="runs/hf_trainer")
-    p.add_argument("--optimizer", choices=("sgd", "adamw", "slo"), default="slo")
-    p.add_argument("--lr", type=float, default=None, help="default: sgd 0.5, adamw 3e-3, slo 0.05")
+    """Command-line arguments, validated; checks the output folder (and matplotlib, unless ``--no-plot``) before
+    any training."""
+    p = make_parser(__doc__)
+    p.add_argument("--max-steps", type=positive_int, default=300, help="optimizer steps")
+    p.add_argument("--output-dir", default="runs/hf_trainer", help="Trainer output folder")
+    p.add_argument("--optimizer", choices=("sgd", "adamw", "slo"), default="slo", help="optimizer")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate; default: sgd 0.5, adamw 3e-3, slo 0.05")
     p.add_argument("--promote", default="transformer.h.0.mlp.c_fc", help="SLO: layer (pattern) moving at --speed")
-    p.add_argument("--speed", type=float, default=4.0, help="SLO: speed C of --promote")
-    p.add_argument("--others", type=float, default=1.0, help="SLO: speed of every other layer")
-    p.add_argument("--max-grad-norm", type=float, default=None,
+    p.add_argument("--speed", type=nonnegative_float, default=4.0, help="SLO: speed C of --promote")
+    p.add_argument("--others", type=nonnegative_float, default=1.0, help="SLO: speed of every other layer")
+    p.add_argument("--max-grad-norm", type=nonnegative_float, default=None,
                    help="Trainer gradient clipping; default 0 (off) with slo, 1.0 otherwise")
-    p.add_argument("--batch-size", type=int, default=16, help="per device")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--n-embd", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--nfa-every", type=int, default=25, help="NFA measurement cadence (steps)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="per device")
+    p.add_argument("--seq-len", type=positive_int, default=64, help="tokens per sequence (model context)")
+    p.add_argument("--n-embd", type=positive_int, default=64, help="model width")
+    p.add_argument("--n-layer", type=positive_int, default=2, help="transformer blocks")
+    p.add_argument("--n-head", type=positive_int, default=4, help="attention heads (must divide --n-embd)")
+    p.add_argument("--nfa-every", type=positive_int, default=25, help="NFA measurement cadence (steps)")
     p.add_argument("--nfa-layers", default="transformer.h.*", help="glob over module names (also filters --compare)")
-    p.add_argument("--probe-size", type=int, default=8, help="held-out sequences in the NFA probe")
-    p.add_argument("--estimator", choices=("sketch", "exact"), default="sketch")
-    p.add_argument("--logging-steps", type=int, default=25)
-    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: no checkpoints)")
+    p.add_argument("--probe-size", type=positive_int, default=8, help="held-out sequences in the NFA probe")
+    p.add_argument("--estimator", choices=("sketch", "exact"), default="sketch", help="how K is estimated")
+    p.add_argument("--logging-steps", type=positive_int, default=25, help="log (loss, NFA, SLO norms) every N steps")
+    p.add_argument("--save-steps", type=nonnegative_int, default=0, help="checkpoint every N steps (0: no checkpoints)")
     p.add_argument("--resume", default=None, help="checkpoint directory to resume from")
     p.add_argument("--report-to", default="none", help="Trainer reporters: none, tensorboard, wandb, all, ...")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the model and the data order")
+    p.add_argument("--no-plot", action="store_true", help="do not write nfa_curves.png")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", default=None,
                    help="do not train: plot and tabulate the trainer_state.json of finished runs into --output-dir")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.n_embd % a.n_head:
+        p.error(f"argument --n-head: must divide --n-embd={a.n_embd}, got {a.n_head}")
+    if a.resume is not None and not os.path.isdir(a.resume):
+        p.error(f"argument --resume: {a.resume} is not a checkpoint folder")
+    for run_dir in a.compare or ():
+        if not os.path.isfile(os.path.join(run_dir, "trainer_state.json")):
+            p.error(f"argument --compare: {run_dir} holds no trainer_state.json; "
+                    "pass the --output-dir of finished runs")
+    check_ready(p, a.output_dir, modules=[] if a.no_plot and not a.compare else ["matplotlib"], option="--output-dir")
+    return a
 
 
 DEFAULT_LR = {"sgd": 0.5, "adamw": 3e-3, "slo": 0.05}
@@ -199,8 +228,10 @@ def main(argv: list[str] | None = None) -> Trainer | None:
         report_to=a.report_to,
         disable_tqdm=True,
         seed=a.seed,
+        ddp_find_unused_parameters=False,  # every parameter is used: spares DDP a graph traversal and a warning
     )
-    print(f"world_size={args.world_size} process_index={args.process_index} device={args.device}", flush=True)
+    print(f"world_size={args.world_size} process_index={args.process_index} device={args.device} "
+          f"torch_threads={torch.get_num_threads()}", flush=True)
     callbacks = [NFACallback(probe, every_n_steps=a.nfa_every, layers=a.nfa_layers, estimator=a.estimator,
                              m=8, save_snapshots=True)]
     if a.optimizer == "slo":

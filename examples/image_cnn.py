@@ -35,12 +35,13 @@ from common import (
     minibatches,
     PhaseTimer,
     nfa_long_rows,
+    command_line,
     progress,
-    run_description,
     set_seed,
     settings_table,
     torch_device,
     write_csv,
+    write_run_info,
     write_text,
 )
 from diagnostics import NFAMonitor, plot_nfa_curves, plot_scalar_curves
@@ -265,9 +266,10 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
     plot_rows = [{**r, "step": r["epoch"]} for r in rows]
     plot_nfa_curves(nfa_long_rows(rows), out / "nfa_curves.png", metrics=("correlation",), linestyle_key="measure",
                     title=f"{data.name}, VGG-11 x{args.width_mult:g}: UC-NFA (solid) and C-NFA (dashed) per conv "
-                          "layer, patch space; x = epoch")
+                          "layer, patch space", x_label="epoch")
     plot_scalar_curves(plot_rows, out / "loss_accuracy.png", keys=("train_loss", "test_loss", "test_acc"),
-                       log_keys=("train_loss", "test_loss"), title=f"{data.name}, VGG-11 x{args.width_mult:g}; x = epoch")
+                       log_keys=("train_loss", "test_loss"), title=f"{data.name}, VGG-11 x{args.width_mult:g}",
+                       x_label="epoch")
     end: dict[tuple[Any, Any], int] = {}
     for r in rows:
         end[r["run"], r["seed"]] = max(end.get((r["run"], r["seed"]), 0), r["epoch"])
@@ -283,7 +285,7 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
         settings[f"lr schedule ({name})"] = f"epoch 1: {warm:g}, then {lr:g}"
     c, h, w = data.image_shape
     text = (
-        f"# VGG-11 (no BatchNorm) on {data.name}, width x{args.width_mult:g}\n\n{run_description(command, wall)}\n\n"
+        f"# VGG-11 (no BatchNorm) on {data.name}, width x{args.width_mult:g}\n\n`{command_line(command)}`\n\n"
         + ("Smoke run on scikit-learn's 8x8 digits upsampled to 32x32 with the grey channel repeated three "
            "times - not the paper's data.\n\n" if data.name == "digits" else "")
         + f"Data: {len(data.train)} train / {len(data.test)} test images, {c}x{h}x{w} (fed as 3 channels), "
@@ -300,6 +302,7 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
         + "\nFigures: `nfa_curves.png` (one panel per conv layer), `loss_accuracy.png`.\n"
     )
     write_text(out / "results.md", text)
+    write_run_info(out, command, wall)
     return text
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from common import require
+
 __all__ = [
     "DataError",
     "ImageSplit",
@@ -50,6 +52,7 @@ __all__ = [
     "DATASETS",
     "NATIVE_SIZE",
     "load_dataset",
+    "DATASET_MODULES",
     "channel_stats",
     "standardize",
     "centered_one_hot",
@@ -139,8 +142,8 @@ def _require_dir(data_dir: str | Path, help_text: Callable[[Path], str]) -> Path
 def _read_svhn_file(path: Path, data_dir: Path) -> tuple[Tensor, Tensor]:
     """(images (N, 3, 32, 32) uint8, labels (N,) int64 with 10 -> 0) from one SVHN ``.mat`` file."""
     import numpy as np
-    from scipy.io import loadmat
-    from scipy.io.matlab import MatReadError
+
+    loadmat, MatReadError = require("scipy.io").loadmat, require("scipy.io.matlab").MatReadError
 
     try:
         mat = loadmat(str(path), variable_names=["X", "y"])
@@ -229,7 +232,8 @@ def _read_partition(path: Path, data_dir: Path) -> dict[str, int]:
 def _read_face(path: Path, size: int, data_dir: Path) -> Tensor:
     """One aligned CelebA JPEG: centre-cropped to a square, resized to ``size``, (3, size, size) uint8."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+
+    Image, UnidentifiedImageError = require("PIL.Image"), require("PIL").UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
@@ -584,7 +588,8 @@ def _read_image(path: Path, size: int, help_text: str) -> Tensor:
     """One image file (any format Pillow reads, e.g. PPM) as RGB, resized to ``size`` x ``size`` (bilinear),
     (3, size, size) uint8."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+
+    Image, UnidentifiedImageError = require("PIL.Image"), require("PIL").UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
@@ -650,7 +655,7 @@ def load_digits(
     """scikit-learn's 8x8 digits (grey levels 0..16 scaled to [0, 1]); a fixed random split (always drawn
     with seed 0, so every run sees the same test set) and, with ``max_*``, a random subset drawn with
     ``seed``; ``size > 8`` upsamples bilinearly (adds no information)."""
-    from sklearn.datasets import load_digits as sk_digits
+    sk_digits = require("sklearn.datasets").load_digits
 
     _check_limit("max_train", max_train)
     _check_limit("max_test", max_test)
@@ -679,6 +684,8 @@ _HELP = {"svhn": _svhn_help, "celeba": _celeba_help, "cifar10": lambda p: _cifar
          "cifar100": lambda p: _cifar_help(p, 100), "mnist": _mnist_help, "stl10": _stl10_help, "gtsrb": _gtsrb_help}
 #: Image side length of each data set as loaded (CelebA and digits take ``image_size``).
 NATIVE_SIZE = {"svhn": 32, "cifar10": 32, "cifar100": 32, "mnist": 28, "stl10": 32, "gtsrb": 32}
+#: The optional package each data set's loader needs (``examples`` extra); the others need only numpy.
+DATASET_MODULES = {"svhn": "scipy.io", "celeba": "PIL.Image", "gtsrb": "PIL.Image", "digits": "sklearn.datasets"}
 
 
 def load_dataset(

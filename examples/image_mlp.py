@@ -31,21 +31,27 @@ from torch import Tensor, nn
 
 from common import (
     bias_free_mlp,
+    check_ready,
+    command_line,
     make_optimizer,
+    make_parser,
     mean_std_table,
     minibatches,
     PhaseTimer,
     nfa_long_rows,
+    nonnegative_float,
+    positive_float,
     progress,
-    run_description,
     set_seed,
     settings_table,
     torch_device,
     write_csv,
+    write_run_info,
     write_text,
 )
 from diagnostics import NFAMonitor, matrix_correlation, plot_matrices, plot_nfa_curves, plot_scalar_curves
-from image_data import DATASETS, NATIVE_SIZE, DataError, ImageData, load_dataset, mlp_tensors, pixel_map
+from image_data import (DATASET_MODULES, DATASETS, NATIVE_SIZE, DataError, ImageData, load_dataset, mlp_tensors,
+                        pixel_map)
 
 # SLO over plain SGD moves layer l by exactly lr·C_l per step (Frobenius norm). With C = 500 and lr = 1e-3 the
 # promoted layer moves 0.5 per step (about 5% of its default-init norm sqrt(256/3) ≈ 9.2, a share that falls
@@ -153,27 +159,28 @@ def tracking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", choices=DATASETS, required=True)
+    ap = make_parser(__doc__)
+    ap.add_argument("--dataset", choices=DATASETS, required=True, help="data set")
     ap.add_argument("--data-dir", type=Path, help="folder with the data files (all but digits)")
     ap.add_argument("--preset", choices=("default", "authors"), default="default",
                     help="authors: their per-dataset lr and epochs (explicit --lr / --epochs win)")
-    ap.add_argument("--optimizer", choices=("sgd", "slo", "both"), default="both")
+    ap.add_argument("--optimizer", choices=("sgd", "slo", "both"), default="both", help="runs to train")
     ap.add_argument("--epochs", type=int, help="training epochs, the first at --warmup-lr (default 150, or the "
                     "preset's)")
     ap.add_argument("--max-train", type=int, help="random subset of the training set (CelebA: balanced)")
     ap.add_argument("--max-test", type=int, help="random subset of the test set (CelebA: balanced)")
     ap.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="output folder")
     ap.add_argument("--attribute", default="Smiling", help="CelebA attribute used as the binary label")
     ap.add_argument("--image-size", type=int, help="CelebA: 32 (default) or 96; digits: 8 (default, native)")
-    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--width", type=int, default=256, help="hidden width")
     ap.add_argument("--depth", type=int, default=5, help="number of hidden layers")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, help="SGD learning rate after the first epoch (default 2.0·C/10)")
-    ap.add_argument("--warmup-lr", type=float, default=1e-4, help="SGD learning rate of the first epoch")
-    ap.add_argument("--slo-lr", type=float, default=SLO_LR, help="SGD learning rate under SLO (every epoch)")
-    ap.add_argument("--slo-C", type=float, default=SLO_C, help="SLO speed of the promoted layer (others 1/C)")
+    ap.add_argument("--batch", type=int, default=128, help="minibatch size")
+    ap.add_argument("--lr", type=nonnegative_float, help="SGD learning rate after the first epoch (default 2.0·C/10)")
+    ap.add_argument("--warmup-lr", type=nonnegative_float, default=1e-4, help="SGD learning rate of the first epoch")
+    ap.add_argument("--slo-lr", type=nonnegative_float, default=SLO_LR,
+                    help="SGD learning rate under SLO (every epoch)")
+    ap.add_argument("--slo-C", type=positive_float, default=SLO_C, help="SLO speed of the promoted layer (others 1/C)")
     ap.add_argument("--promote-layer", default="0", help="module name of the promoted layer ('0' = first)")
     ap.add_argument("--probe", type=int, default=500, help="training images on which K is computed")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -198,6 +205,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.image_size is not None and (args.image_size < 1 or native not in (None, args.image_size)):
         ap.error(f"--image-size {args.image_size}: {args.dataset.upper()} images are {native}x{native}; only CelebA "
                  "and digits take a size")
+    modules = ["matplotlib"] + ([DATASET_MODULES[args.dataset]] if args.dataset in DATASET_MODULES else [])
+    check_ready(ap, args.out, modules=modules)
     return args
 
 
@@ -210,9 +219,9 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
     write_csv([{"map": name, "row": i, "col": j, "value": float(m[i, j])} for name, m in maps.items()
                for i in range(m.shape[0]) for j in range(m.shape[1])], out / "nfm_diagonal.csv")
     plot_nfa_curves(nfa_long_rows(rows), out / "nfa_curves.png", metrics=("correlation",), linestyle_key="measure",
-                    title=f"{data.name}: UC-NFA (solid) and C-NFA (dashed) per layer; x = epoch")
+                    title=f"{data.name}: UC-NFA (solid) and C-NFA (dashed) per layer", x_label="epoch")
     plot_scalar_curves(rows, out / "loss_accuracy.png", keys=("train_loss", "test_loss", "train_acc", "test_acc"),
-                       log_keys=("train_loss", "test_loss"), title=f"{data.name}; x = epoch")
+                       log_keys=("train_loss", "test_loss"), title=data.name, x_label="epoch")
     plot_matrices(maps, out / "nfm_diagonal.png", cmap="gray")
 
     last = max(r["step"] for r in rows)
@@ -228,7 +237,7 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
         settings[f"lr schedule ({name})"] = f"epoch 1: {warm:g}, then {lr:g}"
     c, h, w = data.image_shape
     text = (
-        f"# Image MLP: {data.name}\n\n{run_description(command, wall)}\n\n"
+        f"# Image MLP: {data.name}\n\n`{command_line(command)}`\n\n"
         f"Data: {len(data.train)} train / {len(data.test)} test images, {c}x{h}x{w}, {data.num_classes} classes "
         f"({', '.join(data.classes)}); K on the first {len(probe_indices(args, data))} images of a fixed "
         f"permutation of the training set.\n\n"
@@ -252,6 +261,7 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
         "diagonal as an image, summed over colour channels: at init and after training, first seed).\n"
     )
     write_text(out / "results.md", text)
+    write_run_info(out, command, wall)
     return text
 
 

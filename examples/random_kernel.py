@@ -21,16 +21,21 @@ import torch
 from common import (
     bias_free_mlp,
     chain_monomial_data,
+    check_ready,
+    command_line,
     eval_schedule,
     hidden_layers,
     make_optimizer,
+    make_parser,
     mean_std_table,
-    run_description,
+    nonnegative_int,
+    positive_int,
     scale_init_,
     set_seed,
     settings_table,
     train_mse,
     write_csv,
+    write_run_info,
     write_text,
 )
 from diagnostics import NFAMonitor, nfa_correlation, plot_nfa_curves, randomize_kernel
@@ -94,14 +99,26 @@ def run_one(s: Settings, name: str, scale: float, seed: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    ap.add_argument("--out", type=Path, default=Path("results/random_kernel"))
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the networks are small: 1 is fastest)")
-    ap.add_argument("--d", type=int, help="override the input dimension d")
-    ap.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
-    args = ap.parse_args()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments, validated; checks the output folder and matplotlib before any training."""
+    ap = make_parser(__doc__)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default", help="settings (see PRESETS)")
+    ap.add_argument("--out", type=Path, default=Path("results/random_kernel"), help="output folder")
+    ap.add_argument("--threads", type=positive_int, default=1,
+                    help="torch CPU threads (the networks are small: 1 is fastest)")
+    ap.add_argument("--d", type=positive_int, help="override the input dimension d (at least r + 1)")
+    ap.add_argument("--seeds", type=nonnegative_int, nargs="+", help="override the preset's seeds")
+    args = ap.parse_args(argv)
+    r = PRESETS[args.preset].r
+    if args.d is not None and args.d < r + 1:
+        ap.error(f"argument --d: must be at least r + 1 = {r + 1} (the target uses x_1 .. x_{r + 1}), got {args.d}")
+    check_ready(ap, args.out, modules=["matplotlib"])
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     s = PRESETS[args.preset]
     if args.d is not None:
@@ -120,7 +137,7 @@ def main() -> None:
     final = [r for r in rows if r["step"] == s.steps]
     text = (
         f"# Random-K control ({args.preset} preset)\n\n"
-        f"{run_description(sys.argv, wall)}\n\n"
+        f"`{command_line([__file__, *argv])}`\n\n"
         f"Final values (step {s.steps}), mean ± std over seeds {list(s.seeds)}:\n\n"
         + mean_std_table(final, ["run", "layer", "kernel"], ["uc_nfa", "c_nfa", "K_eff_rank", "dW_eff_rank"])
         + "\n`K_eff_rank` = `(tr K)^2 / |K|_F^2`; `dW_eff_rank` the same for `ΔW^T ΔW`. For a Haar-random `Q`, "
@@ -133,6 +150,7 @@ def main() -> None:
     )
     write_text(out / "results.md", text)
     print(text)
+    write_run_info(out, [__file__, *argv], wall)
 
 
 if __name__ == "__main__":

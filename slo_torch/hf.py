@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import CallbackHandler
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
+except ImportError as exc:
+    raise ModuleNotFoundError(
+        f"slo_torch.hf needs the optional package {exc.name or 'transformers'!r}; install it with: "
+        'pip install "slo-torch[hf]"',
+        name=exc.name,
+    ) from exc
 
 __all__ = ["SLOCallback", "find_slo", "run_before_reporters"]
 
@@ -37,17 +47,25 @@ def run_before_reporters(callback: TrainerCallback) -> bool:
     handler is not found; order by hand then:
     ``trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))``.
     """
+    handler = _calling_handler(callback)
+    if handler is None:
+        return False
+    callbacks = handler.callbacks
+    callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
+    return True
+
+
+def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
+    """The ``CallbackHandler`` whose ``call_event`` is running ``callback`` (found on the call stack)."""
     frame = inspect.currentframe()
-    for _ in range(8):
+    for _ in range(9):
         frame = frame.f_back if frame is not None else None
         if frame is None:
-            return False
+            return None
         handler = frame.f_locals.get("self")
         if isinstance(handler, CallbackHandler) and callback in handler.callbacks:
-            callbacks = handler.callbacks
-            callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
-            return True
-    return False
+            return handler
+    return None
 
 
 def find_slo(optimizer: Any) -> Any | None:
@@ -72,11 +90,22 @@ class SLOCallback(TrainerCallback):
     ``SLOptimizer`` or the handle returned by :func:`~slo_torch.attach`). Norms stay on the device
     between logs (one host transfer per log). Values are written into the ``logs`` of ``on_log`` and
     into ``state.log_history``; callbacks that report ``logs`` see them if they run after this one.
+
+    The console line (the Trainer's printer or progress bar) keeps the per-layer norms of the layers
+    matching ``console_layers`` (globs; default: the layers whose speed differs from the most common
+    speed, e.g. the promoted one) and shows the others as one ``min/mean/max`` entry; ``log_history``
+    and the reporters still get every layer. ``console_layers="*"`` prints every layer.
     """
 
-    def __init__(self, source: Any | None = None, prefix: str = "slo/grad_norm/") -> None:
+    def __init__(
+        self,
+        source: Any | None = None,
+        prefix: str = "slo/grad_norm/",
+        console_layers: str | Sequence[str] | None = None,
+    ) -> None:
         self.source = source
         self.prefix = prefix
+        self.console_layers = [console_layers] if isinstance(console_layers, str) else console_layers
         self._sums: dict[str, Tensor] = {}
         self._count = 0
         self._seen_steps: int | None = None  # taken_steps of the optimizer at the last on_step_end
@@ -95,6 +124,12 @@ class SLOCallback(TrainerCallback):
                 "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback)).",
                 stacklevel=2,
             )
+        handler = _calling_handler(self)
+        if handler is not None and not any(getattr(c, "owner", None) is self for c in handler.callbacks):
+            consoles = [i for i, c in enumerate(handler.callbacks)
+                        if isinstance(c, (PrinterCallback, ProgressCallback))]
+            if consoles:  # after every reporter, just before the console
+                handler.callbacks.insert(consoles[0], _ConsoleSummary(self))
         slo = self._slo(kwargs)
         self._seen_steps = None if slo is None else slo.taken_steps
         if slo is not None and getattr(slo, "mode", None) == "grad" and (args.max_grad_norm or 0) > 0:
@@ -147,3 +182,37 @@ class SLOCallback(TrainerCallback):
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
+
+
+def _console_names(slo: Any, patterns: Sequence[str] | None, names: Sequence[str]) -> set[str]:
+    """Layers printed one by one: those matching ``patterns``, or whose speed differs from the most common one."""
+    if patterns is not None:
+        return {n for n in names if any(fnmatchcase(n, p) for p in patterns)}
+    speeds = getattr(slo, "speeds", None) or {}
+    values = list(speeds.values())
+    common = max(set(values), key=values.count) if values else None
+    return {n for n in names if speeds.get(n, common) != common}
+
+
+class _ConsoleSummary(TrainerCallback):
+    """Runs just before the Trainer's console printer: keeps the per-layer ``slo/grad_norm`` values of a few
+    layers and replaces the others by one ``min/mean/max`` entry, after the reporters have seen them all."""
+
+    def __init__(self, owner: SLOCallback) -> None:
+        self.owner = owner
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        logs: dict[str, Any] | None = None, **kwargs: Any,
+    ) -> None:
+        prefix = self.owner.prefix
+        norms = {k[len(prefix):]: v for k, v in (logs or {}).items() if k.startswith(prefix)}
+        shown = _console_names(self.owner._slo(kwargs), self.owner.console_layers, list(norms))
+        rest = [v for n, v in norms.items() if n not in shown]
+        if len(rest) < 2:
+            return
+        for name in norms:
+            if name not in shown:
+                del logs[prefix + name]
+        logs[f"{prefix}<{len(rest)} other layers> min/mean/max"] = (
+            f"{min(rest):.3g}/{sum(rest) / len(rest):.3g}/{max(rest):.3g}")

@@ -232,3 +232,27 @@ def test_skipped_step_logs_no_norms_in_the_trainer(tmp_path: Path, train: Any) -
     assert [e["slo/nonfinite_steps"] for e in entries] == [0, 1, 1]
     assert [any(k.startswith("slo/grad_norm/") for k in e) for e in entries] == [True, False, True]
     assert all(v == v for e in entries for v in e.values() if isinstance(v, float))  # no NaN logged
+
+
+def test_console_line_shows_the_promoted_layer_and_summarises_the_rest(
+    tmp_path: Path, train: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tiny_model()
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model=model, speeds=SPEEDS)
+    trainer = Trainer(model, args_for(tmp_path, max_steps=2, logging_steps=2, max_grad_norm=0.0),
+                      train_dataset=train, optimizers=(opt, None), callbacks=[SLOCallback()])
+    trainer.train()
+    printed = [line for line in capsys.readouterr().out.splitlines() if "'loss'" in line]
+    assert len(printed) == 1
+    line = printed[0]
+    others = len(opt.speeds) - 1
+    assert "'slo/grad_norm/transformer.h.0.mlp.c_fc'" in line
+    assert f"'slo/grad_norm/<{others} other layers> min/mean/max'" in line
+    assert "slo/grad_norm/transformer.wte" not in line and len(line) < 400
+    logged = trainer.state.log_history[0]  # the full values still reach log_history (and the reporters)
+    per_layer = {k for k in logged if k.startswith("slo/grad_norm/")}
+    assert per_layer == {f"slo/grad_norm/{name}" for name in opt.speeds}
+    rest = [logged[f"slo/grad_norm/{n}"] for n in opt.speeds if n != "transformer.h.0.mlp.c_fc"]
+    lo, mean, hi = (float(v) for v in line.split("min/mean/max': '")[1].split("'")[0].split("/"))
+    assert lo == pytest.approx(min(rest), rel=1e-2) and hi == pytest.approx(max(rest), rel=1e-2)
+    assert mean == pytest.approx(sum(rest) / len(rest), rel=1e-2)

@@ -16,6 +16,7 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+ALARMING = re.compile(r"warn|error|unexpected|deprecat|\[transformers\]", re.I)  # what no reader should see
 
 
 def _blocks() -> list[str]:
@@ -40,3 +41,5 @@ def test_readme_block_runs(index: int, tmp_path: Path) -> None:
         timeout=300,
     )
     assert proc.returncode == 0, f"README block {index} failed:\n{code}\n--- stderr ---\n{proc.stderr}"
+    alarming = [line for line in proc.stderr.splitlines() if ALARMING.search(line)]
+    assert not alarming, f"README block {index} printed warnings:\n{code}\n--- stderr ---\n{proc.stderr}"
