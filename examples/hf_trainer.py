@@ -241,6 +241,11 @@ def main(argv: list[str] | None = None) -> Trainer | None:
     trainer.save_state()
     if trainer.is_world_process_zero():
         report(trainer, a)
+    # Neither the Trainer nor accelerate destroys the process group. Without this, a gloo worker thread can
+    # still be releasing the tensors of a finished collective while the interpreter shuts down; it then needs
+    # the GIL, is stopped by Python, and the process aborts ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return trainer
 
 

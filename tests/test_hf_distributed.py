@@ -156,19 +156,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Runs the example as ``__main__`` and reports, after it returned, whether it left the process group alive: a
+# gloo worker thread may then release a collective's tensors during interpreter shutdown and abort the process.
+EXIT_CHECK = """
+import atexit, runpy, sys
+import torch.distributed as dist
+atexit.register(lambda: print("process group alive at exit" if dist.is_initialized() else "process group destroyed",
+                              file=sys.stderr, flush=True))
+sys.argv[0] = {example!r}
+runpy.run_path({example!r}, run_name="__main__")
+"""
+
+
 def test_example_under_accelerate_launch_multi_gpu_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "run"
+    wrapper = tmp_path / "run_example.py"
+    wrapper.write_text(EXIT_CHECK.format(example=str(EXAMPLE)))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
-        str(EXAMPLE), "--max-steps", "4", "--nfa-every", "2", "--logging-steps", "2", "--batch-size", "4",
+        str(wrapper), "--max-steps", "4", "--nfa-every", "2", "--logging-steps", "2", "--batch-size", "4",
         "--seq-len", "16", "--n-embd", "16", "--n-layer", "1", "--n-head", "2", "--probe-size", "4",
         "--output-dir", str(out), "--no-plot",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(EXAMPLE.parent)]))
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("process group destroyed") == WORLD, proc.stderr[-4000:]
     for rank in range(WORLD):
         assert f"world_size={WORLD} process_index={rank}" in proc.stdout, proc.stdout
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
