@@ -18,11 +18,14 @@ saves ``trainer_state.json`` (the whole log history) and ``nfa_curves.png`` in t
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import inspect
 import json
 import os
 import sys
+import warnings
+import weakref
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -241,12 +244,29 @@ def main(argv: list[str] | None = None) -> Trainer | None:
     trainer.save_state()
     if trainer.is_world_process_zero():
         report(trainer, a)
-    # Neither the Trainer nor accelerate destroys the process group. Without this, a gloo worker thread can
-    # still be releasing the tensors of a finished collective while the interpreter shuts down; it then needs
-    # the GIL, is stopped by Python, and the process aborts ("terminate called without an active exception").
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    release_process_group(trainer)
     return trainer
+
+
+def release_process_group(trainer: Trainer) -> None:
+    """Destroy the default process group after training (neither the Trainer nor accelerate does).
+
+    A process that exits with the group alive can abort ("terminate called without an active exception"): a
+    gloo worker thread still releasing the tensors of a finished collective needs the GIL while Python shuts
+    down. Destroying the group joins those threads, with the GIL released, provided the group's last reference
+    is the one dropped here: the DDP wrapper's reducer would otherwise destroy it later while holding the GIL,
+    which a joined thread may be waiting for. So the wrapper is released first.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    wrapper = weakref.ref(trainer.model_wrapped)
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()  # accelerate's references to the wrapper
+    gc.collect()
+    if wrapper() is not None and wrapper() is not trainer.model:
+        warnings.warn("the DDP wrapper of the model is still referenced; destroying the process group anyway",
+                      RuntimeWarning, stacklevel=2)
+    torch.distributed.destroy_process_group()
 
 
 def report(trainer: Trainer, a: argparse.Namespace) -> None:
