@@ -164,7 +164,7 @@ def test_optional_imports_name_the_extra(
     ("examples/chain_monomial.py", ["(default: default)", "(default: results/chain_monomial)", "(default: 1)"]),
     ("examples/early_time.py", ["(default: results/early_time)"]),
     ("examples/random_kernel.py", ["(default: results/random_kernel)"]),
-    ("examples/image_mlp.py", ["(default: 150)", "(default: 256)", "(default: 500)", "(default: 0.001)"]),
+    ("examples/image_mlp.py", ["(default: 128)", "(default: 256)", "(default: 500)", "(default: 0.001)"]),
     ("examples/hf_trainer.py", ["(default: 300)", "(default: runs/hf_trainer)", "(default: 25)"]),
     ("benchmarks/slo_step.py", ["(default: 300)", "(default: 100)"]),
     ("benchmarks/ptk_cost.py", ["(default: 3)"]),
