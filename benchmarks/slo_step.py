@@ -99,10 +99,10 @@ def whole_step_table(args: argparse.Namespace) -> None:
     t_base: dict[str, list[float]] = {n: [] for n in names}  # the wrapped AdamW step inside SLO's step
     for n in names:
         opt = cases[n][1]
-        if isinstance(opt, SLOptimizer):
-            inner = opt.base_optimizer.step
-            opt.base_optimizer.step = (  # type: ignore[method-assign]
-                lambda inner=inner, out=t_base[n]: out.append(timed(inner, args.device)))
+        if isinstance(opt, SLOptimizer):  # the base's own step hooks run right around its step
+            base, out = opt.base_optimizer, t_base[n]
+            base.register_step_pre_hook(lambda *_, out=out: out.append(-clock(args.device)))
+            base.register_step_post_hook(lambda *_, out=out: out.append(out.pop() + clock(args.device)))
     for _ in range(args.whole_warmup):
         for n in names:
             fb[n]()
@@ -126,6 +126,13 @@ def whole_step_table(args: argparse.Namespace) -> None:
         slo, share = (f"{med(own) * 1e3:.1f}", f"{med(own) / med(whole[n]) * 100:.2f}%") if own else ("-", "-")
         print(f"| {n} | {med(t_fb[n]) * 1e3:.1f} | {med(t_step[n]) * 1e3:.1f} | {slo} | {med(whole[n]) * 1e3:.1f} "
               f"| {share} | {med(whole[n]) / med(whole[bare]):.3f}x |")
+
+
+def clock(device: str) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work."""
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def timed(fn: Callable[[], None], device: str) -> float:
