@@ -1,14 +1,14 @@
-"""Summing per-rank ``K`` sums across ``torch.distributed`` ranks in one collective.
+"""Summing per-rank ``K`` sums across ``torch.distributed`` ranks.
 
-Every rank measures its own shard of the probe; the unnormalised sums of all layers and the
-per-layer sample counts are packed into one flat buffer and all-reduced once, so the result equals
-one process on the concatenated probe. Every rank must take part (call ``measure()`` /
+Every rank measures its own shard of the probe; the per-layer sample counts (with a failure flag)
+are all-reduced first, then the unnormalised sums of all layers packed into one flat buffer, so the
+result equals one process on the concatenated probe. Every rank must take part (call ``measure()`` /
 ``ptk_covariance`` on every rank), otherwise the collective waits forever.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -52,33 +52,66 @@ def shard_probe(inputs: Any, group: Any = None) -> Any:
 
 
 def all_reduce_sums(
-    sums: dict[str, Tensor], counts: dict[str, int], group: Any = None, failed: bool = False
+    sums: dict[str, Tensor],
+    counts: dict[str, int],
+    group: Any = None,
+    failed: bool = False,
+    zeros: Callable[[str], Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """Sum ``sums`` (k x k per layer) and ``counts`` over ranks with a single ``all_reduce`` of one
-    flat buffer; a no-op without ``torch.distributed`` (or with one rank).
+    """Sum ``sums`` (k x k per layer) and ``counts`` over ranks; a no-op without
+    ``torch.distributed`` (or with one rank).
 
-    The buffer also carries a failure flag: a rank whose own measurement raised calls this with
-    ``failed=True`` (and zero sums of the same shapes) before re-raising, so the other ranks are not
-    left waiting in the collective; they raise ``RuntimeError`` instead of returning."""
-    if not is_distributed(group) or not sums:
+    ``counts`` names every layer; a layer with a count but no sum has its ``K`` known analytically
+    (an output layer, :mod:`diagnostics.output_layer`), and a rank without samples has no sums at all.
+    First one small ``all_reduce`` of the counts, those flags and a failure flag: a rank whose own
+    measurement raised calls this with ``failed=True`` before re-raising, so the others raise
+    ``RuntimeError`` instead of waiting; ranks that disagree on the analytic layers raise as well.
+    Then one ``all_reduce`` of the flat buffer of the other layers' sums (a rank without samples
+    contributes ``zeros(name)``)."""
+    if not is_distributed(group) or not counts:
         return sums, counts
-    names = list(sums)
-    first = sums[names[0]]
-    dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums.values()) else first.dtype
-    tail = [float(counts[n]) for n in names] + [1.0 if failed else 0.0]
-    flat = torch.cat(
-        [sums[n].reshape(-1).to(first.device, dtype) for n in names]
-        + [torch.tensor(tail, dtype=torch.float64).to(first.device, dtype)]
+    names = list(counts)
+    has_rows = any(counts.values())
+    analytic = [1.0 if has_rows and n not in sums else 0.0 for n in names]
+    head = torch.tensor(
+        [float(counts[n]) for n in names] + analytic + [1.0 if has_rows else 0.0, 1.0 if failed else 0.0],
+        dtype=torch.float64,
     )
+    device = next(iter(sums.values())).device if sums else _collective_device(group)
+    head = head.to(device)
+    dist.all_reduce(head, op=dist.ReduceOp.SUM, group=group)
+    values = head.tolist()
+    totals, flags, (ranks_with_rows, n_failed) = values[: len(names)], values[len(names) : -2], values[-2:]
+    if n_failed:
+        if failed:
+            return sums, counts
+        raise RuntimeError(f"the K measurement failed on {int(round(n_failed))} other rank(s); see their error")
+    mixed = [n for n, f in zip(names, flags) if 0 < f < ranks_with_rows]
+    if mixed:
+        raise RuntimeError(
+            f"layers {mixed} return the model output on some ranks only; every rank must run the same model"
+        )
+    out_counts = {n: int(round(c)) for n, c in zip(names, totals)}
+    need = [n for n, f in zip(names, flags) if f == 0]
+    if not need:
+        return {}, out_counts
+    if zeros is None and any(n not in sums for n in need):
+        raise ValueError("all_reduce_sums needs zeros=... to fill the sums of a rank without samples")
+    local = {n: sums[n] if n in sums else zeros(n) for n in need}
+    first = local[need[0]]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in local.values()) else first.dtype
+    flat = torch.cat([local[n].reshape(-1).to(first.device, dtype) for n in need])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     out, offset = {}, 0
-    for n in names:
-        size = sums[n].numel()
-        out[n] = flat[offset : offset + size].view_as(sums[n]).to(sums[n].device, sums[n].dtype)
+    for n in need:
+        size = local[n].numel()
+        out[n] = flat[offset : offset + size].view_as(local[n]).to(local[n].device, local[n].dtype)
         offset += size
-    *totals, n_failed = flat[offset:].tolist()
-    if n_failed and not failed:
-        raise RuntimeError(
-            f"the K measurement failed on {int(round(n_failed))} other rank(s); see their error"
-        )
-    return out, {n: int(round(c)) for n, c in zip(names, totals)}
+    return out, out_counts
+
+
+def _collective_device(group: Any = None) -> torch.device:
+    """CPU for gloo, the current CUDA device for NCCL."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -21,6 +21,7 @@ afterwards, so measuring never changes the run it observes.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -46,12 +47,17 @@ __all__ = [
     "VJP_BUDGET_BYTES",
     "VJPPlan",
     "resolve_sample_mask",
+    "CHUNK_BUDGET_BYTES",
 ]
 
 #: Memory allowed for one block of batched VJP results (cotangents plus layer gradients).
 VJP_BUDGET_BYTES = 64 * 2**20
-#: Samples per forward pass when ``chunk_size=None``.
+#: Most samples per forward pass when ``chunk_size=None``.
 DEFAULT_CHUNK_SIZE = 256
+#: With ``chunk_size=None``: memory allowed for one chunk's outputs ``f`` plus the recorded outputs of
+#: the selected layers (for an LM, ``tokens x (vocab + sum of layer widths)`` elements); a single
+#: sample is always allowed.
+CHUNK_BUDGET_BYTES = 256 * 2**20
 
 OutputFn = Callable[[Any], Tensor]
 
@@ -73,6 +79,8 @@ class LayerHooks:
         self.no_grad: list[str] = []  # selected layers that ran with gradients disabled
         self.outputs: dict[str, list[Tensor]] = {n: [] for n in self.adapters}
         self.inputs: dict[str, list[Tensor]] = {n: [] for n in self.adapters}
+        # per call: (weak reference to the tensor the layer handed on, its version counter then)
+        self.returned: dict[str, list[tuple[weakref.ref, int]]] = {n: [] for n in self.adapters}
         self.current: str | None = None  # layer whose forward is running (for error messages)
         self.last_done: str | None = None  # last selected layer that finished its forward
 
@@ -139,7 +147,7 @@ class LayerHooks:
         self.current = self.last_done = None
         self._forward_done = False
         self.no_grad = []
-        for lst in (*self.outputs.values(), *self.inputs.values()):
+        for lst in (*self.outputs.values(), *self.inputs.values(), *self.returned.values()):
             lst.clear()
 
     def enter(self, name: str) -> None:
@@ -157,7 +165,9 @@ class LayerHooks:
         target = h if h.requires_grad else h.detach().requires_grad_(True)
         self.outputs[name].append(target)
         self.current, self.last_done = None, name
-        return target.clone()
+        handed_on = target.clone()
+        self.returned[name].append((weakref.ref(handed_on), handed_on._version))
+        return handed_on
 
 
 # ----------------------------------------------------------------------------- probe handling
@@ -293,6 +303,8 @@ class Chunk:
     inputs: dict[str, list[Tensor]] = field(default_factory=dict)
     mask: Tensor | None = None
     start: int = 0  # index of the chunk's first sample in the probe
+    #: per layer and call: (weak reference to the tensor the layer handed on, its version then)
+    returned: dict[str, list[tuple[weakref.ref, int]]] = field(default_factory=dict)
 
     @property
     def num_outputs(self) -> int:
@@ -372,20 +384,27 @@ def for_each_chunk(
     """Run ``model`` on the probe in chunks of ``chunk_size`` samples (eval mode, grad enabled, run
     eagerly even if compiled; previous train/eval mode of every submodule and the global RNG states
     restored) and call ``fn`` on each :class:`Chunk` while the graph of that chunk is alive. No graph
-    survives the call. ``sample_mask``: see :func:`resolve_sample_mask`."""
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK_SIZE
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    survives the call. ``sample_mask``: see :func:`resolve_sample_mask`.
+
+    ``chunk_size=None`` sizes chunks by memory, not by samples: the first chunk is one sample, the
+    next ones hold as many samples (at most ``DEFAULT_CHUNK_SIZE``) as keep the outputs ``f`` plus the
+    recorded layer outputs within ``CHUNK_BUDGET_BYTES`` (:func:`chunk_samples`)."""
+    adaptive = chunk_size is None
+    if adaptive:
+        chunk_size = 1
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     n_total = probe_batch_size(inputs)
     mask = resolve_sample_mask(inputs, sample_mask)
     inner = getattr(model, "_orig_mod", None)  # the module a torch.compile wrapper compiles
     runner = inner if isinstance(inner, nn.Module) else model
     with hooks.attached_for(), _measuring(model, inputs):
-        for start in range(0, n_total, chunk_size):
-            part = split_probe(inputs, start, min(start + chunk_size, n_total))
+        stop = 0
+        while stop < n_total:
+            start, stop = stop, min(stop + chunk_size, n_total)
+            part = split_probe(inputs, start, stop)
             part = _map(part, lambda t: t.clone() if t.is_inference() else t)
-            n = min(start + chunk_size, n_total) - start
+            n = stop - start
             with hooks.recording(keep_inputs):
                 try:
                     out = _call(runner, part)
@@ -398,7 +417,7 @@ def for_each_chunk(
                     else:
                         where = " before the first selected layer"
                     raise ValueError(
-                        f"the model rejected the probe{where}; probe inputs: {describe_probe(part)}. "
+                        f"the model rejected the probe{where}; probe inputs: {describe_probe(inputs)}. "
                         f"Original error: {type(err).__name__}: {err}"
                     ) from err
                 hooks.forward_done()
@@ -416,8 +435,21 @@ def for_each_chunk(
                 if not f.requires_grad:
                     raise ValueError("the outputs f do not depend on any selected layer")
                 part_mask = None if mask is None else mask[start : start + n].to(f.device)
-                fn(Chunk(f, n, dict(hooks.outputs), dict(hooks.inputs), mask=part_mask, start=start))
+                if adaptive:
+                    chunk_size = chunk_samples(f, hooks.outputs, n)
+                fn(Chunk(f, n, dict(hooks.outputs), dict(hooks.inputs), mask=part_mask, start=start,
+                         returned=dict(hooks.returned)))
                 del out, f
+
+
+def chunk_samples(f: Tensor, outputs: Mapping[str, list[Tensor]], n: int, budget: int | None = None) -> int:
+    """Samples per chunk such that ``f`` and the recorded layer outputs of a chunk of ``n`` samples,
+    scaled to that many samples, take at most ``budget`` bytes (default ``CHUNK_BUDGET_BYTES``; at
+    least 1 sample, at most ``DEFAULT_CHUNK_SIZE``)."""
+    budget = CHUNK_BUDGET_BYTES if budget is None else budget
+    numel = f.numel() + sum(h.numel() for hs in outputs.values() for h in hs)
+    per_sample = max(1, numel * f.element_size() // max(n, 1))
+    return max(1, min(DEFAULT_CHUNK_SIZE, budget // per_sample))
 
 
 # ----------------------------------------------------------------------------- VJPs

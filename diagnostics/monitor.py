@@ -19,7 +19,8 @@ from . import distributed
 from .engine import LayerHooks, OutputFn
 from .layers import DEFAULT_MAX_K, LayerAdapter, find_linear_layers
 from .nfa import CORRELATIONS, nfa_summary
-from .ptk import check_estimator, check_memory, covariance_from_sums, ptk_sums_all_ranks
+from .output_layer import ESTIMATOR as ANALYTIC, output_layer_memory, output_layer_summary
+from .ptk import check_estimator, check_memory, covariance_from_sums, ptk_sums_all_ranks, work_dtype
 
 __all__ = ["NFAMonitor", "LayerRecord", "resolve_blocks"]
 
@@ -30,7 +31,11 @@ BlockSpec = Union[int, Sequence[str], Mapping[str, int]]
 
 @dataclass
 class LayerRecord:
-    """One layer's measurement. ``K``, ``nfm``, ``agop`` are set only with ``keep_matrices=True``."""
+    """One layer's measurement. ``K``, ``nfm``, ``agop`` are set only with ``keep_matrices=True``.
+
+    ``estimator="analytic"`` marks a layer whose output is the model output: its ``K`` is exactly the
+    identity (see :mod:`diagnostics.output_layer`); it is returned (and saved) as ``torch.eye(k)``
+    only when ``k <= max_k``, else ``K`` is ``None``."""
 
     layer: str
     step: int
@@ -150,6 +155,11 @@ def _initial_weights(W0: Any, monitor: "NFAMonitor") -> dict[str, Tensor]:
     return out
 
 
+def _maybe_output_layer(adapter: LayerAdapter, max_k: int | None) -> bool:
+    """Only ``k`` exceeds ``max_k``: fine if the layer returns the model output (checked at measure)."""
+    return isinstance(max_k, int) and adapter.k > max_k >= adapter.d
+
+
 class NFAMonitor:
     """Measure UC-NFA ``rho(W^T W, (W^T K W)^s)``, C-NFA ``rho(dW^T dW, (dW^T K dW)^s)``
     (``dW = W - W_0``), ``|dW|_F/|W|_F``, ``rho(W W^T, K)`` and the decomposition norms per layer.
@@ -160,9 +170,12 @@ class NFAMonitor:
     ``blocks``: ``{layer name or glob: spec}`` adds one record ``"<layer>[<label>]"`` per block of the
     layer's output rows (see :func:`resolve_blocks`), with ``W_b`` the block's rows of ``W`` and ``K_bb``
     the matching diagonal block of the layer's ``K`` (``AGOP = W_b^T K_bb W_b``); no extra backward passes.
-    The model is not wrapped or modified (hooks exist only during ``measure()``); ``detach()`` or the end
-    of a ``with`` block closes the monitor. A ``torch.compile``-d model is measured through its original
-    modules in eager mode, under the eager layer names, without recompiling it.
+    A layer whose output is the model output itself (an LM head, a classifier readout) has ``K = I``
+    exactly; it is recorded without forming ``K`` or any backward pass through it, so ``max_k`` only
+    limits its ``d``. The model is not wrapped or modified (hooks exist only during ``measure()``);
+    ``detach()`` or the end of a ``with`` block closes the monitor. A ``torch.compile``-d model is
+    measured through its original modules in eager mode, under the eager layer names, without
+    recompiling it.
     Under ``torch.distributed`` every rank must call ``measure()`` with its own probe shard.
     Layers with ``k`` or ``d`` above ``max_k``, or an estimated total (``memory_estimate``, see
     :func:`diagnostics.ptk.measure_memory`) above ``max_memory`` bytes, are refused up front.
@@ -188,11 +201,16 @@ class NFAMonitor:
         self.model = model
         self.adapters = find_linear_layers(model, layers)
         self.blocks = resolve_blocks(self.adapters, blocks)
+        # A layer too wide for a k x k K (only k > max_k) may still be measured if it turns out to
+        # return the model output (K = I, only d x d matrices); that is known at the first measure().
+        self.max_k = max_k
+        wide = {n: a for n, a in self.adapters.items() if _maybe_output_layer(a, max_k) and n not in self.blocks}
         #: Bytes of the k x k / d x d matrices one ``measure()`` allocates, per layer and ``"total"``
         #: (with ``keep_matrices=True``; see :func:`diagnostics.ptk.measure_memory`).
         self.memory_estimate = check_memory(
-            self.adapters, max_k, max_memory, keep_matrices=True, agop_power=agop_power,
-            world_size=distributed.world_size(process_group),
+            {n: a for n, a in self.adapters.items() if n not in wide}, max_k, max_memory,
+            analytic={n: output_layer_memory(a.k, a.d, work_dtype(a).itemsize, agop_power, True) for n, a in wide.items()},
+            keep_matrices=True, agop_power=agop_power, world_size=distributed.world_size(process_group),
             blocks={n: [r.stop - r.start for _, r in parts] for n, parts in self.blocks.items()},
         )
         self.correlation = correlation
@@ -241,37 +259,54 @@ class NFAMonitor:
         self.last_K = {}  # the previous K are not kept alive while the new ones are summed
         sums, counts = ptk_sums_all_ranks(
             self.model, self._hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch,
-            self.process_group, allow_unused, sample_mask,
+            self.process_group, allow_unused, sample_mask, analytic_outputs=True, max_k=self.max_k,
         )
         records: dict[str, LayerRecord] = {}
         for name, adapter in self.adapters.items():
-            K = covariance_from_sums(sums, counts, name, adapter)
-            W = adapter.weight_matrix().detach().to(K.dtype)
+            W = adapter.weight_matrix().detach().to(work_dtype(adapter))
+            # not in sums: the layer's output is the model output, K = I (formed only if it fits max_k)
+            K = covariance_from_sums(sums, counts, name, adapter) if name in sums else None
             for rec_name, rows in [(name, slice(None)), *self.blocks.get(name, [])]:
-                K_b = K if rows == slice(None) else K[rows, rows].contiguous()
-                summary = nfa_summary(
-                    W[rows], self.W0[name][rows], K_b, self.correlation, self.agop_power, keep_matrices
-                )
-                self.last_K[rec_name] = K_b
-                records[rec_name] = LayerRecord(
-                    layer=rec_name,
-                    step=int(step),
-                    uc_nfa=summary["uc_nfa"],
-                    c_nfa=summary["c_nfa"],
-                    rel_change=summary["rel_change"],
-                    kernel_alignment=summary["kernel_alignment"],
-                    estimator=estimator,
-                    m=m if estimator == "sketch" else None,
-                    n_samples=counts[name],
-                    correlation=self.correlation,
-                    agop_power=self.agop_power,
-                    norms=summary["norms"],
-                    K=K_b if keep_matrices else None,
-                    nfm=summary["nfm"] if keep_matrices else None,
-                    agop=summary["agop"] if keep_matrices else None,
-                )
+                if K is None:
+                    summary = output_layer_summary(
+                        W[rows], self.W0[name][rows], self.correlation, self.agop_power, keep_matrices
+                    )
+                    size = W[rows].shape[0]
+                    K_b = torch.eye(size, dtype=W.dtype, device=W.device) if size <= (self.max_k or DEFAULT_MAX_K) else None
+                    how, m_used = ANALYTIC, None
+                else:
+                    K_b = K if rows == slice(None) else K[rows, rows].contiguous()
+                    summary = nfa_summary(
+                        W[rows], self.W0[name][rows], K_b, self.correlation, self.agop_power, keep_matrices
+                    )
+                    how, m_used = estimator, m if estimator == "sketch" else None
+                if K_b is not None:
+                    self.last_K[rec_name] = K_b
+                records[rec_name] = self._record(rec_name, step, summary, how, m_used, counts[name], K_b, keep_matrices)
         self.history.append(records)
         return records
+
+    def _record(
+        self, name: str, step: int, summary: dict[str, Any], estimator: str, m: int | None, n: int,
+        K: Tensor | None, keep_matrices: bool,
+    ) -> LayerRecord:
+        return LayerRecord(
+            layer=name,
+            step=int(step),
+            uc_nfa=summary["uc_nfa"],
+            c_nfa=summary["c_nfa"],
+            rel_change=summary["rel_change"],
+            kernel_alignment=summary["kernel_alignment"],
+            estimator=estimator,
+            m=m,
+            n_samples=n,
+            correlation=self.correlation,
+            agop_power=self.agop_power,
+            norms=summary["norms"],
+            K=K if keep_matrices else None,
+            nfm=summary["nfm"] if keep_matrices else None,
+            agop=summary["agop"] if keep_matrices else None,
+        )
 
     def to_rows(self) -> list[dict[str, Any]]:
         """Flat dicts, one per (measurement, layer), for CSV/JSON/loggers."""

@@ -34,6 +34,7 @@ from .engine import (
 )
 from .layers import DEFAULT_MAX_K, LayerAdapter, check_layer_sizes, find_linear_layers, format_bytes
 from .nfa import summary_memory
+from .output_layer import model_output_layers
 
 __all__ = [
     "ptk_covariance",
@@ -175,17 +176,22 @@ def check_memory(
     adapters: dict[str, LayerAdapter],
     max_k: int | None = DEFAULT_MAX_K,
     max_memory: int | None = None,
+    analytic: dict[str, int] | None = None,
     **estimate_options: Any,
 ) -> dict[str, int]:
     """The :func:`measure_memory` estimate, after refusing layers larger than ``max_k`` (see
-    :func:`diagnostics.layers.check_layer_sizes`) and a total above ``max_memory`` bytes (``None``: no limit)."""
+    :func:`diagnostics.layers.check_layer_sizes`) and a total above ``max_memory`` bytes (``None``: no limit).
+    ``analytic``: bytes of further layers whose ``K = I`` is not formed (:mod:`diagnostics.output_layer`),
+    added to the estimate and its total, and not checked against ``max_k``."""
     estimate = measure_memory(adapters, **estimate_options)
     check_layer_sizes(adapters, max_k, estimate)
+    if analytic:
+        estimate = {**analytic, **estimate, "total": estimate["total"] + sum(analytic.values())}
     if max_memory is not None:
         if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
             raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
         if estimate["total"] > max_memory:
-            top = sorted(adapters, key=estimate.__getitem__, reverse=True)[:5]
+            top = sorted((n for n in estimate if n != "total"), key=estimate.__getitem__, reverse=True)[:5]
             desc = ", ".join(f"{n!r} {format_bytes(estimate[n])}" for n in top)
             raise ValueError(
                 f"measuring these layers needs about {format_bytes(estimate['total'])} of k x k / d x d "
@@ -197,12 +203,13 @@ def check_memory(
 
 def _zero_sums(adapters: dict[str, LayerAdapter]) -> dict[str, Tensor]:
     """Zero ``k x k`` running sums per layer, on the layer's device, in the accumulation dtype."""
-    sums = {}
     with torch.inference_mode(False):  # accumulators are updated in place, also under inference_mode
-        for name, a in adapters.items():
-            device = a.weight_matrix().device
-            sums[name] = torch.zeros(a.k, a.k, dtype=_acc_dtype(device), device=device)
-    return sums
+        return {name: _zero_sum(a) for name, a in adapters.items()}
+
+
+def _zero_sum(adapter: LayerAdapter) -> Tensor:
+    device = adapter.weight_matrix().device
+    return torch.zeros(adapter.k, adapter.k, dtype=_acc_dtype(device), device=device)
 
 
 def ptk_sums(
@@ -217,30 +224,52 @@ def ptk_sums(
     sketch: str = "rademacher",
     allow_unused: bool = False,
     sample_mask: SampleMask = None,
+    *,
+    analytic_outputs: bool = False,
+    max_k: int | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """Unnormalised ``K_unnorm`` per layer (float64 running sums; float32 on MPS) and the number of
-    rows ``N`` per layer (real tokens only under a sample mask), on this process's probe."""
+    rows ``N`` per layer (real tokens only under a sample mask), on this process's probe.
+
+    With ``analytic_outputs=True`` a layer whose output is the model output ``f`` itself (see
+    :mod:`diagnostics.output_layer`) gets no sum (``K = I`` exactly; only its rows are counted) and
+    takes no part in the VJPs; the sums are allocated after the first forward pass, once those layers
+    are known, and the other layers are then checked against ``max_k``. Layers missing from the
+    returned sums but present in the counts are those; with no sample at all, the sums are empty."""
     check_estimator(estimator, m)
     adapters = hooks.adapters
     generator = _as_generator(generator, next(iter(adapters.values())).weight_matrix().device)
-    sums = _zero_sums(adapters)
-    with torch.inference_mode(False):  # k x k scratch for the per-block Grams, one per size, dtype and device
-        scratch: dict[tuple, Tensor] = {}
-        for n, a in adapters.items():
-            key = (a.k, work_dtype(a), sums[n].device)
-            if key not in scratch:
-                scratch[key] = torch.empty(a.k, a.k, dtype=key[1], device=key[2])
-        bufs = {n: scratch[(a.k, work_dtype(a), sums[n].device)] for n, a in adapters.items()}
     counts: dict[str, Any] = {name: 0 for name in adapters}  # ints, or 0-dim tensors under a mask (one sync)
+    sums: dict[str, Tensor] = {}
+    bufs: dict[str, Tensor] = {}
+    analytic: set[str] | None = None
     plan = VJPPlan(allow_unused=allow_unused)
 
     def visit(chunk: Chunk) -> None:
+        nonlocal analytic
+        found = model_output_layers(chunk) if analytic_outputs else set()
+        if analytic is None:  # first chunk: allocate for the layers that need K
+            analytic = found
+            rest = {n: a for n, a in adapters.items() if n not in analytic}
+            check_layer_sizes(rest, max_k)
+            sums.update(_zero_sums(rest))
+            with torch.inference_mode(False):  # scratch for the per-block Grams
+                bufs.update({n: torch.empty(a.k, a.k, dtype=work_dtype(a), device=sums[n].device) for n, a in rest.items()})
+        elif found != analytic:
+            raise ValueError(
+                f"layers {sorted(found ^ analytic)} return the model output in some probe chunks but not "
+                "in others; the model must compute its output the same way for every input"
+            )
         names = [n for n, hs in chunk.outputs.items() for _ in hs]
         targets = [h for hs in chunk.outputs.values() for h in hs]
-        plan.names = names
         keep = [chunk.row_mask(adapters[name], h) for name, h in zip(names, targets)]
         for name, h, rows in zip(names, targets, keep):
             counts[name] = counts[name] + (adapters[name].out_rows(h).shape[0] if rows is None else rows.sum())
+        measured = [i for i, n in enumerate(names) if n not in analytic]
+        names, targets, keep = ([seq[i] for i in measured] for seq in (names, targets, keep))
+        if not targets:
+            return
+        plan.names = names
         step = block_size(chunk)
         total = chunk.num_outputs if estimator == "exact" else m
         for start in range(0, total, step):
@@ -275,22 +304,31 @@ def ptk_sums_all_ranks(
     process_group: Any = None,
     allow_unused: bool = False,
     sample_mask: SampleMask = None,
+    *,
+    analytic_outputs: bool = False,
+    max_k: int | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """:func:`ptk_sums` on this rank's shard, summed over the ranks of ``process_group``.
 
-    If this rank's measurement raises, it still joins the one collective (flagging the failure, so
-    the other ranks raise instead of waiting) and then re-raises its own error."""
+    If this rank's measurement raises, it still joins the collective (flagging the failure, so the
+    other ranks raise instead of waiting) and then re-raises its own error. Raises ``ValueError``
+    when no rank had a sample."""
     try:
         sums, counts = ptk_sums(
             model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch, allow_unused,
-            sample_mask,
+            sample_mask, analytic_outputs=analytic_outputs, max_k=max_k,
         )
     except Exception:
         if distributed.is_distributed(process_group):
-            zeros = _zero_sums(hooks.adapters)
-            distributed.all_reduce_sums(zeros, {n: 0 for n in zeros}, process_group, failed=True)
+            distributed.all_reduce_sums({}, {n: 0 for n in hooks.adapters}, process_group, failed=True)
         raise
-    return distributed.all_reduce_sums(sums, counts, process_group)
+    adapters = hooks.adapters
+    sums, counts = distributed.all_reduce_sums(
+        sums, counts, process_group, zeros=lambda n: _zero_sums({n: adapters[n]})[n]
+    )
+    if not any(counts.values()):
+        raise ValueError("the probe has no samples: pass inputs with at least one sample (batch dimension first)")
+    return sums, counts
 
 
 def ptk_covariance(

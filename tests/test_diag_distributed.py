@@ -102,6 +102,7 @@ FAILING_WORKER = textwrap.dedent(
     # empty shard on rank 1: it still takes part and the sums equal rank 0's alone
     rec = mon.measure(x if rank == 0 else x[:0], step=0)
     print("N", rec["0"].n_samples)
+    print("R", rec["2"].estimator, rec["2"].n_samples, repr(rec["0"].uc_nfa))  # '2' returns the model output
     # rank 1's probe is rejected by the model; rank 0 must not be left waiting in the collective
     try:
         mon.measure(x if rank == 0 else torch.randn(4, 7, dtype=torch.float64), step=1)
@@ -131,5 +132,7 @@ def test_empty_shard_and_a_failing_rank_still_join_the_collective(tmp_path) -> N
                 p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     assert all("N 4" in log for log in logs), "\n".join(logs)
+    rows = [next(line for line in log.splitlines() if line.startswith("R ")) for log in logs]
+    assert rows[0] == rows[1] and rows[0].startswith("R analytic 4 "), rows
     assert "ERR RuntimeError the K measurement failed on 1 other rank(s)" in logs[0], logs[0]
     assert "ERR ValueError the model rejected the probe" in logs[1], logs[1]

@@ -182,8 +182,13 @@ def test_bad_inputs() -> None:
 def test_size_guard() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 300))
-    with pytest.raises(ValueError, match=r"'2' \(k=300, d=8, ~[\d.]+ [MK]iB\).*layers=.*max_k"):
-        NFAMonitor(model, max_k=256)
+    with pytest.raises(ValueError, match=r"max_k=7: '2' \(k=300, d=8, ~[\d.]+ [MK]iB\)\..*layers="):
+        NFAMonitor(model, max_k=7)  # '2' has d > max_k; '0' (k > max_k >= d) is checked at measure()
+    # '2' returns the model output (K = I, never formed) unless output_fn computes something from it
+    mon = NFAMonitor(model, max_k=256)
+    assert mon.measure(torch.randn(3, 4))["2"].estimator == "analytic"
+    with pytest.raises(ValueError, match=r"'2' \(k=300, d=8\).*layers=.*max_k"):
+        mon.measure(torch.randn(3, 4), output_fn=lambda out: out[:, :5])
     with pytest.raises(ValueError, match="max_k"):
         ptk_covariance(model, torch.randn(3, 4), max_k=256)
     K = ptk_covariance(model, torch.randn(3, 4), layers=["0"], max_k=256)

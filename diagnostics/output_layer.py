@@ -1,0 +1,95 @@
+"""Layers whose output is the model output (an LM head, a classifier readout): ``K = I`` exactly.
+
+When the tensor ``f`` that ``output_fn`` returns is the very tensor a selected layer handed on (the
+same object, not modified in place since, and the layer's only call in the forward pass), then
+``g_{alpha,c} = df_c(x_alpha)/dh = e_c`` for every row ``alpha`` and output ``c`` of that row, so
+``K_unnorm = sum_c G_c^T G_c = N I`` and ``K = K_unnorm / N = I`` (``k x k``; never formed, no
+backward pass needed). Outputs and rows that a mask excludes are excluded together, so ``K = I`` holds
+with masks as well. The NFM is ``W^T W`` and the AGOP ``W^T I W = W^T W``, both ``d x d``; the kernel
+alignment ``rho(W W^T, I)`` is computed from ``d x d`` quantities too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .engine import Chunk
+from .nfa import NORM_KEYS, _check_method, matrix_correlation, nfm, psd_power
+
+__all__ = ["model_output_layers", "identity_kernel_alignment", "output_layer_summary", "output_layer_memory", "ESTIMATOR"]
+
+#: ``LayerRecord.estimator`` of a layer whose ``K = I`` is known analytically.
+ESTIMATOR = "analytic"
+
+
+def model_output_layers(chunk: Chunk) -> set[str]:
+    """Names of the layers called once in this forward pass whose handed-on output *is* ``chunk.f``
+    (same tensor object, unchanged version counter: no operation, in place or not, came after it)."""
+    found = set()
+    for name, calls in chunk.returned.items():
+        if len(calls) == 1:
+            ref, version = calls[0]
+            if ref() is chunk.f and chunk.f._version == version:
+                found.add(name)
+    return found
+
+
+def identity_kernel_alignment(W: Tensor, method: str = "pearson") -> Tensor:
+    """``rho(W W^T, I_k)`` without forming ``k x k`` matrices (0-dim, float64; float32 on MPS).
+
+    With ``A = W W^T``: ``tr A = |W|_F^2``, ``sum_ij A_ij = |W^T 1|^2 = S``, ``|A|_F = |W^T W|_F``.
+    cosine: ``tr A / (|A|_F sqrt(k))``; pearson: ``(tr A - S/k) / sqrt((|A|_F^2 - S^2/k^2)(k - 1))``.
+    NaN where :func:`diagnostics.matrix_correlation` gives NaN (a zero (centred) matrix)."""
+    _check_method(method)
+    dtype = torch.float32 if W.device.type == "mps" else torch.float64
+    W = W.detach().to(dtype)
+    k = W.shape[0]
+    trace, frob2 = W.pow(2).sum(), nfm(W).pow(2).sum()
+    if method == "cosine":
+        num, den2 = trace, frob2 * k
+    else:
+        total = W.sum(dim=0).pow(2).sum()
+        num, den2 = trace - total / k, (frob2 - (total / k) ** 2).clamp_min(0) * (k - 1)
+    den = den2.sqrt()
+    return torch.where(den > 0, num / den, torch.full_like(den, float("nan")))
+
+
+def output_layer_memory(k: int, d: int, itemsize: int, power: float = 1.0, keep_matrices: bool = False) -> int:
+    """Upper bound of the bytes :func:`output_layer_summary` allocates: ``dW`` (``k x d``), four ``d x d``
+    terms, the eigendecompositions for ``power != 1`` and the kept ``nfm``."""
+    eigh = 8.5 * d * d if power != 1 else 0.0
+    return int(itemsize * (k * d + 4 * d * d + eigh + (d * d if keep_matrices else 0)))
+
+
+def output_layer_summary(
+    W: Tensor, W0: Tensor, method: str = "pearson", power: float = 1.0, keep_matrices: bool = True
+) -> dict[str, Any]:
+    """:func:`diagnostics.nfa.nfa_summary` for ``K = I``: the AGOP terms equal the NFM terms
+    (``W^T I W = W^T W``), only ``d x d`` matrices are formed (``nfm``/``agop`` ``None`` unless
+    ``keep_matrices``)."""
+    W0 = W0.to(W)
+    D = W - W0
+    F, FD = nfm(W), nfm(D)
+    cross = W0.t() @ D
+    w_norm = W.norm()
+    corrs = torch.stack([
+        matrix_correlation(F, psd_power(F, power), method),
+        matrix_correlation(FD, psd_power(FD, power), method),
+        identity_kernel_alignment(W, method).to(W.device),
+    ])
+    rel_change = torch.where(w_norm > 0, D.norm() / w_norm, torch.full_like(w_norm, float("nan")))
+    init, cross_n, centred = nfm(W0).norm(), (cross + cross.t()).norm(), FD.norm()
+    norms = torch.stack([init, cross_n, centred, init, cross_n, centred])
+    values = torch.cat([corrs, torch.stack([rel_change]).to(corrs), norms.to(corrs)]).tolist()
+    return {
+        "uc_nfa": values[0],
+        "c_nfa": values[1],
+        "rel_change": values[3],
+        "kernel_alignment": values[2],
+        "norms": dict(zip(NORM_KEYS, values[4:])),
+        "nfm": F if keep_matrices else None,
+        "agop": F if keep_matrices else None,
+    }
