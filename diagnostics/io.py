@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .nfa import NORM_KEYS
+from .sharded import full_weight
 
 if TYPE_CHECKING:
     from .monitor import LayerRecord, NFAMonitor
@@ -66,16 +67,22 @@ class Snapshot:
         return out
 
 
-def save_snapshot(monitor: "NFAMonitor", path: str | os.PathLike) -> None:
-    """Write ``monitor``'s latest measurement and its whole history of records to ``path``."""
+def save_snapshot(monitor: "NFAMonitor", path: str | os.PathLike, write: bool = True) -> None:
+    """Write ``monitor``'s latest measurement and its whole history of records to ``path``.
+
+    Sharded (``DTensor``) weights are gathered one layer at a time; ``write=False`` only takes part
+    in those gathers (the other ranks of an FSDP2 model)."""
     tensors: dict[str, Tensor] = {}
     latest = monitor.history[-1] if monitor.history else {}
     names = []
     for layer, adapter in monitor.adapters.items():
-        W = adapter.weight_matrix().detach()
+        # sharded (FSDP2) weights: gathered one layer at a time, on every rank
+        W, W0 = full_weight(adapter.weight_matrix().detach()), full_weight(monitor.W0[layer])
+        if not write:
+            continue
         for name, rows in [(layer, slice(None)), *monitor.blocks.get(layer, [])]:  # the layer, then its blocks
             names.append(name)
-            mats = {"W": W[rows], "W0": monitor.W0[layer][rows]}
+            mats = {"W": W[rows], "W0": W0[rows]}
             if name in monitor.last_K:
                 mats["K"] = monitor.last_K[name]
             rec = latest.get(name)
@@ -83,6 +90,8 @@ def save_snapshot(monitor: "NFAMonitor", path: str | os.PathLike) -> None:
                 mats["nfm"], mats["agop"] = rec.nfm, rec.agop
             for kind, t in mats.items():
                 tensors[f"{kind}/{name}"] = t.detach().cpu().contiguous().clone()
+    if not write:
+        return
     first = next(iter(latest.values()), None)
     metadata = {
         "format": FORMAT,

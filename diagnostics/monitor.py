@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .sharded import check_lockstep, check_supported, full_weight, is_sharded
 from .engine import LayerHooks, OutputFn
 from .layers import DEFAULT_MAX_K, LayerAdapter, find_linear_layers
 from .nfa import CORRELATIONS, nfa_summary
@@ -176,7 +177,8 @@ class NFAMonitor:
     ``detach()`` or the end of a ``with`` block closes the monitor. A ``torch.compile``-d model is
     measured through its original modules in eager mode, under the eager layer names, without
     recompiling it.
-    Under ``torch.distributed`` every rank must call ``measure()`` with its own probe shard.
+    Under ``torch.distributed`` every rank must call ``measure()`` with its own probe shard. FSDP2
+    (``fully_shard``) models are supported (see :mod:`diagnostics.sharded`), FSDP1 ones refused.
     Layers with ``k`` or ``d`` above ``max_k``, or an estimated total (``memory_estimate``, see
     :func:`diagnostics.ptk.measure_memory`) above ``max_memory`` bytes, are refused up front.
     """
@@ -198,6 +200,7 @@ class NFAMonitor:
             raise ValueError(f"unknown correlation {correlation!r}; use 'pearson' or 'cosine'")
         if not isinstance(agop_power, (int, float)) or not agop_power > 0 or math.isinf(agop_power):
             raise ValueError(f"agop_power must be a positive number (1 or 0.5), got {agop_power!r}")
+        check_supported(model)
         self.model = model
         self.adapters = find_linear_layers(model, layers)
         self.blocks = resolve_blocks(self.adapters, blocks)
@@ -257,28 +260,27 @@ class NFAMonitor:
         if step is None:
             step = len(self.history)
         self.last_K = {}  # the previous K are not kept alive while the new ones are summed
+        check_lockstep(self.model, probe_inputs, self.process_group)
         sums, counts = ptk_sums_all_ranks(
             self.model, self._hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch,
             self.process_group, allow_unused, sample_mask, analytic_outputs=True, max_k=self.max_k,
         )
         records: dict[str, LayerRecord] = {}
         for name, adapter in self.adapters.items():
-            W = adapter.weight_matrix().detach().to(work_dtype(adapter))
+            # FSDP2: one layer's full W (and W_0) at a time, gathered on every rank
+            W = full_weight(adapter.weight_matrix().detach()).to(work_dtype(adapter))
+            W0 = full_weight(self.W0[name])
             # not in sums: the layer's output is the model output, K = I (formed only if it fits max_k)
             K = covariance_from_sums(sums, counts, name, adapter) if name in sums else None
             for rec_name, rows in [(name, slice(None)), *self.blocks.get(name, [])]:
                 if K is None:
-                    summary = output_layer_summary(
-                        W[rows], self.W0[name][rows], self.correlation, self.agop_power, keep_matrices
-                    )
+                    summary = output_layer_summary(W[rows], W0[rows], self.correlation, self.agop_power, keep_matrices)
                     size = W[rows].shape[0]
                     K_b = torch.eye(size, dtype=W.dtype, device=W.device) if size <= (self.max_k or DEFAULT_MAX_K) else None
                     how, m_used = ANALYTIC, None
                 else:
                     K_b = K if rows == slice(None) else K[rows, rows].contiguous()
-                    summary = nfa_summary(
-                        W[rows], self.W0[name][rows], K_b, self.correlation, self.agop_power, keep_matrices
-                    )
+                    summary = nfa_summary(W[rows], W0[rows], K_b, self.correlation, self.agop_power, keep_matrices)
                     how, m_used = estimator, m if estimator == "sketch" else None
                 if K_b is not None:
                     self.last_K[rec_name] = K_b
@@ -314,10 +316,14 @@ class NFAMonitor:
 
     def save(self, path: str) -> None:
         """Write the latest measurement (``K``, ``W``, ``W_0`` per layer and the kept NFM/AGOP) and
-        all records to one safetensors file, atomically. Only rank 0 writes under ``torch.distributed``."""
+        all records to one safetensors file, atomically. Only rank 0 writes under ``torch.distributed``;
+        with FSDP-sharded weights every rank must call it (the weights are gathered layer by layer)."""
         from .io import save_snapshot
 
-        if distributed.is_main_process(self.process_group):
+        main = distributed.is_main_process(self.process_group)
+        if is_sharded(self.model) and distributed.is_distributed(self.process_group):
+            save_snapshot(self, path, write=main)
+        elif main:
             save_snapshot(self, path)
 
     def detach(self) -> None:

@@ -1,0 +1,133 @@
+"""FSDP2 (fully_shard, DTensor weights) on two gloo processes gives the records of one unsharded process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from diagnostics import NFAMonitor, load_snapshot
+
+transformers = pytest.importorskip("transformers")
+
+from test_diag_distributed import free_port  # noqa: E402
+
+COMMON = textwrap.dedent(
+    """
+    import torch, transformers
+
+    def build():
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=11, n_positions=8,
+                                         bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+        return transformers.GPT2LMHeadModel(config)
+
+    def moved(name, shape):  # deterministic new weights after the monitor took W_0
+        g = torch.Generator().manual_seed(sum(map(ord, name)))
+        return 0.05 * torch.randn(shape, generator=g)
+
+    def probe():
+        return torch.randint(0, 11, (8, 5), generator=torch.Generator().manual_seed(3))
+    """
+)
+
+WORKER = COMMON + textwrap.dedent(
+    """
+    import sys
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    from diagnostics import NFAMonitor
+    from diagnostics.distributed import shard_probe
+
+    torch.set_num_threads(1)
+    rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    model = build()
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert isinstance(model.lm_head.weight, DTensor)
+    mon = NFAMonitor(model)
+    assert all(isinstance(w, DTensor) for w in mon.W0.values())  # W_0 stays sharded
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(distribute_tensor(moved(name, p.shape), p.device_mesh, p.placements))
+    res = mon.measure(shard_probe(probe()), step=2, chunk_size=3)
+    print("REC", sorted((n, r.estimator, r.n_samples, round(r.uc_nfa, 6), round(r.c_nfa, 6)) for n, r in res.items()))
+    mon.save(out + "/snap.safetensors")  # every rank gathers, rank 0 writes
+    try:
+        mon.measure(probe()[: 3 + rank])  # shards of different shapes cannot run in lockstep
+    except ValueError as err:
+        print("ERR", err)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    fsdp1 = FullyShardedDataParallel(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)),
+                                     use_orig_params=True, device_id=torch.device("cpu"))
+    try:
+        NFAMonitor(fsdp1)
+    except TypeError as err:
+        print("FSDP1", err)
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+def run_workers(script: str, args: list[str], timeout: int = 300) -> list[str]:
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([sys.executable, script, str(r), port, *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return logs
+
+
+def unsharded_reference():
+    namespace: dict = {}
+    exec(COMMON, namespace)
+    model = namespace["build"]()
+    mon = NFAMonitor(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(namespace["moved"](name, p.shape))
+    return mon, mon.measure(namespace["probe"](), step=2)
+
+
+@pytest.mark.distributed
+def test_fsdp2_records_match_one_unsharded_process(tmp_path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    logs = run_workers(str(script), [str(tmp_path)])
+    rec_lines = [next(line for line in log.splitlines() if line.startswith("REC ")) for log in logs]
+    assert rec_lines[0] == rec_lines[1], rec_lines  # every rank returns the same records
+    assert all("ERR with FSDP-sharded weights every rank must measure a probe shard of the same shape" in log
+               for log in logs), logs
+    assert all("FSDP1 FullyShardedDataParallel (FSDP1) models cannot be monitored" in log for log in logs), logs
+    mon, single = unsharded_reference()
+    snap = load_snapshot(tmp_path / "snap.safetensors")
+    assert set(snap.records) == set(single) and single["lm_head"].estimator == "analytic"
+    for name, rec in single.items():
+        got = snap.records[name]
+        assert got.n_samples == rec.n_samples == 40 and got.estimator == rec.estimator
+        for key in ("uc_nfa", "c_nfa", "rel_change", "kernel_alignment"):
+            assert abs(getattr(got, key) - getattr(rec, key)) <= 1e-5, (name, key)
+        for key, value in rec.norms.items():
+            assert abs(got.norms[key] - value) <= 1e-5 * (1 + value), (name, key)
+        W = mon.adapters[name].weight_matrix().detach()
+        torch.testing.assert_close(snap.matrices[name]["W"], W, rtol=0, atol=0)
+        torch.testing.assert_close(snap.matrices[name]["W0"], mon.W0[name], rtol=0, atol=0)
+        if name in mon.last_K:
+            torch.testing.assert_close(snap.matrices[name]["K"], mon.last_K[name], rtol=1e-5, atol=1e-6)
