@@ -19,8 +19,15 @@ Also: sketched K for m in {1, 4, 10} (error averaged over seeds, plus one cotang
 across the batch for contrast), and on a GPT-2-config language model (thousands of outputs per
 token) the time of sketched K at m = 8 in units of one forward+backward pass.
 
-    python benchmarks/ptk_cost.py            # n = 2000 and 20000
-    python benchmarks/ptk_cost.py --quick    # n = 500, fewer repeats
+GPT-2 small (``GPT2LMHeadModel(GPT2Config())``, 124M parameters, vocabulary 50257): one
+``NFAMonitor(model).measure`` with the default layers (48 block layers and the LM head, whose
+``K = I`` is analytic), sketch m = 8, on a 4 x 128-token probe, in a fresh subprocess: its time in
+units of one forward+backward pass (language-model loss) on the same probe, and the peak extra
+resident memory of each (both measured in that one run).
+
+    python benchmarks/ptk_cost.py                   # n = 2000 and 20000, then GPT-2 small
+    python benchmarks/ptk_cost.py --quick           # n = 500, fewer repeats, no GPT-2 small
+    python benchmarks/ptk_cost.py --gpt2-small-only
 """
 
 from __future__ import annotations
@@ -200,6 +207,58 @@ def lm_head_sketch(repeats: int) -> list[str]:
     ]
 
 
+def _peak_extra_mb(fn: Callable[[], None]) -> tuple[float, float]:
+    """(seconds, peak resident memory above the resident size before the call, in MB) of one call."""
+    base = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    return seconds, (_status_kb("VmHWM") - base) / 1024
+
+
+def gpt2_small_child(threads: int, out: str) -> None:
+    """GPT-2 small, default layers, sketch m = 8 on 4 x 128 tokens vs one forward+backward pass."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from diagnostics import NFAMonitor
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config())
+    ids = torch.randint(0, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
+    mon = NFAMonitor(model)
+
+    def fwd_bwd(x: torch.Tensor = ids) -> None:
+        model.zero_grad(set_to_none=True)
+        model(x, labels=x).loss.backward()
+
+    fwd_bwd(ids[:1, :8])  # warm-up without large buffers
+    model.zero_grad(set_to_none=True)
+    t_step, mb_step = _peak_extra_mb(fwd_bwd)
+    model.zero_grad(set_to_none=True)
+    t_nfa, mb_nfa = _peak_extra_mb(lambda: mon.measure(ids, estimator="sketch", m=8, generator=0))
+    with open(out, "w") as fh:
+        json.dump({"layers": len(mon.adapters), "t_step": t_step, "mb_step": mb_step, "t_nfa": t_nfa,
+                   "mb_nfa": mb_nfa}, fh)
+
+
+def gpt2_small(threads: int, tmp: str) -> list[str]:
+    out = os.path.join(tmp, "gpt2-small.json")
+    cmd = [sys.executable, __file__, "--gpt2-small-child", "--threads", str(threads), "--out", out]
+    subprocess.run(cmd, check=True, timeout=7200)
+    with open(out) as fh:
+        r = json.load(fh)
+    return [
+        f"GPT-2 small (vocab 50257), probe 4 x 128 tokens, {r['layers']} layers (default selection, "
+        "LM head analytic), sketch m=8:",
+        f"forward+backward {r['t_step']:.1f} s, peak extra {r['mb_step']:.0f} MB; "
+        f"NFAMonitor.measure {r['t_nfa']:.1f} s = {r['t_nfa'] / r['t_step']:.1f} passes, "
+        f"peak extra {r['mb_nfa']:.0f} MB",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -208,12 +267,22 @@ def main() -> None:
                     help="probe sizes n (default: %(default)s, i.e. 2000 20000, or 500 with --quick)")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per method (the best is reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on shared machines)")
+    ap.add_argument("--gpt2-small-only", action="store_true", help="only the GPT-2 small case")
+    ap.add_argument("--gpt2-small-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)  # internal: one measurement
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.n, args.repeats, args.threads, args.out)
+        return
+    if args.gpt2_small_child:
+        gpt2_small_child(args.threads, args.out)
+        return
+    if args.gpt2_small_only:
+        print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs")
+        with tempfile.TemporaryDirectory() as tmp:
+            print("\n".join(gpt2_small(args.threads, tmp)))
         return
     sizes = args.sizes or ([500] if args.quick else [2000, 20000])
     repeats = 1 if args.quick else args.repeats
@@ -234,6 +303,10 @@ def main() -> None:
     print("\n".join(sketch_table(sizes[0], 2 if args.quick else 5)))
     print()
     print("\n".join(lm_head_sketch(repeats)))
+    if not args.quick:
+        print()
+        with tempfile.TemporaryDirectory() as tmp:
+            print("\n".join(gpt2_small(args.threads, tmp)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ of the probe and the ``K`` sums are all-reduced (one collective per measurement)
 one process on the whole probe (exactly with ``estimator="exact"``; with ``"sketch"`` each rank draws
 its own random projections, an equally unbiased estimate). The cadence depends only on
 ``state.global_step``, so all ranks take part in every collective. Only the world-process-zero writes
-files. ``transformers`` is imported only by this module.
+files. A model sharded with FSDP2 (``fully_shard``) is measured like an unsharded one (see
+:mod:`diagnostics.sharded`; the probe size must then be a multiple of the world size); the Trainer's
+own ``fsdp`` option needs accelerators (on CPU it falls back to DDP or refuses).
+``transformers`` is imported only by this module.
 """
 
 from __future__ import annotations
@@ -212,8 +215,9 @@ class NFACallback(TrainerCallback):
             _to_device(shard, device), output_fn=self.output_fn, estimator=self.estimator, m=self.m,
             generator=gen, step=state.global_step, chunk_size=self.chunk_size,
         )
-        if self.save_snapshots and state.is_world_process_zero:
-            os.makedirs(self._snapshot_dir(args), exist_ok=True)
+        if self.save_snapshots:  # every rank calls save (FSDP2 gathers weights); world-process-zero writes
+            if state.is_world_process_zero:
+                os.makedirs(self._snapshot_dir(args), exist_ok=True)
             self.monitor.save(os.path.join(self._snapshot_dir(args), f"step_{state.global_step:07d}.safetensors"))
         return {
             f"nfa/{kind}/{name}": float(getattr(rec, field))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -22,7 +24,8 @@ COMMON = textwrap.dedent(
     def build():
         torch.manual_seed(0)
         config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=11, n_positions=8,
-                                         bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+                                         bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         return transformers.GPT2LMHeadModel(config)
 
     def moved(name, shape):  # deterministic new weights after the monitor took W_0
@@ -31,6 +34,29 @@ COMMON = textwrap.dedent(
 
     def probe():
         return torch.randint(0, 11, (8, 5), generator=torch.Generator().manual_seed(3))
+
+    def callback_step(model, batch, out, rank=0):
+        # NFACallback's events around one SGD step, as the Trainer calls them; returns the logs
+        from types import SimpleNamespace
+        from transformers import TrainerControl, TrainerState
+        from diagnostics.hf import NFACallback
+
+        cb = NFACallback(probe(), every_n_steps=1, estimator="exact", save_snapshots=True)
+        args = SimpleNamespace(output_dir=out)
+        state = TrainerState(global_step=0, max_steps=3, is_world_process_zero=rank == 0)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no Trainer callback list to move ahead in
+            cb.on_train_begin(args, state, TrainerControl(), model=model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model.train()
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+        state.global_step = 1
+        control = cb.on_step_end(args, state, TrainerControl(), model=model)
+        logs = {}
+        cb.on_log(args, state, control, logs=logs)
+        return logs
     """
 )
 
@@ -72,6 +98,10 @@ WORKER = COMMON + textwrap.dedent(
         NFAMonitor(fsdp1)
     except TypeError as err:
         print("FSDP1", err)
+    mon.detach()
+    import json
+    logs = callback_step(model, shard_probe(probe()), out + "/cb", rank)
+    print("CB", json.dumps(logs, sort_keys=True))
     dist.barrier()
     dist.destroy_process_group()
     """
@@ -106,11 +136,18 @@ def unsharded_reference():
     return mon, mon.measure(namespace["probe"](), step=2)
 
 
-@pytest.mark.distributed
-def test_fsdp2_records_match_one_unsharded_process(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """One 2-process FSDP2 run shared by the tests below: (logs of both ranks, output directory)."""
+    tmp_path = tmp_path_factory.mktemp("fsdp")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    logs = run_workers(str(script), [str(tmp_path)])
+    return run_workers(str(script), [str(tmp_path)]), tmp_path
+
+
+@pytest.mark.distributed
+def test_fsdp2_records_match_one_unsharded_process(fsdp_run) -> None:
+    logs, tmp_path = fsdp_run
     rec_lines = [next(line for line in log.splitlines() if line.startswith("REC ")) for log in logs]
     assert rec_lines[0] == rec_lines[1], rec_lines  # every rank returns the same records
     assert all("ERR with FSDP-sharded weights every rank must measure a probe shard of the same shape" in log
@@ -131,3 +168,24 @@ def test_fsdp2_records_match_one_unsharded_process(tmp_path) -> None:
         torch.testing.assert_close(snap.matrices[name]["W0"], mon.W0[name], rtol=0, atol=0)
         if name in mon.last_K:
             torch.testing.assert_close(snap.matrices[name]["K"], mon.last_K[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_fsdp2_nfa_callback_matches_unsharded(fsdp_run, tmp_path) -> None:
+    """The Trainer's fsdp option needs accelerators (on CPU it runs DDP or refuses), so NFACallback's
+    events are driven around a manual FSDP2 training step; the logged values equal one process."""
+    logs, out = fsdp_run
+    got = [json.loads(next(line for line in log.splitlines() if line.startswith("CB "))[3:]) for log in logs]
+    namespace: dict = {}
+    exec(COMMON, namespace)
+    model = namespace["build"]()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(namespace["moved"](name, p.shape))
+    want = namespace["callback_step"](model, namespace["probe"](), str(tmp_path / "single"))
+    assert len(want) == 2 * 9 and all(math.isfinite(v) for v in want.values())
+    for rank_logs in got:
+        assert set(rank_logs) == set(want)
+        for key, value in want.items():
+            assert abs(rank_logs[key] - value) <= 1e-5, key
+    assert (out / "cb" / "nfa" / "step_0000001.safetensors").exists()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from diagnostics import NFAMonitor, find_linear_layers, layer_jacobians, ptk_covariance
+from diagnostics.nfa import nfa_summary
 
 transformers = pytest.importorskip("transformers")
 
@@ -118,3 +121,69 @@ def test_c_attn_blocks_are_diagonal_blocks_of_K(tmp_path) -> None:
 def test_bad_blocks(blocks, error, match) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error, match=match):
         NFAMonitor(tiny_gpt2(), layers=C_ATTN, blocks=blocks)
+
+
+def ln_f_exact_K(ln: torch.nn.LayerNorm, x: torch.Tensor, W_head: torch.Tensor) -> torch.Tensor:
+    """Exact K of a layer whose output h enters ``logits = W_head ln(r + h)`` token by token (float64).
+
+    With ``J = d ln(x)/dx = diag(gamma) P / s``, ``P = I - (1 1^T + xh xh^T)/d`` (``xh`` the normalised
+    input, ``s`` its standard deviation), ``K = (1/N) sum_tokens J^T W_head^T W_head J``."""
+    x = x.double().reshape(-1, x.shape[-1])
+    n, d = x.shape
+    gamma = ln.weight.detach().double()
+    s = (x.var(dim=-1, unbiased=False) + ln.eps).sqrt()
+    xh = (x - x.mean(dim=-1, keepdim=True)) / s[:, None]
+    Wh = W_head.detach().double()
+    M = gamma[:, None] * (Wh.t() @ Wh) * gamma[None, :]
+    w = s.pow(-2)
+    B = torch.stack([torch.ones_like(xh), xh], dim=-1)  # (n, d, 2)
+    S = torch.einsum("n,nai,nbi->ab", w, B, B)
+    Q = torch.einsum("nai,ab,nbj->nij", B, M, B) * w[:, None, None]
+    T = torch.einsum("nai,nij,nbj->ab", B, Q, B)
+    return (w.sum() * M - (S @ M + M @ S) / d + T / d**2) / n
+
+
+def test_ln_f_exact_K_matches_jacrev() -> None:
+    torch.manual_seed(0)
+    ln = torch.nn.LayerNorm(6).double()
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+    x, W = torch.randn(5, 6, dtype=torch.float64), torch.randn(9, 6, dtype=torch.float64)
+    J = torch.func.vmap(torch.func.jacrev(ln))(x)  # (5, 6, 6)
+    ref = torch.einsum("nji,jk,nkl->il", J, W.t() @ W, J) / 5
+    torch.testing.assert_close(ln_f_exact_K(ln, x, W), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_gpt2_small_default_layers_sketch() -> None:
+    """GPT-2 small (124M, vocab 50257) from its config: every block layer and the LM head, sketch m=8
+    on 4 x 128 tokens; the LM head and the last MLP projection checked against exact K."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    mon = NFAMonitor(model)
+    assert len(mon.adapters) == 12 * 4 + 1 and mon.adapters["lm_head"].k == 50257
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ids = torch.randint(0, 50257, (4, 128), generator=torch.Generator().manual_seed(0))
+    captured: list[torch.Tensor] = []
+    handle = model.transformer.ln_f.register_forward_hook(lambda m, args, out: captured.append(args[0].detach()))
+    rec = mon.measure(ids, estimator="sketch", m=8, generator=0, keep_matrices=True)
+    handle.remove()
+    assert all(r.n_samples == 512 and math.isfinite(r.uc_nfa) and math.isfinite(r.c_nfa) for r in rec.values())
+    head = rec["lm_head"]
+    assert head.estimator == "analytic" and head.K is None and head.nfm.shape == (768, 768)
+    # exact estimator on the head: K = I without any VJP, the same record
+    exact_head = NFAMonitor(model, layers=["lm_head"], W0=mon.W0).measure(ids, estimator="exact")["lm_head"]
+    for key in ("uc_nfa", "c_nfa", "rel_change", "kernel_alignment"):
+        assert getattr(exact_head, key) == getattr(head, key)
+    assert head.uc_nfa == pytest.approx(1, abs=1e-6) and head.c_nfa == pytest.approx(1, abs=1e-6)
+    # the last MLP projection feeds the head through ln_f only: exact K in closed form
+    name = "transformer.h.11.mlp.c_proj"
+    x = torch.cat(captured)
+    K = ln_f_exact_K(model.transformer.ln_f, x, model.lm_head.weight)
+    assert rel_err(rec[name].K, K) < 0.2
+    W = mon.adapters[name].weight_matrix().detach().double()
+    ref = nfa_summary(W, mon.W0[name].double(), K)
+    for key in ("uc_nfa", "c_nfa", "kernel_alignment"):
+        assert abs(getattr(rec[name], key) - ref[key]) < 0.02, key
