@@ -9,7 +9,8 @@ every rank's probe shard must have the same shape (:func:`check_lockstep`). The 
 sharded like the weights). Every rank must therefore call ``measure()`` (and ``save()``).
 
 FSDP1 (``FullyShardedDataParallel``) keeps flat per-rank shards whose layout is not a layer's
-``(k, d)`` weight; it is refused (:func:`check_supported`) rather than measured per shard.
+``(k, d)`` weight; it is refused (:func:`check_supported`) rather than measured per shard, and so
+are ``DTensor`` weights not sharded by FSDP2 on a 1-D mesh (tensor parallelism, HSDP).
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def full_weight(weight: Tensor) -> Tensor:
 
 
 def check_supported(model: nn.Module) -> None:
-    """Raise ``TypeError`` for FSDP1-wrapped models (per-rank flat shards)."""
+    """Raise ``TypeError`` for FSDP1-wrapped models (per-rank flat shards) and for ``DTensor``
+    weights not sharded by FSDP2 on a 1-D mesh (tensor parallelism hands on sharded layer outputs)."""
     try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     except ImportError:
         return
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
@@ -59,6 +61,16 @@ def check_supported(model: nn.Module) -> None:
             "FullyShardedDataParallel (FSDP1) models cannot be monitored: each rank holds flat shards, not "
             "the layers' (k, d) weights, even with use_orig_params=True. Shard the model with "
             "torch.distributed.fsdp.fully_shard (FSDP2) instead, or monitor an unsharded copy"
+        )
+    if not is_sharded(model):
+        return
+    dtensor = _dtensor_type()
+    meshes = {p.device_mesh.ndim for p in model.parameters() if isinstance(p, dtensor)}
+    if not any(isinstance(m, FSDPModule) for m in model.modules()) or meshes != {1}:
+        raise TypeError(
+            "only DTensor weights sharded by torch.distributed.fsdp.fully_shard on a 1-D device mesh can be "
+            "monitored; tensor-parallel or 2-D (HSDP, FSDP + TP) sharding hands on sharded layer outputs. "
+            "Monitor an unsharded copy of the model instead"
         )
 
 

@@ -98,6 +98,13 @@ WORKER = COMMON + textwrap.dedent(
         NFAMonitor(fsdp1)
     except TypeError as err:
         print("FSDP1", err)
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    tp = parallelize_module(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)), mesh,
+                            {"0": ColwiseParallel()})
+    try:
+        NFAMonitor(tp)
+    except TypeError as err:
+        print("TP", err)
     mon.detach()
     import json
     logs = callback_step(model, shard_probe(probe()), out + "/cb", rank)
@@ -153,6 +160,7 @@ def test_fsdp2_records_match_one_unsharded_process(fsdp_run) -> None:
     assert all("ERR with FSDP-sharded weights every rank must measure a probe shard of the same shape" in log
                for log in logs), logs
     assert all("FSDP1 FullyShardedDataParallel (FSDP1) models cannot be monitored" in log for log in logs), logs
+    assert all("TP only DTensor weights sharded by torch.distributed.fsdp.fully_shard" in log for log in logs), logs
     mon, single = unsharded_reference()
     snap = load_snapshot(tmp_path / "snap.safetensors")
     assert set(snap.records) == set(single) and single["lm_head"].estimator == "analytic"
