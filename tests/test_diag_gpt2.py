@@ -180,10 +180,19 @@ def test_gpt2_small_default_layers_sketch() -> None:
     assert head.uc_nfa == pytest.approx(1, abs=1e-6) and head.c_nfa == pytest.approx(1, abs=1e-6)
     # the last MLP projection feeds the head through ln_f only: exact K in closed form
     name = "transformer.h.11.mlp.c_proj"
-    x = torch.cat(captured)
-    K = ln_f_exact_K(model.transformer.ln_f, x, model.lm_head.weight)
-    assert rel_err(rec[name].K, K) < 0.2
-    W = mon.adapters[name].weight_matrix().detach().double()
-    ref = nfa_summary(W, mon.W0[name].double(), K)
+    K = ln_f_exact_K(model.transformer.ln_f, torch.cat(captured), model.lm_head.weight)
+    S = rec[name].K.double()
+    # unbiased with the sketch's own spread: per entry Var ~ (K_ii K_jj + K_ij^2) / (m N), so
+    # E|S - K|_F^2 ~ ((tr K)^2 + |K|_F^2) / (m N); the trace (the scale, and N) is far more precise
+    spread = math.sqrt((K.trace() ** 2 + K.norm() ** 2) / (8 * 512)) / K.norm()
+    assert 0.5 * spread < rel_err(S, K) < 1.5 * spread
+    assert abs(S.trace() / K.trace() - 1) < 0.01
+    W, W0 = mon.adapters[name].weight_matrix().detach().double(), mon.W0[name].double()
+    ref, from_sketch = nfa_summary(W, W0, K), nfa_summary(W, W0, S)
+    assert rec[name].rel_change == pytest.approx(ref["rel_change"], rel=1e-5)
+    for key in ("nfm_init", "nfm_cross", "nfm_centered"):
+        assert rec[name].norms[key] == pytest.approx(ref["norms"][key], rel=1e-5)
     for key in ("uc_nfa", "c_nfa", "kernel_alignment"):
-        assert abs(getattr(rec[name], key) - ref[key]) < 0.02, key
+        assert getattr(rec[name], key) == pytest.approx(from_sketch[key], abs=1e-5)
+        # m = 8 on 512 tokens of a 768-wide layer: the noise in K lowers the correlations
+        assert 0 < ref[key] - getattr(rec[name], key) < 0.1, key
