@@ -8,8 +8,10 @@ layer and the LM head, sketch m = 8) on a probe of ``--probe`` sequences.
 Runs alternate in one process (without, with, without, with, ... ``--repeats`` pairs), each from
 the same initial weights and data. Time: wall time of ``trainer.train()``. Memory: peak resident set
 size during ``trainer.train()`` (``VmHWM``, reset via ``/proc/self/clear_refs``) minus the resident
-size just before it. Prints every run and the ratios (with / without) of the median time and of the
-median peak extra memory.
+size just before it. Prints every run, the ratios (with / without) of the median time and of the
+median peak extra memory, and the time spent inside the callback's measurements relative to the
+rest of the same run (on a busy shared machine, separate runs see different loads; this share does
+not depend on that).
 
     python benchmarks/monitor_overhead.py                      # 6 x 384, context 128, 300 steps
     python benchmarks/monitor_overhead.py --steps 100 --batch 4 --vocab 8192   # smaller CPU run
@@ -34,8 +36,9 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
-def run(args: argparse.Namespace, with_nfa: bool, out: str) -> tuple[float, float, int]:
-    """One training run; returns (seconds, peak extra MB, number of NFA measurements)."""
+def run(args: argparse.Namespace, with_nfa: bool, out: str) -> tuple[float, float, int, float]:
+    """One training run; returns (seconds, peak extra MB, number of NFA measurements, seconds spent
+    in them)."""
     from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainingArguments
 
     from diagnostics.hf import NFACallback
@@ -50,6 +53,18 @@ def run(args: argparse.Namespace, with_nfa: bool, out: str) -> tuple[float, floa
     data = [{"input_ids": t, "labels": t} for t in tokens]
     probe = torch.randint(0, args.vocab, (args.probe, args.seq_len), generator=g)
     callbacks = [NFACallback(probe)] if with_nfa else []
+    in_measure = [0.0]
+    if with_nfa:  # time spent inside the callback's measurements, within the same run
+        cb, measure = callbacks[0], callbacks[0].measure
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return measure(*a, **kw)
+            finally:
+                in_measure[0] += time.perf_counter() - t
+
+        cb.measure = timed
     targs = TrainingArguments(
         output_dir=out, use_cpu=True, max_steps=args.steps, per_device_train_batch_size=args.batch,
         learning_rate=3e-4, logging_steps=args.steps, save_strategy="no", report_to="none",
@@ -65,7 +80,7 @@ def run(args: argparse.Namespace, with_nfa: bool, out: str) -> tuple[float, floa
     seconds = time.perf_counter() - t0
     extra_mb = (_status_kb("VmHWM") - base) / 1024
     n_measure = len(callbacks[0].monitor.history) if with_nfa else 0
-    return seconds, extra_mb, n_measure
+    return seconds, extra_mb, n_measure, in_measure[0]
 
 
 def main() -> None:
@@ -86,18 +101,24 @@ def main() -> None:
           f"{args.n_layer} x {args.n_embd}, context {args.seq_len}, vocab {args.vocab}; {args.steps} steps of "
           f"{args.batch} sequences; probe {args.probe} sequences; NFACallback defaults (every 100 steps, sketch m=8)")
     times: dict[bool, list[float]] = {False: [], True: []}
+    fractions: list[float] = []
     mems: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             for with_nfa in (False, True):
-                seconds, extra_mb, n = run(args, with_nfa, os.path.join(tmp, f"run{i}{int(with_nfa)}"))
+                seconds, extra_mb, n, nfa_s = run(args, with_nfa, os.path.join(tmp, f"run{i}{int(with_nfa)}"))
                 times[with_nfa].append(seconds)
                 mems[with_nfa].append(extra_mb)
-                label = f"with NFACallback ({n} measurements)" if with_nfa else "without"
+                label = "without"
+                if with_nfa:
+                    fractions.append(nfa_s / (seconds - nfa_s))
+                    label = f"with NFACallback ({n} measurements, {nfa_s:.1f} s in them)"
                 print(f"run {i}: {label}: {seconds:.1f} s, peak extra {extra_mb:.0f} MB", flush=True)
     t_off, t_on = statistics.median(times[False]), statistics.median(times[True])
     m_off, m_on = statistics.median(mems[False]), statistics.median(mems[True])
     print(f"time ratio (with / without, medians): {t_on / t_off:.3f} ({t_on:.1f} s / {t_off:.1f} s)")
+    print(f"measurement time / the rest of the same run (median): {statistics.median(fractions):.3f} "
+          "(less sensitive to other load on the machine than the ratio of separate runs)")
     print(f"peak extra memory ratio (with / without, medians): {m_on / m_off:.3f} ({m_on:.0f} MB / {m_off:.0f} MB)")
 
 

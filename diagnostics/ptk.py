@@ -253,8 +253,13 @@ def ptk_sums(
             rest = {n: a for n, a in adapters.items() if n not in analytic}
             check_layer_sizes(rest, max_k)
             sums.update(_zero_sums(rest))
-            with torch.inference_mode(False):  # scratch for the per-block Grams
-                bufs.update({n: torch.empty(a.k, a.k, dtype=work_dtype(a), device=sums[n].device) for n, a in rest.items()})
+            scratch: dict[tuple, Tensor] = {}  # per-block Gram scratch, one per (k, dtype, device)
+            with torch.inference_mode(False):
+                for n, a in rest.items():
+                    key = (a.k, work_dtype(a), sums[n].device)
+                    if key not in scratch:
+                        scratch[key] = torch.empty(a.k, a.k, dtype=key[1], device=key[2])
+                    bufs[n] = scratch[key]
         elif found != analytic:
             raise ValueError(
                 f"layers {sorted(found ^ analytic)} return the model output in some probe chunks but not "
