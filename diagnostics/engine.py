@@ -48,6 +48,7 @@ __all__ = [
     "VJPPlan",
     "resolve_sample_mask",
     "CHUNK_BUDGET_BYTES",
+    "FIRST_CHUNK_SAMPLES",
 ]
 
 #: Memory allowed for one block of batched VJP results (cotangents plus layer gradients).
@@ -55,9 +56,11 @@ VJP_BUDGET_BYTES = 64 * 2**20
 #: Most samples per forward pass when ``chunk_size=None``.
 DEFAULT_CHUNK_SIZE = 256
 #: With ``chunk_size=None``: memory allowed for one chunk's outputs ``f`` plus the recorded outputs of
-#: the selected layers (for an LM, ``tokens x (vocab + sum of layer widths)`` elements); a single
-#: sample is always allowed.
+#: the selected layers (for an LM, ``tokens x (vocab + sum of layer widths)`` elements), after the
+#: first chunk; a single sample is always allowed.
 CHUNK_BUDGET_BYTES = 256 * 2**20
+#: With ``chunk_size=None``: samples in the first chunk, run before the size of the outputs is known.
+FIRST_CHUNK_SAMPLES = 8
 
 OutputFn = Callable[[Any], Tensor]
 
@@ -386,12 +389,12 @@ def for_each_chunk(
     restored) and call ``fn`` on each :class:`Chunk` while the graph of that chunk is alive. No graph
     survives the call. ``sample_mask``: see :func:`resolve_sample_mask`.
 
-    ``chunk_size=None`` sizes chunks by memory, not by samples: the first chunk is one sample, the
-    next ones hold as many samples (at most ``DEFAULT_CHUNK_SIZE``) as keep the outputs ``f`` plus the
+    ``chunk_size=None`` sizes chunks by memory, not by samples: the first chunk holds at most
+    ``FIRST_CHUNK_SAMPLES`` samples, the next ones hold as many samples (at most ``DEFAULT_CHUNK_SIZE``) as keep the outputs ``f`` plus the
     recorded layer outputs within ``CHUNK_BUDGET_BYTES`` (:func:`chunk_samples`)."""
     adaptive = chunk_size is None
     if adaptive:
-        chunk_size = 1
+        chunk_size = FIRST_CHUNK_SAMPLES
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     n_total = probe_batch_size(inputs)

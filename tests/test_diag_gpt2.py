@@ -190,9 +190,9 @@ def test_gpt2_small_default_layers_sketch() -> None:
     W, W0 = mon.adapters[name].weight_matrix().detach().double(), mon.W0[name].double()
     ref, from_sketch = nfa_summary(W, W0, K), nfa_summary(W, W0, S)
     assert rec[name].rel_change == pytest.approx(ref["rel_change"], rel=1e-5)
-    for key in ("nfm_init", "nfm_cross", "nfm_centered"):
-        assert rec[name].norms[key] == pytest.approx(ref["norms"][key], rel=1e-5)
+    for key in ("nfm_init", "nfm_cross", "nfm_centered"):  # float32 norms of 3072 x 3072 matrices: ~4e-4
+        assert rec[name].norms[key] == pytest.approx(ref["norms"][key], rel=2e-3)
     for key in ("uc_nfa", "c_nfa", "kernel_alignment"):
-        assert getattr(rec[name], key) == pytest.approx(from_sketch[key], abs=1e-5)
+        assert getattr(rec[name], key) == pytest.approx(from_sketch[key], abs=1e-4)
         # m = 8 on 512 tokens of a 768-wide layer: the noise in K lowers the correlations
         assert 0 < ref[key] - getattr(rec[name], key) < 0.1, key

@@ -163,6 +163,7 @@ def test_default_chunks_bound_outputs_by_tokens(monkeypatch) -> None:
     adapters = NFAMonitor(model).adapters
     per_sample = 6 * (50 + sum(a.k for a in adapters.values())) * 8  # f plus every recorded output (float64)
     monkeypatch.setattr(engine, "CHUNK_BUDGET_BYTES", 3 * per_sample)
+    monkeypatch.setattr(engine, "FIRST_CHUNK_SAMPLES", 1)
     sizes: list[int] = []
     hooks = engine.LayerHooks(adapters)
     engine.for_each_chunk(model, hooks, ids, lambda chunk: sizes.append(chunk.n))
