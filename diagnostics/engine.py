@@ -390,8 +390,9 @@ def for_each_chunk(
     survives the call. ``sample_mask``: see :func:`resolve_sample_mask`.
 
     ``chunk_size=None`` sizes chunks by memory, not by samples: the first chunk holds at most
-    ``FIRST_CHUNK_SAMPLES`` samples, the next ones hold as many samples (at most ``DEFAULT_CHUNK_SIZE``) as keep the outputs ``f`` plus the
-    recorded layer outputs within ``CHUNK_BUDGET_BYTES`` (:func:`chunk_samples`)."""
+    ``FIRST_CHUNK_SAMPLES`` samples, the next ones as many samples (at most ``DEFAULT_CHUNK_SIZE``)
+    as keep the outputs ``f`` plus the recorded layer outputs within ``CHUNK_BUDGET_BYTES``
+    (:func:`chunk_samples`)."""
     adaptive = chunk_size is None
     if adaptive:
         chunk_size = FIRST_CHUNK_SAMPLES
