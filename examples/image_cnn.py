@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from collections import OrderedDict
@@ -31,11 +30,16 @@ import torch
 from torch import Tensor, nn
 
 from common import (
+    PhaseTimer,
+    check_ready,
+    command_line,
+    make_parser,
     mean_std_table,
     minibatches,
-    PhaseTimer,
     nfa_long_rows,
-    command_line,
+    nonnegative_int,
+    positive_float,
+    positive_int,
     progress,
     set_seed,
     settings_table,
@@ -200,61 +204,34 @@ def train_run(args: argparse.Namespace, data: ImageData, tensors: tuple[Tensor, 
     return rows, status
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Command-line arguments, validated; checks the output folder and the optional packages before training."""
+    ap = make_parser(__doc__)
     ap.add_argument("--dataset", choices=("cifar10", "digits"), required=True,
                     help="cifar10 (the paper's data) or digits (offline smoke run)")
     ap.add_argument("--data-dir", type=Path, help="folder holding cifar-10-batches-py/ or cifar-10-batches-bin/")
-    ap.add_argument("--optimizer", choices=("sgd", "slo", "both"), default="both")
-    ap.add_argument("--epochs", type=_positive_int, default=150, help="training epochs, the first at --warmup-lr")
-    ap.add_argument("--max-train", type=_positive_int, help="random subset of the training set (default: all)")
-    ap.add_argument("--max-test", type=_positive_int, help="random subset of the test set (default: all)")
-    ap.add_argument("--probe", type=_positive_int, default=1000, help="first training images on which K is computed")
-    ap.add_argument("--width-mult", type=_positive_float, default=1.0,
+    ap.add_argument("--optimizer", choices=("sgd", "slo", "both"), default="both", help="runs to train")
+    ap.add_argument("--epochs", type=positive_int, default=150, help="training epochs, the first at --warmup-lr")
+    ap.add_argument("--max-train", type=positive_int, help="random subset of the training set (default: all)")
+    ap.add_argument("--max-test", type=positive_int, help="random subset of the test set (default: all)")
+    ap.add_argument("--probe", type=positive_int, default=1000, help="first training images on which K is computed")
+    ap.add_argument("--width-mult", type=positive_float, default=1.0,
                     help="multiplies every channel count and the classifier width (1 = VGG-11)")
-    ap.add_argument("--seed", type=_seed, nargs="+", default=[0], help="one or more seeds")
+    ap.add_argument("--seed", type=nonnegative_int, nargs="+", default=[0], help="one or more seeds")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
-    ap.add_argument("--batch", type=_positive_int, default=256)
-    ap.add_argument("--lr", type=_positive_float, default=1.0, help="SGD learning rate after the first epoch")
-    ap.add_argument("--warmup-lr", type=_positive_float, default=1e-4, help="SGD learning rate of the first epoch")
+    ap.add_argument("--batch", type=positive_int, default=256, help="minibatch size")
+    ap.add_argument("--lr", type=positive_float, default=1.0, help="SGD learning rate after the first epoch")
+    ap.add_argument("--warmup-lr", type=positive_float, default=1e-4, help="SGD learning rate of the first epoch")
     ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (also under SLO)")
-    ap.add_argument("--slo-lr", type=_positive_float, default=SLO_LR, help="learning rate under SLO (every epoch)")
-    ap.add_argument("--slo-C", type=_positive_float, default=SLO_C,
+    ap.add_argument("--slo-lr", type=positive_float, default=SLO_LR, help="learning rate under SLO (every epoch)")
+    ap.add_argument("--slo-C", type=positive_float, default=SLO_C,
                     help="SLO speed of the first conv layer (every other layer 1/C)")
     ap.add_argument("--device", type=torch_device, default="cpu", help="torch device, e.g. cpu or cuda")
-    ap.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
     if not 0.0 <= args.momentum < 1.0:
         ap.error(f"--momentum must lie in [0, 1), got {args.momentum}")
-    if args.out.exists() and not args.out.is_dir():
-        ap.error(f"--out {args.out} exists and is not a folder; pass a folder path (new or existing)")
-    parent = args.out.absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        ap.error(f"--out {args.out}: {parent} is not writable; pass a folder you can write to")
+    check_ready(ap, args.out, modules=["matplotlib"] + (["sklearn.datasets"] if args.dataset == "digits" else []))
     return args
 
 
