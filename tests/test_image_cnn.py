@@ -41,9 +41,9 @@ def test_vgg11_layout_parameter_count_and_init() -> None:
     assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 2
     for m in convs[4:]:  # kaiming normal, fan_out: std sqrt(2 / (out * 9))
         assert abs(float(m.weight.detach().std()) / math.sqrt(2 / (m.out_channels * 9)) - 1) < 0.02
-        assert float(m.bias.abs().max()) == 0.0
+        assert float(m.bias.detach().abs().max()) == 0.0
     hidden = model.classifier[3]
-    assert abs(float(hidden.weight.detach().std()) / 0.01 - 1) < 0.01 and float(hidden.bias.abs().max()) == 0.0
+    assert abs(float(hidden.weight.detach().std()) / 0.01 - 1) < 0.01 and float(hidden.bias.detach().abs().max()) == 0.0
     small = cnn.vgg11(10, width_mult=0.25)
     assert [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)] == [16, 32, 64, 64, 128, 128, 128, 128]
     assert small.classifier[0].in_features == 128 and small.classifier[0].out_features == 1024
