@@ -158,10 +158,17 @@ def nfa_summary(
     c = matrix_correlation(FD, psd_power(GD, power), method)
     centered = torch.stack([FD.norm(), GD.norm()])
     del FD, GD
+    norms = _decomposition_norms(W0, D, K, KD, centered)
+    return summary_record(torch.stack([uc, c, alignment]), W, D, norms, F, G)
+
+
+def summary_record(
+    corrs: Tensor, W: Tensor, D: Tensor, norms: Tensor, F: Tensor | None, G: Tensor | None
+) -> dict[str, Any]:
+    """The record of :func:`nfa_summary` from ``corrs = [UC-NFA, C-NFA, kernel alignment]``, the six
+    ``NORM_KEYS`` norms and ``rel_change = ||D||_F / ||W||_F`` (NaN for ``W = 0``), with one host transfer."""
     w_norm = W.norm()
     rel_change = torch.where(w_norm > 0, D.norm() / w_norm, torch.full_like(w_norm, float("nan")))
-    norms = _decomposition_norms(W0, D, K, KD, centered)
-    corrs = torch.stack([uc, c, alignment])
     values = torch.cat([corrs, torch.stack([rel_change]).to(corrs), norms.to(corrs)]).tolist()
     return {
         "uc_nfa": values[0],

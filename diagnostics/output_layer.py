@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .engine import Chunk
-from .nfa import NORM_KEYS, _check_method, matrix_correlation, nfm, psd_power
+from .nfa import _check_method, matrix_correlation, nfm, psd_power, summary_record
 
 __all__ = ["model_output_layers", "identity_kernel_alignment", "output_layer_summary", "output_layer_memory", "ESTIMATOR"]
 
@@ -74,22 +74,12 @@ def output_layer_summary(
     D = W - W0
     F, FD = nfm(W), nfm(D)
     cross = W0.t() @ D
-    w_norm = W.norm()
     corrs = torch.stack([
         matrix_correlation(F, psd_power(F, power), method),
         matrix_correlation(FD, psd_power(FD, power), method),
         identity_kernel_alignment(W, method).to(W.device),
     ])
-    rel_change = torch.where(w_norm > 0, D.norm() / w_norm, torch.full_like(w_norm, float("nan")))
     init, cross_n, centred = nfm(W0).norm(), (cross + cross.t()).norm(), FD.norm()
     norms = torch.stack([init, cross_n, centred, init, cross_n, centred])
-    values = torch.cat([corrs, torch.stack([rel_change]).to(corrs), norms.to(corrs)]).tolist()
-    return {
-        "uc_nfa": values[0],
-        "c_nfa": values[1],
-        "rel_change": values[3],
-        "kernel_alignment": values[2],
-        "norms": dict(zip(NORM_KEYS, values[4:])),
-        "nfm": F if keep_matrices else None,
-        "agop": F if keep_matrices else None,
-    }
+    kept = F if keep_matrices else None
+    return summary_record(corrs, W, D, norms, kept, kept)
