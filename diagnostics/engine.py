@@ -406,6 +406,10 @@ def for_each_chunk(
         stop = 0
         while stop < n_total:
             start, stop = stop, min(stop + chunk_size, n_total)
+            if mask is not None and stop - start == mask.shape[1] > 1:
+                # a (b, T) chunk with b == T would let a (tokens, batch) layer output pass the mask's
+                # shape check transposed; one sample less makes that layout a shape error
+                stop -= 1
             part = split_probe(inputs, start, stop)
             part = _map(part, lambda t: t.clone() if t.is_inference() else t)
             n = stop - start

@@ -291,6 +291,32 @@ def test_sample_mask_checks() -> None:
         ptk_covariance(model, x, sample_mask="attention_mask")
 
 
+class _TokensFirst(nn.Module):
+    """Takes (batch, tokens, d) and runs its layers on (tokens, batch, d), as sequence-first models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.transpose(0, 1)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3, 4, 8])
+def test_square_chunks_cannot_read_a_tokens_first_layer_transposed(chunk_size) -> None:
+    # batch == tokens == 3: a (tokens, batch) layer output has the mask's shape; it must be an error,
+    # never the mask applied transposed
+    xs = torch.randn(3, 3, 5, dtype=torch.float64)
+    keep = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    with pytest.raises(ValueError, match=r"output of layer 'body.0' has shape .*per-token tensors must be \(batch, tokens"):
+        ptk_covariance(_TokensFirst(), xs, layers=["body.0"], sample_mask=keep, chunk_size=chunk_size)
+    # the same sizes on a batch-first model stay exact
+    seq = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    K = ptk_covariance(seq, xs, sample_mask=keep, chunk_size=chunk_size)
+    ref = reference_K(seq, xs[keep.bool()], ["0", "2"])
+    assert all(rel_err(K[n], ref[n]) < 1e-9 for n in ref)
+
+
 # ----------------------------------------------------------------------------- memory
 
 
