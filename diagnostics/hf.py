@@ -31,6 +31,7 @@ import glob
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ except ImportError as exc:
         name=exc.name,
     ) from exc
 
-from slo_torch.hf import run_before_reporters
+from slo_torch.hf import install_console_summary, run_before_reporters
 
 from . import distributed
 from .engine import OutputFn, probe_batch_size, split_probe
@@ -100,6 +101,10 @@ class NFACallback(TrainerCallback):
         blocks: ``{layer name or glob: spec}``, also log each block of a layer's output rows as
             ``nfa/uc/<layer>[<label>]`` (e.g. ``{"transformer.h.*.attn.c_attn": ["q", "k", "v"]}``; see
             :class:`~diagnostics.NFAMonitor`).
+        console_layers: globs of the layers whose values the console line (the Trainer's printer or
+            progress bar) shows one by one; the others appear as one ``min/mean/max`` entry per kind
+            (``None``, the default: every layer summarised; ``"*"``: every layer). ``log_history`` and
+            the reporters always get every layer.
 
     The :class:`~diagnostics.NFAMonitor` of the current run is ``callback.monitor`` (its
     ``history`` / ``to_rows()`` hold every measurement).
@@ -119,6 +124,7 @@ class NFACallback(TrainerCallback):
         save_snapshots: bool = False,
         chunk_size: int | None = None,
         blocks: Mapping[str, Any] | None = None,
+        console_layers: str | Sequence[str] | None = None,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
@@ -141,6 +147,7 @@ class NFACallback(TrainerCallback):
         self.save_snapshots = bool(save_snapshots)
         self.chunk_size = chunk_size
         self.blocks = blocks
+        self.console_layers = [console_layers] if isinstance(console_layers, str) else list(console_layers or [])
         self.monitor: NFAMonitor | None = None
         self._pending: dict[str, float] = {}
         self._ordered = False
@@ -157,6 +164,10 @@ class NFACallback(TrainerCallback):
             "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback)).",
             stacklevel=3,
         )
+
+    def _console_names(self, names: list[str], event_kwargs: dict[str, Any]) -> set[str]:
+        """Layers the console shows one by one: those matching ``console_layers``."""
+        return {n for n in names if any(fnmatchcase(n, p) for p in self.console_layers)}
 
     # ------------------------------------------------------------------------------ W_0 on resume
     def _snapshot_dir(self, args: TrainingArguments) -> str:
@@ -186,6 +197,8 @@ class NFACallback(TrainerCallback):
     ) -> None:
         """Order this callback before the reporters and start the monitor (``W_0`` snapshot)."""
         self._move_to_front()
+        for kind in _KINDS:
+            install_console_summary(self, f"nfa/{kind}/", self._console_names)
         if model is None:
             raise ValueError("NFACallback needs the model; use it through transformers.Trainer(callbacks=[...])")
         if self.monitor is not None and self.monitor.model is model:

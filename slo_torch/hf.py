@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -33,7 +33,7 @@ except ImportError as exc:
         name=exc.name,
     ) from exc
 
-__all__ = ["SLOCallback", "find_slo", "run_before_reporters"]
+__all__ = ["SLOCallback", "find_slo", "run_before_reporters", "install_console_summary", "ConsoleSummary"]
 
 
 def run_before_reporters(callback: TrainerCallback) -> bool:
@@ -124,12 +124,8 @@ class SLOCallback(TrainerCallback):
                 "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback)).",
                 stacklevel=2,
             )
-        handler = _calling_handler(self)
-        if handler is not None and not any(getattr(c, "owner", None) is self for c in handler.callbacks):
-            consoles = [i for i, c in enumerate(handler.callbacks)
-                        if isinstance(c, (PrinterCallback, ProgressCallback))]
-            if consoles:  # after every reporter, just before the console
-                handler.callbacks.insert(consoles[0], _ConsoleSummary(self))
+        install_console_summary(self, self.prefix, lambda names, kw: _console_names(
+            self._slo(kw), self.console_layers, names))
         slo = self._slo(kwargs)
         self._seen_steps = None if slo is None else slo.taken_steps
         if slo is not None and getattr(slo, "mode", None) == "grad" and (args.max_grad_norm or 0) > 0:
@@ -194,25 +190,48 @@ def _console_names(slo: Any, patterns: Sequence[str] | None, names: Sequence[str
     return {n for n in names if speeds.get(n, common) != common}
 
 
-class _ConsoleSummary(TrainerCallback):
-    """Runs just before the Trainer's console printer: keeps the per-layer ``slo/grad_norm`` values of a few
-    layers and replaces the others by one ``min/mean/max`` entry, after the reporters have seen them all."""
+class ConsoleSummary(TrainerCallback):
+    """Runs just before the Trainer's console printer: of the ``logs`` entries ``<prefix><name>``, keeps
+    those whose name is in ``shown(names, event_kwargs)`` and replaces the others by one
+    ``<prefix><n [other] layers> min/mean/max`` entry, after the reporters have seen them all
+    (``log_history`` holds a copy made before ``on_log``). Installed by :func:`install_console_summary`."""
 
-    def __init__(self, owner: SLOCallback) -> None:
-        self.owner = owner
+    def __init__(self, owner: TrainerCallback, prefix: str, shown: ShownFn) -> None:
+        self.owner, self.prefix, self.shown = owner, prefix, shown
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         logs: dict[str, Any] | None = None, **kwargs: Any,
     ) -> None:
-        prefix = self.owner.prefix
-        norms = {k[len(prefix):]: v for k, v in (logs or {}).items() if k.startswith(prefix)}
-        shown = _console_names(self.owner._slo(kwargs), self.owner.console_layers, list(norms))
-        rest = [v for n, v in norms.items() if n not in shown]
+        prefix = self.prefix
+        values = {k[len(prefix):]: v for k, v in (logs or {}).items() if k.startswith(prefix)}
+        shown = self.shown(list(values), kwargs)
+        rest = [v for n, v in values.items() if n not in shown]
         if len(rest) < 2:
             return
-        for name in norms:
+        for name in values:
             if name not in shown:
-                del logs[prefix + name]
-        logs[f"{prefix}<{len(rest)} other layers> min/mean/max"] = (
+                del logs[prefix + name]  # type: ignore[index]
+        layers = "other layers" if len(rest) < len(values) else "layers"
+        logs[f"{prefix}<{len(rest)} {layers}> min/mean/max"] = (  # type: ignore[index]
             f"{min(rest):.3g}/{sum(rest) / len(rest):.3g}/{max(rest):.3g}")
+
+
+ShownFn = Callable[[list[str], dict[str, Any]], "set[str]"]
+
+
+def install_console_summary(owner: TrainerCallback, prefix: str, shown: ShownFn) -> bool:
+    """From one of ``owner``'s events: put a :class:`ConsoleSummary` for ``prefix`` just before the Trainer's
+    console printer / progress bar (after every reporter), once per ``(owner, prefix)``. Returns False if
+    the Trainer's callback list or console callback is not found (the console then prints every value)."""
+    handler = _calling_handler(owner)
+    if handler is None:
+        return False
+    callbacks = handler.callbacks
+    if any(getattr(c, "owner", None) is owner and getattr(c, "prefix", None) == prefix for c in callbacks):
+        return True
+    consoles = [i for i, c in enumerate(callbacks) if isinstance(c, (PrinterCallback, ProgressCallback))]
+    if not consoles:
+        return False
+    callbacks.insert(consoles[0], ConsoleSummary(owner, prefix, shown))
+    return True

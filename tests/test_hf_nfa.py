@@ -95,6 +95,32 @@ def test_values_reach_log_history_and_reporters_registered_before_it(tmp_path: P
     assert [s for s in seen if s] == expected
 
 
+@pytest.mark.parametrize("console_layers", [None, "transformer.h.0.mlp.*"])
+def test_console_line_summarises_the_layers(
+    tmp_path: Path, data: Any, capsys: pytest.CaptureFixture[str], console_layers: Any
+) -> None:
+    train, probe = data
+    cb = NFACallback(probe, every_n_steps=2, estimator="exact", console_layers=console_layers)
+    trainer = Trainer(tiny_model(), args_for(tmp_path, max_steps=2, logging_steps=2), train_dataset=train,
+                      callbacks=[cb])
+    trainer.train()
+    printed = [line for line in capsys.readouterr().out.splitlines() if "'loss'" in line]
+    assert len(printed) == 1
+    line, layers = printed[0], cb.monitor.layer_names
+    logged = nfa_entries(trainer.state.log_history)[0]  # every layer still reaches log_history
+    shown = [n for n in layers if console_layers and n.startswith("transformer.h.0.mlp.")]
+    for kind in ("uc", "c"):
+        assert {k for k in logged if k.startswith(f"nfa/{kind}/")} == {f"nfa/{kind}/{n}" for n in layers}
+        rest = [logged[f"nfa/{kind}/{n}"] for n in layers if n not in shown]
+        entry = f"'nfa/{kind}/<{len(rest)} {'other layers' if shown else 'layers'}> min/mean/max': '"
+        assert entry in line
+        lo, mean, hi = (float(v) for v in line.split(entry)[1].split("'")[0].split("/"))
+        assert lo == pytest.approx(min(rest), abs=1e-3) and hi == pytest.approx(max(rest), abs=1e-3)
+        assert mean == pytest.approx(sum(rest) / len(rest), abs=1e-3)
+        assert all(f"'nfa/{kind}/{n}'" in line for n in shown)
+    assert len(line) < 400
+
+
 def test_logged_values_equal_a_direct_measurement(tmp_path: Path, data: Any) -> None:
     train, probe = data
     model = tiny_model()
