@@ -31,9 +31,10 @@ def peak_bytes(fn) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--k", type=int, default=4096, help="width of the measured layer (k = d)")
-    parser.add_argument("--keep-matrices", action="store_true")
+    parser.add_argument("--keep-matrices", action="store_true", help="also keep K, the NFM and the AGOP")
     args = parser.parse_args()
     torch.manual_seed(0)
     k = args.k

@@ -84,13 +84,14 @@ def run(args: argparse.Namespace, with_nfa: bool, out: str) -> tuple[float, floa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-layer", type=int, default=6)
-    ap.add_argument("--n-embd", type=int, default=384)
-    ap.add_argument("--n-head", type=int, default=6)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--vocab", type=int, default=50257)
-    ap.add_argument("--steps", type=int, default=300)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--n-layer", type=int, default=6, help="transformer blocks")
+    ap.add_argument("--n-embd", type=int, default=384, help="model width")
+    ap.add_argument("--n-head", type=int, default=6, help="attention heads")
+    ap.add_argument("--seq-len", type=int, default=128, help="context length (tokens per sequence)")
+    ap.add_argument("--vocab", type=int, default=50257, help="vocabulary size")
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--probe", type=int, default=4, help="probe sequences")
     ap.add_argument("--repeats", type=int, default=2, help="pairs of runs (without, with)")

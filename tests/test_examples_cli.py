@@ -168,6 +168,8 @@ def test_optional_imports_name_the_extra(
     ("examples/hf_trainer.py", ["(default: 300)", "(default: runs/hf_trainer)", "(default: 25)"]),
     ("benchmarks/slo_step.py", ["(default: 300)", "(default: 100)"]),
     ("benchmarks/ptk_cost.py", ["(default: 3)"]),
+    ("benchmarks/monitor_overhead.py", ["(default: 50257)", "(default: 300)", "(default: 8)"]),
+    ("benchmarks/measure_memory.py", ["(default: 4096)"]),
 ])
 def test_help_shows_the_defaults(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, script: str, defaults: list[str]
