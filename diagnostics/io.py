@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .files import atomic_write
 from .nfa import NORM_KEYS
 from .sharded import full_weight
 
@@ -103,21 +103,7 @@ def save_snapshot(monitor: "NFAMonitor", path: str | os.PathLike, write: bool = 
         "agop_power": json.dumps(monitor.agop_power),
         "records": json.dumps(monitor.to_rows()),
     }
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
-    # created like open(path, "w") would (mode 0o666 minus the umask); save_file may recreate the
-    # file with its own mode, so that mode is set again before the file is moved into place
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        mode = os.stat(tmp).st_mode & 0o777
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata))
 
 
 def load_snapshot(path: str | os.PathLike) -> Snapshot:

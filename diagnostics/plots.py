@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .files import atomic_write
+
 __all__ = ["plot_nfa_curves", "plot_scalar_curves", "plot_matrices"]
 
 _LINESTYLES = ("-", "--", ":", "-.")
@@ -81,16 +83,8 @@ def _panels(n_blocks: int, n_per_block: int, panel: tuple[float, float] = (4.0, 
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``fig`` as PNG atomically: a temporary file in the same directory, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write ``fig`` as PNG atomically (see ``diagnostics.files.atomic_write``)."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def _finish(fig: Any, title: str | None, path: str | os.PathLike[str]) -> Path:

@@ -14,7 +14,7 @@ import math
 import os
 import random
 import sys
-import tempfile
+import io
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from diagnostics.files import atomic_write_text
 
 __all__ = [
     "bias_free_mlp",
@@ -209,22 +211,6 @@ def train_mse(
 
 
 # ---------------------------------------------------------------------------------------- output
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None], newline: str | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as fh:
-            write(fh)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _cell(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         value = value.item() if value.numel() == 1 else value.tolist()
@@ -239,18 +225,17 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -
     for row in rows:
         fields.update(dict.fromkeys(row))
 
-    def write(fh: Any) -> None:
-        w = csv.DictWriter(fh, fieldnames=list(fields), lineterminator="\n")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: _cell(v) for k, v in row.items()})
-
-    return _atomic_write(path, write, newline="")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: _cell(v) for k, v in row.items()})
+    return atomic_write_text(path, buf.getvalue(), newline="")
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    return _atomic_write(path, lambda fh: fh.write(text))
+    return atomic_write_text(path, text)
 
 
 def _as_float(value: Any) -> float:
@@ -277,7 +262,7 @@ def write_run_info(out: str | os.PathLike[str], argv: Sequence[str], wall_s: flo
     info = {"command": command_line(argv), "wall_s": round(wall_s, 1), "cpu_count": os.cpu_count(),
             "machine": platform.machine(), "processor": platform.processor(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
-    path = _atomic_write(Path(out) / "run.json", lambda fh: fh.write(json.dumps(info, indent=1) + "\n"))
+    path = atomic_write_text(Path(out) / "run.json", json.dumps(info, indent=1) + "\n")
     print(f"wall time {wall_s:.0f} s on {os.cpu_count()} {platform.machine()} CPU core(s), "
           f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__} (written to {path})")
     return path

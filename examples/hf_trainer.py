@@ -47,6 +47,7 @@ try:
 except ImportError as exc:
     raise ModuleNotFoundError(install_hint(exc.name or "transformers"), name=exc.name) from exc
 
+from diagnostics.files import atomic_write_text
 from diagnostics.hf import NFACallback, nfa_rows_from_log_history
 from slo_torch import SLOptimizer
 from slo_torch.hf import SLOCallback
@@ -313,9 +314,7 @@ def compare_runs(run_dirs: list[str], output_dir: str, layers: str = "*") -> Non
     path = plot_nfa_curves(rows, os.path.join(output_dir, "nfa_curves.png"), group_key="run",
                            title="GPT-2 char model: NFA correlations per layer")
     table_path = os.path.join(output_dir, "nfa_table.md")
-    with open(table_path + ".tmp", "w", encoding="utf-8") as fh:  # then renamed: never half-written
-        fh.write("\n".join(table) + "\n")
-    os.replace(table_path + ".tmp", table_path)
+    atomic_write_text(table_path, "\n".join(table) + "\n")
     print("\n".join(table))
     print(f"wrote {path}")
 
