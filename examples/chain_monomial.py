@@ -16,37 +16,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from common import (
-    bias_free_mlp,
-    chain_monomial,
-    chain_monomial_data,
-    check_ready,
-    command_line,
-    eval_schedule,
-    make_optimizer,
-    make_parser,
-    markdown_table,
-    mean_std,
-    mean_std_table,
-    mse,
-    nonnegative_int,
-    positive_float,
-    positive_int,
-    scale_init_,
-    set_seed,
-    settings_table,
-    train_mse,
-    write_csv,
-    write_run_info,
-    write_text,
-)
 from diagnostics import NFAMonitor, egop, feature_quality, nfm, plot_matrices, plot_nfa_curves, plot_scalar_curves
+from diagnostics.datasets import chain_monomial, chain_monomial_data
+from diagnostics.experiments import bias_free_mlp, command_line, eval_schedule, finish_run, markdown_table
+from diagnostics.experiments import mean_std, mean_std_table, mse, nonnegative_int, parse_checked, positive_float
+from diagnostics.experiments import positive_int, preset_parser, preset_settings, scale_init_, set_seed, settings_table
+from diagnostics.experiments import train_mse, write_csv
+from slo_torch import SLOptimizer, promote
 
 
 @dataclass(frozen=True)
@@ -94,7 +75,9 @@ def run_one(
     set_seed(seed)
     model = bias_free_mlp(s.d, s.width, s.depth, 1)
     scale_init_(model, spec["init_scale"])
-    opt = make_optimizer(model, spec["optimizer"], spec["lr"], C=spec["C"], layer="0")
+    opt = torch.optim.SGD(model.parameters(), lr=spec["lr"])
+    if spec["optimizer"] == "slo":  # layer "0" moves lr·C per step, every other layer lr/C
+        opt = SLOptimizer(opt, model=model, speeds=promote(model, "0", spec["C"]))
     mon = NFAMonitor(model)
     extra: dict[int, dict[str, float]] = {}
 
@@ -151,30 +134,17 @@ def observations(final: dict[str, dict[str, list[float]]], var: float) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments, validated; checks the output folder and matplotlib before any training."""
-    ap = make_parser(__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default", help="settings (see PRESETS)")
-    ap.add_argument("--out", type=Path, default=Path("results/chain_monomial"), help="output folder")
+    ap = preset_parser(__doc__, PRESETS, "results/chain_monomial")
     ap.add_argument("--seeds", type=nonnegative_int, nargs="+", help="override the preset's seeds")
     ap.add_argument("--steps", type=positive_int, help="override the preset's number of SGD steps")
     ap.add_argument("--slo-C", type=positive_float, help="override the SLO speed C of the first layer (others 1/C)")
-    ap.add_argument("--threads", type=positive_int, default=1,
-                    help="torch CPU threads (the networks are small: 1 is fastest)")
-    args = ap.parse_args(argv)
-    check_ready(ap, args.out, modules=["matplotlib"])
-    return args
+    return parse_checked(ap, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    s = PRESETS[args.preset]
-    if args.seeds:
-        s = replace(s, seeds=tuple(args.seeds))
-    if args.steps is not None:
-        s = replace(s, steps=args.steps)
-    if args.slo_C is not None:
-        s = replace(s, slo_C=args.slo_C)
+    s = preset_settings(PRESETS, args, ("seeds", "steps", "slo_C"))
 
     t0 = time.perf_counter()
     Xe = torch.randn(s.egop_samples, s.d, generator=torch.Generator().manual_seed(2**31 - 1))
@@ -194,7 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     plot_scalar_curves(rows, out / "feature_quality_test_mse.png", log_keys=("test_mse",))
     plot_matrices({"target EGOP*": E, **{f"NFM layer 0, {k}": v for k, v in nfms.items()}}, out / "nfm_vs_egop.png",
                   index_name="x")
+    finish_run(out, report(s, args.preset, rows, [__file__, *argv]), [__file__, *argv], wall)
 
+
+def report(s: Settings, preset: str, rows: list[dict], command: list[str]) -> str:
+    """The markdown of ``results.md``: final values, the paper's claims checked on them, the settings."""
     last = [r for r in rows if r["step"] == s.steps]
     first = [r for r in last if r["layer"] == "0"]
     keys = ("uc_nfa", "c_nfa", "feature_quality", "test_mse")
@@ -204,9 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         [[n, v["optimizer"], v["lr"], v["init_scale"],
           f"layer 0: {v['C']:g}, others: {1 / v['C']:g}" if v["C"] else "-"] for n, v in runs(s).items()],
     )
-    text = (
-        f"# Chain monomial ({args.preset} preset)\n\n"
-        f"`{command_line([__file__, *argv])}`\n\n"
+    return (
+        f"# Chain monomial ({preset} preset)\n\n"
+        f"`{command_line(command)}`\n\n"
         f"## Final values, first layer (mean ± std over seeds {list(s.seeds)}, step {s.steps})\n\n"
         + mean_std_table(first, ["run"], ["uc_nfa", "c_nfa", "feature_quality", "test_mse"])
         + "\n## Final NFA correlations, every layer\n\n"
@@ -222,9 +196,6 @@ def main(argv: list[str] | None = None) -> None:
         "`EGOP*` (autograd, `egop_samples` Gaussian draws).\n"
         "\nFigures: `nfa_curves.png`, `feature_quality_test_mse.png`, `nfm_vs_egop.png`.\n"
     )
-    write_text(out / "results.md", text)
-    print(text)
-    write_run_info(out, [__file__, *argv], wall)
 
 
 if __name__ == "__main__":

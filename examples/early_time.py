@@ -14,29 +14,14 @@ import argparse
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from common import (
-    bias_free_mlp,
-    chain_monomial_data,
-    check_ready,
-    command_line,
-    hidden_layers,
-    make_optimizer,
-    make_parser,
-    mean_std_table,
-    positive_int,
-    scale_init_,
-    set_seed,
-    settings_table,
-    train_mse,
-    write_csv,
-    write_run_info,
-    write_text,
-)
 from diagnostics import NFAMonitor, early_cnfa_prediction, plot_nfa_curves
+from diagnostics.datasets import chain_monomial_data
+from diagnostics.experiments import bias_free_mlp, command_line, finish_run, hidden_layers, mean_std_table
+from diagnostics.experiments import parse_checked, preset_parser, preset_settings, scale_init_, set_seed, settings_table
+from diagnostics.experiments import train_mse, write_csv
 
 
 @dataclass(frozen=True)
@@ -67,7 +52,7 @@ def run_one(s: Settings, scale: float, seed: int) -> list[dict]:
     hidden = hidden_layers(s.depth)  # the readout's K is 1x1: its C-NFA is 1 trivially
     predicted = {layer: float(early_cnfa_prediction(model, layer, X, Y)) for layer in hidden}
     mon = NFAMonitor(model, layers=hidden)
-    train_mse(model, make_optimizer(model, "sgd", s.lr), X, Y, s.steps, s.n, torch.Generator().manual_seed(seed),
+    train_mse(model, torch.optim.SGD(model.parameters(), lr=s.lr), X, Y, s.steps, s.n, torch.Generator().manual_seed(seed),
               range(1, s.steps + 1), lambda step: mon.measure(X, step=step), desc=f"scale {scale} seed {seed}")
     mon.detach()
     rows = []
@@ -80,21 +65,13 @@ def run_one(s: Settings, scale: float, seed: int) -> list[dict]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments, validated; checks the output folder and matplotlib before any training."""
-    ap = make_parser(__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default", help="settings (see PRESETS)")
-    ap.add_argument("--out", type=Path, default=Path("results/early_time"), help="output folder")
-    ap.add_argument("--threads", type=positive_int, default=1,
-                    help="torch CPU threads (the networks are small: 1 is fastest)")
-    args = ap.parse_args(argv)
-    check_ready(ap, args.out, modules=["matplotlib"])
-    return args
+    return parse_checked(preset_parser(__doc__, PRESETS, "results/early_time"), argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    s = PRESETS[args.preset]
+    s = preset_settings(PRESETS, args)
 
     t0 = time.perf_counter()
     rows = [r for scale in s.scales for seed in s.seeds for r in run_one(s, scale, seed)]
@@ -123,9 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         + "\n## Settings\n\n" + settings_table(asdict(s))
         + "\nFigure: `early_cnfa.png`.\n"
     )
-    write_text(out / "results.md", text)
-    print(text)
-    write_run_info(out, [__file__, *argv], wall)
+    finish_run(out, text, [__file__, *argv], wall)
 
 
 if __name__ == "__main__":

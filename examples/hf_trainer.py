@@ -32,15 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from common import (
-    check_ready,
-    install_hint,
-    make_parser,
-    nonnegative_float,
-    nonnegative_int,
-    positive_float,
-    positive_int,
-)
+from diagnostics.experiments import check_ready, make_parser, nonnegative_float, nonnegative_int, positive_float
+from diagnostics.experiments import positive_int
+from diagnostics.optional import install_hint
 
 try:
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments

@@ -29,27 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from common import (
-    PhaseTimer,
-    check_ready,
-    command_line,
-    make_parser,
-    mean_std_table,
-    minibatches,
-    nfa_long_rows,
-    nonnegative_int,
-    positive_float,
-    positive_int,
-    progress,
-    set_seed,
-    settings_table,
-    torch_device,
-    write_csv,
-    write_run_info,
-    write_text,
-)
 from diagnostics import NFAMonitor, plot_nfa_curves, plot_scalar_curves
-from image_data import DataError, ImageData, centered_one_hot, channel_stats, load_dataset, standardize
+from diagnostics.datasets import DataError, ImageData, centered_one_hot, channel_stats, load_dataset, standardize
+from diagnostics.experiments import PhaseTimer, check_ready, command_line, exit_on, last_rows, make_parser
+from diagnostics.experiments import mean_std_table, namespace_settings, nfa_long_rows, nfa_row, nonnegative_int
+from diagnostics.experiments import positive_float, positive_int, set_seed, settings_table, torch_device
+from diagnostics.experiments import train_epochs, write_csv, write_run_info
+from diagnostics.files import atomic_write_text
+from slo_torch import SLOptimizer, promote
 
 #: VGG-11's feature stack ("A" in the VGG paper): conv output channels, "M" = 2x2 max-pool.
 VGG11_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -142,8 +129,6 @@ def make_optimizer(model: nn.Module, optimizer: str, args: argparse.Namespace) -
     base = torch.optim.SGD(model.parameters(), lr=args.warmup_lr, momentum=args.momentum)
     if optimizer == "sgd":
         return base
-    from slo_torch import SLOptimizer, promote
-
     return SLOptimizer(base, model=model, speeds=promote(model, conv_layers(model)[0], args.slo_C))
 
 
@@ -161,10 +146,7 @@ def train_run(args: argparse.Namespace, data: ImageData, tensors: tuple[Tensor, 
     opt = make_optimizer(model, optimizer, args)
     warm_lr, lr = schedule(args, optimizer)
     mon = NFAMonitor(model, layers=conv_layers(model))
-    gen = torch.Generator().manual_seed(seed + 10_000)
-    steps = max(1, X.shape[0] // args.batch)
     rows: list[dict[str, Any]] = []
-
     timer = PhaseTimer()
 
     def record(epoch: int, epoch_lr: float, train_loss: float) -> None:
@@ -172,33 +154,15 @@ def train_run(args: argparse.Namespace, data: ImageData, tensors: tuple[Tensor, 
             test_loss, test_acc = loss_accuracy(model, Xt, Yt)
         with timer(f"K and NFA on {probe.shape[0]} images"):
             records = mon.measure(probe, step=epoch)
-        for rec in records.values():
-            values = dict(uc_nfa=rec.uc_nfa, c_nfa=rec.c_nfa, rel_change=rec.rel_change,
-                          kernel_alignment=rec.kernel_alignment, lr=epoch_lr, train_loss=train_loss,
-                          test_loss=test_loss, test_acc=test_acc)
-            rows.append({"run": optimizer, "seed": seed, "epoch": epoch, "layer": rec.layer,
-                         **{k: float(f"{v:.5g}") for k, v in values.items()}})
+        rows.extend(nfa_row({"run": optimizer, "seed": seed, "epoch": epoch}, rec, lr=epoch_lr, train_loss=train_loss,
+                            test_loss=test_loss, test_acc=test_acc) for rec in records.values())
 
-    status = "completed"
     record(0, 0.0, loss_accuracy(model, X, Y)[0])
     timer.reset()  # per-epoch figures below: epochs 1.. only
-    for epoch in progress(range(1, args.epochs + 1), desc=f"{data.name} {optimizer} seed {seed}"):
-        epoch_lr = warm_lr if epoch == 1 else lr
-        for group in opt.param_groups:
-            group["lr"] = epoch_lr
-        total = X.new_zeros((), dtype=torch.float64)
-        with timer(f"train ({steps} steps of {min(args.batch, X.shape[0])})"):
-            for idx in minibatches(X.shape[0], args.batch, steps, gen):
-                idx = idx.to(X.device)
-                loss = ((model(X[idx]) - Y[idx]) ** 2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach()
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            status = f"diverged in epoch {epoch} (non-finite weights); stopped"
-            break
-        record(epoch, epoch_lr, float(total) / steps)
+    phase = f"train ({max(1, X.shape[0] // args.batch)} steps of {min(args.batch, X.shape[0])})"
+    status = train_epochs(model, opt, X, Y, args.epochs, args.batch, torch.Generator().manual_seed(seed + 10_000),
+                          lambda epoch: warm_lr if epoch == 1 else lr, record, timer, phase,
+                          desc=f"{data.name} {optimizer} seed {seed}")
     mon.detach()
     print(f"{optimizer} seed {seed}: {timer.per_epoch(max(r['epoch'] for r in rows))}", file=sys.stderr)
     return rows, status
@@ -247,13 +211,10 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
     plot_scalar_curves(plot_rows, out / "loss_accuracy.png", keys=("train_loss", "test_loss", "test_acc"),
                        log_keys=("train_loss", "test_loss"), title=f"{data.name}, VGG-11 x{args.width_mult:g}",
                        x_label="epoch")
-    end: dict[tuple[Any, Any], int] = {}
-    for r in rows:
-        end[r["run"], r["seed"]] = max(end.get((r["run"], r["seed"]), 0), r["epoch"])
-    final = [r for r in rows if r["epoch"] == end[r["run"], r["seed"]]]
+    final = last_rows(rows, "epoch")
     first = [r for r in final if r["layer"] == rows[0]["layer"]]
     channels = [m.out_channels for m in vgg11(data.num_classes, args.width_mult).modules() if isinstance(m, nn.Conv2d)]
-    settings = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
+    settings = namespace_settings(args)
     settings["conv channels"] = " ".join(map(str, channels))
     settings["classifier"] = f"{channels[-1]} -> {max(1, round(CLASSIFIER_WIDTH * args.width_mult))} x 2 -> " \
                              f"{data.num_classes}, dropout 0.5"
@@ -278,7 +239,7 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
         + "\n## Settings\n\n" + settings_table(settings)
         + "\nFigures: `nfa_curves.png` (one panel per conv layer), `loss_accuracy.png`.\n"
     )
-    write_text(out / "results.md", text)
+    atomic_write_text(out / "results.md", text)
     write_run_info(out, command, wall)
     return text
 
@@ -288,12 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    try:  # read and check all data before anything is written
+    with exit_on(DataError):  # read and check all data before anything is written
         data = load_dataset(args.dataset, args.data_dir, image_size=32 if args.dataset == "digits" else None,
                             max_train=args.max_train, max_test=args.max_test, seed=0)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     tensors = cnn_tensors(data, args.device)
     probe = tensors[0][: args.probe]  # the loader shuffled the training set once (seed 0)
     rows: list[dict[str, Any]] = []

@@ -29,29 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from common import (
-    bias_free_mlp,
-    check_ready,
-    command_line,
-    make_optimizer,
-    make_parser,
-    mean_std_table,
-    minibatches,
-    PhaseTimer,
-    nfa_long_rows,
-    nonnegative_float,
-    positive_float,
-    progress,
-    set_seed,
-    settings_table,
-    torch_device,
-    write_csv,
-    write_run_info,
-    write_text,
-)
 from diagnostics import NFAMonitor, matrix_correlation, plot_matrices, plot_nfa_curves, plot_scalar_curves
-from image_data import (DATASET_MODULES, DATASETS, NATIVE_SIZE, DataError, ImageData, load_dataset, mlp_tensors,
-                        pixel_map)
+from diagnostics.datasets import DATASET_MODULES, DATASETS, NATIVE_SIZE, DataError, ImageData, load_dataset
+from diagnostics.datasets import mlp_tensors, pixel_map
+from diagnostics.experiments import PhaseTimer, bias_free_mlp, check_ready, command_line, exit_on, last_rows
+from diagnostics.experiments import make_parser, mean_std_table, namespace_settings, nfa_long_rows, nfa_row
+from diagnostics.experiments import nonnegative_float, positive_float, progress, set_seed, settings_table
+from diagnostics.experiments import torch_device, train_epochs, write_csv, write_run_info
+from diagnostics.files import atomic_write_text
+from slo_torch import SLOptimizer, promote
 
 # SLO over plain SGD moves layer l by exactly lr·C_l per step (Frobenius norm). With C = 500 and lr = 1e-3 the
 # promoted layer moves 0.5 per step (about 5% of its default-init norm sqrt(256/3) ≈ 9.2, a share that falls
@@ -83,60 +69,51 @@ def schedule(args: argparse.Namespace, optimizer: str, num_classes: int) -> tupl
     return args.warmup_lr, base * num_classes / 10
 
 
+def make_optimizer(model: nn.Module, optimizer: str, args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
+    """Plain SGD, or SLO over it (``slo``): ``--promote-layer`` at speed ``C``, every other layer at ``1/C``, so
+    each layer moves ``lr·C_l`` per step."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return SLOptimizer(opt, model=model, speeds=promote(model, args.promote_layer, args.slo_C)) \
+        if optimizer == "slo" else opt
+
+
+def nfm_diagonal_map(model: nn.Module, data: ImageData) -> Tensor:
+    """The first layer's ``diag(W^T W)_i = sum_k W_ki^2`` as an image (:func:`pixel_map`)."""
+    return pixel_map((model[0].weight.detach() ** 2).sum(dim=0).cpu(), data.image_shape)
+
+
 def train_run(
     args: argparse.Namespace, data: ImageData, tensors: tuple[Tensor, ...], probe: Tensor, optimizer: str, seed: int
 ) -> tuple[list[dict[str, Any]], dict[str, Tensor], str]:
     """Train one (optimizer, seed); return per-(epoch, layer) rows (``step`` = epoch, 0 = init), the first-layer
     NFM diagonal maps at init and at the end, and a status line ("completed" or why it stopped)."""
     X, Y, Xt, Yt = tensors
-    C = data.num_classes
     set_seed(seed)
-    model = bias_free_mlp(X.shape[1], args.width, args.depth, C).to(X.device)
-    first = model[0].weight
-    maps = {"init": pixel_map((first.detach() ** 2).sum(dim=0).cpu(), data.image_shape)}  # diag(W^T W)_i = sum_k W_ki^2
-    warm_lr, lr = schedule(args, optimizer, C)
-    opt = make_optimizer(model, optimizer, warm_lr, C=args.slo_C, layer=args.promote_layer)
+    model = bias_free_mlp(X.shape[1], args.width, args.depth, data.num_classes).to(X.device)
+    maps = {"init": nfm_diagonal_map(model, data)}
+    warm_lr, lr = schedule(args, optimizer, data.num_classes)
+    opt = make_optimizer(model, optimizer, args, warm_lr)
     mon = NFAMonitor(model)
-    gen = torch.Generator().manual_seed(seed + 10_000)
-    steps_per_epoch = max(1, X.shape[0] // args.batch)
     rows: list[dict[str, Any]] = []
-    status = "completed"
-
     timer = PhaseTimer()
 
-    def record(epoch: int, epoch_lr: float) -> None:
+    def record(epoch: int, epoch_lr: float, _loss: float = math.nan) -> None:
         with timer("train and test sets"):
             train_loss, train_acc = loss_accuracy(model, X, Y, data.train.labels.to(X.device))
             test_loss, test_acc = loss_accuracy(model, Xt, Yt, data.test.labels.to(X.device))
         with timer(f"K and NFA on {probe.shape[0]} images"):
             records = mon.measure(probe, step=epoch)
-        for rec in records.values():
-            values = dict(uc_nfa=rec.uc_nfa, c_nfa=rec.c_nfa, rel_change=rec.rel_change,
-                          kernel_alignment=rec.kernel_alignment, lr=epoch_lr, train_loss=train_loss,
-                          train_acc=train_acc, test_loss=test_loss, test_acc=test_acc)
-            rows.append({"run": optimizer, "seed": seed, "step": epoch, "layer": rec.layer,
-                         **{k: float(f"{v:.5g}") for k, v in values.items()}})
+        rows.extend(nfa_row({"run": optimizer, "seed": seed, "step": epoch}, rec, lr=epoch_lr, train_loss=train_loss,
+                            train_acc=train_acc, test_loss=test_loss, test_acc=test_acc) for rec in records.values())
 
     record(0, 0.0)
     timer.reset()  # per-epoch figures below: epochs 1.. only
-    for epoch in progress(range(1, args.epochs + 1), desc=f"{data.name} {optimizer} seed {seed}"):
-        epoch_lr = warm_lr if epoch == 1 else lr
-        for group in opt.param_groups:
-            group["lr"] = epoch_lr
-        with timer(f"train ({steps_per_epoch} steps)"):
-            for idx in minibatches(X.shape[0], args.batch, steps_per_epoch, gen):
-                idx = idx.to(X.device)
-                loss = ((model(X[idx]) - Y[idx]) ** 2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            status = f"diverged in epoch {epoch} (non-finite weights); stopped"
-            break
-        record(epoch, epoch_lr)
+    status = train_epochs(model, opt, X, Y, args.epochs, args.batch, torch.Generator().manual_seed(seed + 10_000),
+                          lambda epoch: warm_lr if epoch == 1 else lr, record, timer,
+                          f"train ({max(1, X.shape[0] // args.batch)} steps)", desc=f"{data.name} {optimizer} seed {seed}")
     mon.detach()
     print(f"{optimizer} seed {seed}: {timer.per_epoch(max(r['step'] for r in rows))}", file=sys.stderr)
-    maps["final"] = pixel_map((first.detach() ** 2).sum(dim=0).cpu(), data.image_shape)
+    maps["final"] = nfm_diagonal_map(model, data)
     return rows, maps, status
 
 
@@ -225,13 +202,10 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
     plot_matrices(maps, out / "nfm_diagonal.png", cmap="gray")
 
     last = max(r["step"] for r in rows)
-    end: dict[tuple[Any, Any], int] = {}
-    for r in rows:
-        end[r["run"], r["seed"]] = max(end.get((r["run"], r["seed"]), 0), r["step"])
-    final = [r for r in rows if r["step"] == end[r["run"], r["seed"]]]
+    final = last_rows(rows)
     first_layer = [r for r in final if r["layer"] == "0"]
     track = tracking(rows)
-    settings = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
+    settings = namespace_settings(args)
     for name in runs:
         warm, lr = schedule(args, name, data.num_classes)
         settings[f"lr schedule ({name})"] = f"epoch 1: {warm:g}, then {lr:g}"
@@ -260,7 +234,7 @@ def write_outputs(args: argparse.Namespace, data: ImageData, rows: list[dict[str
         + "\nFigures: `nfa_curves.png` (one panel per layer), `loss_accuracy.png`, `nfm_diagonal.png` (first-layer NFM "
         "diagonal as an image, summed over colour channels: at init and after training, first seed).\n"
     )
-    write_text(out / "results.md", text)
+    atomic_write_text(out / "results.md", text)
     write_run_info(out, command, wall)
     return text
 
@@ -270,17 +244,20 @@ def probe_indices(args: argparse.Namespace, data: ImageData) -> Tensor:
     return torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[: args.probe]
 
 
+def load_data(args: argparse.Namespace) -> ImageData:
+    """The data set of the command line; a missing or malformed folder exits with status 2 before anything is
+    written."""
+    with exit_on(DataError):
+        return load_dataset(args.dataset, args.data_dir, attribute=args.attribute, image_size=args.image_size,
+                            max_train=args.max_train, max_test=args.max_test, seed=0, progress=progress)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    try:  # read and check all data before anything is written
-        data = load_dataset(args.dataset, args.data_dir, attribute=args.attribute, image_size=args.image_size,
-                            max_train=args.max_train, max_test=args.max_test, seed=0, progress=progress)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    data = load_data(args)
     tensors = tuple(t.to(args.device) for t in mlp_tensors(data))
     probe = tensors[0][probe_indices(args, data)]
     rows: list[dict[str, Any]] = []
@@ -290,10 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     for optimizer in (("sgd", "slo") if args.optimizer == "both" else (args.optimizer,)):
         for seed in args.seed:
             run_rows, run_maps, status = train_run(args, data, tensors, probe, optimizer, seed)
+            maps.setdefault("init", run_maps["init"])
             rows += run_rows
             if status != "completed":
                 unfinished.append(f"{optimizer} seed {seed}: {status}")
-            maps.setdefault("init", run_maps["init"])
             init_similarity.append({"run": optimizer, "seed": seed, "corr_with_init": float(
                 matrix_correlation(run_maps["final"].double(), run_maps["init"].double()))})
             maps.setdefault(optimizer, run_maps["final"])

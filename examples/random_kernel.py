@@ -13,32 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (
-    bias_free_mlp,
-    chain_monomial_data,
-    check_ready,
-    command_line,
-    eval_schedule,
-    hidden_layers,
-    make_optimizer,
-    make_parser,
-    mean_std_table,
-    nonnegative_int,
-    positive_int,
-    scale_init_,
-    set_seed,
-    settings_table,
-    train_mse,
-    write_csv,
-    write_run_info,
-    write_text,
-)
 from diagnostics import NFAMonitor, nfa_correlation, plot_nfa_curves, randomize_kernel
+from diagnostics.datasets import chain_monomial_data
+from diagnostics.experiments import bias_free_mlp, check_ready, command_line, eval_schedule, finish_run
+from diagnostics.experiments import hidden_layers, mean_std_table, nonnegative_int, positive_int, preset_parser
+from diagnostics.experiments import preset_settings, scale_init_, set_seed, settings_table, train_mse, write_csv
 
 
 @dataclass(frozen=True)
@@ -92,7 +75,7 @@ def run_one(s: Settings, name: str, scale: float, seed: int) -> list[dict]:
             c_rand = sum(float(nfa_correlation(dW, K)) for K in K_rand) / s.draws if step > 0 else float("nan")
             rows.append({**base, "kernel": "random", "uc_nfa": uc_rand, "c_nfa": c_rand})
 
-    train_mse(model, make_optimizer(model, "sgd", s.lr), X, Y, s.steps, s.batch,
+    train_mse(model, torch.optim.SGD(model.parameters(), lr=s.lr), X, Y, s.steps, s.batch,
               torch.Generator().manual_seed(seed + 10_000), eval_schedule(s.steps, s.eval_every), on_eval,
               desc=f"{name} seed {seed}")
     mon.detach()
@@ -101,11 +84,7 @@ def run_one(s: Settings, name: str, scale: float, seed: int) -> list[dict]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments, validated; checks the output folder and matplotlib before any training."""
-    ap = make_parser(__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default", help="settings (see PRESETS)")
-    ap.add_argument("--out", type=Path, default=Path("results/random_kernel"), help="output folder")
-    ap.add_argument("--threads", type=positive_int, default=1,
-                    help="torch CPU threads (the networks are small: 1 is fastest)")
+    ap = preset_parser(__doc__, PRESETS, "results/random_kernel")
     ap.add_argument("--d", type=positive_int, help="override the input dimension d (at least r + 1)")
     ap.add_argument("--seeds", type=nonnegative_int, nargs="+", help="override the preset's seeds")
     args = ap.parse_args(argv)
@@ -120,11 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    s = PRESETS[args.preset]
-    if args.d is not None:
-        s = replace(s, d=args.d)
-    if args.seeds:
-        s = replace(s, seeds=tuple(args.seeds))
+    s = preset_settings(PRESETS, args, ("d", "seeds"))
 
     t0 = time.perf_counter()
     rows = [r for name, scale in s.init_scales for seed in s.seeds for r in run_one(s, name, scale, seed)]
@@ -148,9 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         + "\n## Settings\n\n" + settings_table(asdict(s))
         + "\nFigure: `random_kernel.png`.\n"
     )
-    write_text(out / "results.md", text)
-    print(text)
-    write_run_info(out, [__file__, *argv], wall)
+    finish_run(out, text, [__file__, *argv], wall)
 
 
 if __name__ == "__main__":
