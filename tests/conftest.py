@@ -1,11 +1,60 @@
-"""Shared test setup: the example scripts' folder is importable (``import common``, ``import image_data``), as
-it is when a script runs as ``python examples/<name>.py``; processes spawned by the tests inherit the path."""
+"""Shared test setup: the example scripts loaded by file path (no ``examples/`` on ``sys.path``), one torch thread
+for the tests that train, and the tiny GPT-2 character model of ``examples/hf_trainer.py``."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+#: Sequence length of the tiny GPT-2 character model.
+SEQ = 16
+
+
+def load_example(name: str, module_name: str | None = None) -> ModuleType:
+    """``examples/<name>.py`` executed as a fresh module named ``module_name`` (default ``example_<name>``),
+    registered in ``sys.modules`` (dataclasses and pickling look the module up there)."""
+    module_name = module_name or f"example_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def tiny_gpt2(ex: ModuleType) -> torch.nn.Module:
+    """The hf example's GPT-2, one block of width 16 with 2 heads, float64, seed 0."""
+    return ex.build_model(len(ex.ALPHABET), SEQ, n_embd=16, n_layer=1, n_head=2, seed=0).double()
+
+
+def char_ids(ex: ModuleType) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out token ids of a small corpus (the docstrings of ``textwrap`` and ``heapq``)."""
+    return ex.split_corpus(ex.encode(ex.corpus_text(("textwrap", "heapq"))))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: much faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def hf_example() -> Any:
+    """``examples/hf_trainer.py`` as a module (needs transformers)."""
+    pytest.importorskip("transformers")
+    return load_example("hf_trainer")

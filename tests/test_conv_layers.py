@@ -3,8 +3,6 @@ independent float64 references, and SLO treating each conv module (weight and bi
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +12,10 @@ from diagnostics import NFAMonitor, find_linear_layers, ptk_covariance
 from slo_torch import SLOptimizer, promote, resolve_layers
 from test_diag_ptk import reference_K, rel_err
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from conftest import load_example
 
-from image_cnn import conv_layers, vgg11  # noqa: E402
+image_cnn = load_example("image_cnn")
+conv_layers, vgg11 = image_cnn.conv_layers, image_cnn.vgg11
 
 
 def tiny_vgg(seed: int = 0) -> nn.Module:

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
 HINT_EXAMPLES = 'pip install "slo-torch[examples]"'
@@ -17,7 +18,7 @@ HINT_HF = 'pip install "slo-torch[hf]"'
 
 
 def example(name: str) -> ModuleType:
-    return importlib.import_module(name)  # tests/conftest.py puts examples/ on sys.path
+    return load_example(name)
 
 
 def block(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
@@ -134,9 +135,8 @@ def test_hf_modules_without_transformers_name_the_extra(monkeypatch: pytest.Monk
 
 def test_hf_example_without_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     block(monkeypatch, "transformers")
-    monkeypatch.delitem(sys.modules, "hf_trainer", raising=False)
     with pytest.raises(ModuleNotFoundError) as exc:
-        importlib.import_module("hf_trainer")
+        load_example("hf_trainer", "hf_trainer_without_transformers")
     assert HINT_HF in str(exc.value)
 
 
@@ -148,9 +148,9 @@ def test_hf_example_without_transformers_names_the_extra(monkeypatch: pytest.Mon
 def test_optional_imports_name_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, package: str, call
 ) -> None:
+    from diagnostics import datasets as data
     from diagnostics import plots
 
-    data = example("image_data")
     if package == "scipy":
         for name in ("train_32x32.mat", "test_32x32.mat"):
             (tmp_path / name).write_bytes(b"")

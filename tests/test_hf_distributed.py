@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -20,22 +19,15 @@ import torch
 
 pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
+from conftest import SEQ, char_ids, load_example, tiny_gpt2  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "hf_trainer.py"
-SEQ = 16
 PER_DEVICE = 4
 WORLD = 2
 TIMEOUT_S = 150
-
-
-def load_example() -> Any:
-    spec = importlib.util.spec_from_file_location("hf_trainer_example_dist", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @contextmanager
@@ -65,11 +57,11 @@ def train_tiny(output_dir: str, batch_size: int) -> dict[str, Any]:
     from slo_torch import SLOptimizer
     from slo_torch.hf import SLOCallback
 
-    ex = load_example()
-    ids, probe_ids = ex.split_corpus(ex.encode(ex.corpus_text(("textwrap", "heapq"))))
+    ex = load_example("hf_trainer", "hf_trainer_example_dist")
+    ids, probe_ids = char_ids(ex)
     train = ex.CharWindows(ids[:2000], SEQ)
     probe = ex.CharWindows(probe_ids, SEQ).windows[:6]
-    model = ex.build_model(len(ex.ALPHABET), SEQ, n_embd=16, n_layer=1, n_head=2, seed=0).double()
+    model = tiny_gpt2(ex)
     speeds = {"transformer.h.0.mlp.c_fc": 2.0, "*": 0.5}
     kwargs = {"base_optimizer": torch.optim.SGD, "model": model, "speeds": speeds, "lr": 0.05, "momentum": 0.9}
     args = TrainingArguments(
@@ -139,8 +131,8 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path: Path
     for name, p in single["params"].items():
         for r in results:
             torch.testing.assert_close(r["params"][name], p, rtol=0, atol=1e-6, msg=name)
-    ex = load_example()
-    init = ex.build_model(len(ex.ALPHABET), SEQ, n_embd=16, n_layer=1, n_head=2, seed=0).double()
+    ex = load_example("hf_trainer", "hf_trainer_example_dist")
+    init = tiny_gpt2(ex)
     assert not torch.allclose(single["params"]["transformer.h.0.mlp.c_fc.weight"], init.transformer.h[0].mlp.c_fc.weight)
 
     # only world-process-zero writes: rank 1's output directory holds no file
@@ -180,7 +172,7 @@ def test_example_under_accelerate_launch_multi_gpu_on_cpu(tmp_path: Path) -> Non
         "--seq-len", "16", "--n-embd", "16", "--n-layer", "1", "--n-head", "2", "--probe-size", "4",
         "--output-dir", str(out), "--no-plot",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(EXAMPLE.parent)]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("process group destroyed") == WORLD, proc.stderr[-4000:]

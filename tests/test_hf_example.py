@@ -2,37 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
+from conftest import load_example  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+
 TINY = ["--max-steps", "4", "--nfa-every", "2", "--logging-steps", "2", "--batch-size", "4", "--seq-len", "16",
         "--n-embd", "16", "--n-layer", "1", "--n-head", "2", "--probe-size", "4"]
 
 
-def load_example() -> Any:
-    spec = importlib.util.spec_from_file_location("hf_trainer_example_main", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = load_example()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+ex = load_example("hf_trainer", "hf_trainer_example_main")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_corpus_and_dataset_are_offline_and_small_vocabulary() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -17,38 +16,18 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from diagnostics import NFAMonitor, load_snapshot  # noqa: E402
 from diagnostics.hf import NFACallback, nfa_rows_from_log_history  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+from conftest import SEQ, char_ids, load_example, tiny_gpt2  # noqa: E402
+
+ex = load_example("hf_trainer", "hf_trainer_example")  # its data and model builders are reused here
 
 
-def load_example() -> Any:
-    """The example script as a module (its data and model builders are reused here)."""
-    spec = importlib.util.spec_from_file_location("hf_trainer_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = load_example()
-SEQ = 16
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: much faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data() -> tuple[Any, torch.Tensor]:
-    train_ids, probe_ids = ex.split_corpus(ex.encode(ex.corpus_text(("textwrap", "heapq"))))
+    train_ids, probe_ids = char_ids(ex)
     return ex.CharWindows(train_ids[:2000], SEQ), ex.CharWindows(probe_ids, SEQ).windows[:4]
-
-
-def tiny_model() -> torch.nn.Module:
-    return ex.build_model(len(ex.ALPHABET), SEQ, n_embd=16, n_layer=1, n_head=2, seed=0).double()
 
 
 def args_for(tmp: Path, **kw: Any) -> TrainingArguments:
@@ -78,7 +57,7 @@ def test_values_reach_log_history_and_reporters_registered_before_it(tmp_path: P
     rec = Recorder()
     cb = NFACallback(probe, every_n_steps=2, estimator="exact")
     # The recorder is registered before the callback, as the Trainer registers report_to reporters.
-    trainer = Trainer(tiny_model(), args_for(tmp_path, max_steps=5), train_dataset=train, callbacks=[rec, cb])
+    trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, max_steps=5), train_dataset=train, callbacks=[rec, cb])
     trainer.train()
     assert trainer.callback_handler.callbacks[0] is cb
     entries = nfa_entries(trainer.state.log_history)
@@ -101,7 +80,7 @@ def test_console_line_summarises_the_layers(
 ) -> None:
     train, probe = data
     cb = NFACallback(probe, every_n_steps=2, estimator="exact", console_layers=console_layers)
-    trainer = Trainer(tiny_model(), args_for(tmp_path, max_steps=2, logging_steps=2), train_dataset=train,
+    trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, max_steps=2, logging_steps=2), train_dataset=train,
                       callbacks=[cb])
     trainer.train()
     printed = [line for line in capsys.readouterr().out.splitlines() if "'loss'" in line]
@@ -123,7 +102,7 @@ def test_console_line_summarises_the_layers(
 
 def test_logged_values_equal_a_direct_measurement(tmp_path: Path, data: Any) -> None:
     train, probe = data
-    model = tiny_model()
+    model = tiny_gpt2(ex)
     w0 = copy.deepcopy(model)
     cb = NFACallback(probe, every_n_steps=3, layers="transformer.h.0.mlp.*", estimator="exact")
     trainer = Trainer(model, args_for(tmp_path, max_steps=3), train_dataset=train, callbacks=[cb])
@@ -147,7 +126,7 @@ def test_sketch_is_reproducible_and_close_to_exact(tmp_path: Path, data: Any) ->
     def run(estimator: str, m: int, seed: int) -> dict[str, float]:
         cb = NFACallback(probe, every_n_steps=2, layers="transformer.h.0.mlp.c_fc", estimator=estimator, m=m,
                          seed=seed)
-        trainer = Trainer(tiny_model(), args_for(tmp_path, max_steps=2), train_dataset=train, callbacks=[cb])
+        trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, max_steps=2), train_dataset=train, callbacks=[cb])
         trainer.train()
         return nfa_entries(trainer.state.log_history)[-1]
 
@@ -162,7 +141,7 @@ def test_snapshots_and_w0_restored_on_resume(tmp_path: Path, data: Any) -> None:
     out = tmp_path / "run"
     full_cb = NFACallback(probe, every_n_steps=2, layers="transformer.h.0.mlp.c_fc", estimator="exact",
                           save_snapshots=True)
-    Trainer(tiny_model(), args_for(out, max_steps=4, save_strategy="steps", save_steps=2), train_dataset=train,
+    Trainer(tiny_gpt2(ex), args_for(out, max_steps=4, save_strategy="steps", save_steps=2), train_dataset=train,
             callbacks=[full_cb]).train()
     files = sorted(p.name for p in (out / "nfa").iterdir())
     assert files == ["step_0000002.safetensors", "step_0000004.safetensors"]
@@ -171,7 +150,7 @@ def test_snapshots_and_w0_restored_on_resume(tmp_path: Path, data: Any) -> None:
 
     resumed_cb = NFACallback(probe, every_n_steps=2, layers="transformer.h.0.mlp.c_fc", estimator="exact",
                              save_snapshots=True)
-    trainer = Trainer(tiny_model(), args_for(out, max_steps=4, save_strategy="steps", save_steps=2),
+    trainer = Trainer(tiny_gpt2(ex), args_for(out, max_steps=4, save_strategy="steps", save_steps=2),
                       train_dataset=train, callbacks=[resumed_cb])
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     w0_full = full_cb.monitor.W0["transformer.h.0.mlp.c_fc"]
@@ -184,7 +163,7 @@ def test_snapshots_and_w0_restored_on_resume(tmp_path: Path, data: Any) -> None:
 def test_trainer_state_json_holds_the_values(tmp_path: Path, data: Any) -> None:
     train, probe = data
     cb = NFACallback(probe, every_n_steps=2, layers="transformer.h.0.attn.c_attn", estimator="sketch", m=4)
-    trainer = Trainer(tiny_model(), args_for(tmp_path, max_steps=2), train_dataset=train, callbacks=[cb])
+    trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, max_steps=2), train_dataset=train, callbacks=[cb])
     trainer.train()
     trainer.save_state()
     state = json.loads((tmp_path / "trainer_state.json").read_text())
@@ -216,9 +195,9 @@ def test_outside_a_trainer_it_says_how_to_order_it(tmp_path: Path) -> None:
     args = args_for(tmp_path)
     state = transformers.TrainerState()
     with pytest.raises(RuntimeError, match="on_train_begin"):
-        cb.measure(args, state, tiny_model())
+        cb.measure(args, state, tiny_gpt2(ex))
     with pytest.warns(UserWarning, match="callbacks.insert"):
-        cb.on_train_begin(args, state, transformers.TrainerControl(), model=tiny_model())
+        cb.on_train_begin(args, state, transformers.TrainerControl(), model=tiny_gpt2(ex))
     assert cb.monitor is not None and "transformer.h.0.mlp.c_fc" in cb.monitor.layer_names
 
 
@@ -227,7 +206,7 @@ def test_blocks_are_logged_and_saved(tmp_path: Path, data: Any) -> None:
     layer = "transformer.h.0.attn.c_attn"
     cb = NFACallback(probe, every_n_steps=2, layers=layer, estimator="exact", save_snapshots=True,
                      blocks={"transformer.h.*.attn.c_attn": ["q", "k", "v"]})
-    trainer = Trainer(tiny_model(), args_for(tmp_path, max_steps=2), train_dataset=train, callbacks=[cb])
+    trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, max_steps=2), train_dataset=train, callbacks=[cb])
     trainer.train()
     logged = nfa_entries(trainer.state.log_history)[-1]
     records = cb.monitor.history[-1]

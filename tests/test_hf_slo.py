@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -15,32 +14,20 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from slo_torch import SLOptimizer, resolve_layers  # noqa: E402
 from slo_torch.hf import SLOCallback  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
-spec = importlib.util.spec_from_file_location("hf_trainer_example_slo", EXAMPLE)
-ex = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ex)
+from conftest import SEQ, char_ids, load_example, tiny_gpt2  # noqa: E402
 
-SEQ = 16
+ex = load_example("hf_trainer", "hf_trainer_example_slo")
 LR = 0.05
 SPEEDS = {"transformer.h.0.mlp.c_fc": 3.0, "*": 0.5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def train() -> Any:
-    ids, _ = ex.split_corpus(ex.encode(ex.corpus_text(("textwrap", "heapq"))))
+    ids, _ = char_ids(ex)
     return ex.CharWindows(ids[:2000], SEQ)
-
-
-def tiny_model() -> torch.nn.Module:
-    return ex.build_model(len(ex.ALPHABET), SEQ, n_embd=16, n_layer=1, n_head=2, seed=0).double()
 
 
 def args_for(tmp: Path, **kw: Any) -> TrainingArguments:
@@ -73,7 +60,7 @@ class StepNorms(TrainerCallback):
 
 
 def run(tmp: Path, train: Any, way: str, **kw: Any) -> tuple[Trainer, StepNorms]:
-    model = tiny_model()
+    model = tiny_gpt2(ex)
     layers = [lay for lay in resolve_layers(model, SPEEDS) if lay.speed is not None]
     probe = StepNorms(layers)
     if way == "instance":
@@ -132,7 +119,7 @@ def test_slo_callback_logs_the_norms_the_optimizer_saw(tmp_path: Path, train: An
 
 def test_resume_restores_slo_state_and_continues_identically(tmp_path: Path, train: Any) -> None:
     def trainer_for(out: Path) -> Trainer:
-        model = tiny_model()
+        model = tiny_gpt2(ex)
         kwargs = {"base_optimizer": torch.optim.SGD, "model": model, "speeds": SPEEDS, "lr": LR, "momentum": 0.9}
         return Trainer(model, args_for(out, max_steps=6, save_strategy="steps", save_steps=3, max_grad_norm=0.0),
                        train_dataset=train, optimizer_cls_and_kwargs=(SLOptimizer, kwargs))
@@ -166,7 +153,7 @@ class Recorder(TrainerCallback):
 
 @pytest.mark.parametrize("clip", [1.0, 0.0])
 def test_callback_warns_on_clipping_and_runs_before_reporters(tmp_path: Path, train: Any, clip: float) -> None:
-    model = tiny_model()
+    model = tiny_gpt2(ex)
     recorder = Recorder()
     opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model=model, speeds=SPEEDS)
     trainer = Trainer(model, args_for(tmp_path, max_steps=2, max_grad_norm=clip), train_dataset=train,
@@ -222,7 +209,7 @@ class PoisonStep(TrainerCallback):
 
 
 def test_skipped_step_logs_no_norms_in_the_trainer(tmp_path: Path, train: Any) -> None:
-    model = tiny_model()
+    model = tiny_gpt2(ex)
     opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model=model, speeds=SPEEDS)
     trainer = Trainer(model, args_for(tmp_path, max_steps=3, max_grad_norm=0.0), train_dataset=train,
                       optimizers=(opt, None), callbacks=[PoisonStep(1), SLOCallback()])
@@ -237,7 +224,7 @@ def test_skipped_step_logs_no_norms_in_the_trainer(tmp_path: Path, train: Any) -
 def test_console_line_shows_the_promoted_layer_and_summarises_the_rest(
     tmp_path: Path, train: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    model = tiny_model()
+    model = tiny_gpt2(ex)
     opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model=model, speeds=SPEEDS)
     trainer = Trainer(model, args_for(tmp_path, max_steps=2, logging_steps=2, max_grad_norm=0.0),
                       train_dataset=train, optimizers=(opt, None), callbacks=[SLOCallback()])

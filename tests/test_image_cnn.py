@@ -5,25 +5,21 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import load_example
 from test_image_formats import write_cifar
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CONVS = [f"features.conv{i}" for i in range(1, 9)]
 TINY = ["--epochs", "1", "--max-train", "64", "--width-mult", "0.0625", "--probe", "8"]
 
 
 def _image_cnn():
-    sys.path.insert(0, str(EXAMPLES))
-    import image_cnn
-
-    return image_cnn
+    return load_example("image_cnn")
 
 
 def test_vgg11_layout_parameter_count_and_init() -> None:

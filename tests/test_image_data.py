@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from image_data import (  # noqa: E402
+from diagnostics.datasets import (
     CELEBA_URL,
     SVHN_URL,
     DataError,

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_example
 from test_image_data import write_celeba, write_svhn
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--epochs", "1", "--width", "16", "--depth", "2", "--probe", "8", "--batch", "4"]
 
 
 def _image_mlp():
-    sys.path.insert(0, str(EXAMPLES))
-    import image_mlp
-
-    return image_mlp
+    return load_example("image_mlp")
 
 
 @pytest.fixture(scope="module")
