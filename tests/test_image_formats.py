@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -149,10 +150,26 @@ def write_gtsrb(root: Path, classes: int = 3, per_class: int = 3, n_test: int = 
     return ids
 
 
-def _find(images: torch.Tensor, flat: np.ndarray) -> list[int]:
-    """Row of ``flat`` (n, c*h*w uint8) holding each image of ``images`` (float in [0, 1])."""
-    u8 = (images * 255).round().to(torch.uint8).flatten(1).numpy()
-    return [int(np.flatnonzero((flat == row).all(axis=1))[0]) for row in u8]
+def assert_loaded_as_written(data: object, arrays: dict[str, np.ndarray]) -> None:
+    """Each split holds every written image once, pixels in (channel, row, column) order, with its own label."""
+    for split in ("train", "test"):
+        part = getattr(data, split)
+        flat = arrays[f"x_{split}"].reshape(len(part), -1)
+        u8 = (part.images * 255).round().to(torch.uint8).flatten(1).numpy()
+        rows = [int(np.flatnonzero((flat == row).all(axis=1))[0]) for row in u8]
+        assert sorted(rows) == list(range(len(part)))
+        assert part.labels.tolist() == [int(arrays[f"y_{split}"][r]) for r in rows]
+
+
+def assert_data_error(load: Callable[[Path], object], root: Path, expect: str, url: str) -> None:
+    """``load(root)`` raises a :class:`DataError` matching ``expect`` that names where the data are published."""
+    with pytest.raises(DataError, match=expect) as exc:
+        load(root)
+    assert url in str(exc.value)
+
+
+def _truncate(path: Path, n: int) -> None:
+    path.write_bytes(path.read_bytes()[:-n])
 
 
 # -------------------------------------------------------------------------------------------- CIFAR
@@ -164,11 +181,7 @@ def test_cifar_layouts_pixels_and_labels(tmp_path: Path, num_classes: int, layou
     n_train = 20 if num_classes == 10 else 4
     assert data.train.images.shape == (n_train, 3, 32, 32) and data.test.images.shape == (6, 3, 32, 32)
     assert data.num_classes == num_classes and data.name == f"cifar{num_classes}"
-    for split in ("train", "test"):
-        part = getattr(data, split)
-        rows = _find(part.images, arrays[f"x_{split}"])
-        assert sorted(rows) == list(range(len(part)))  # every image once, pixels in (channel, row, col) order
-        assert part.labels.tolist() == [int(arrays[f"y_{split}"][r]) for r in rows]
+    assert_loaded_as_written(data, arrays)
     if layout == "python":
         assert data.classes[1] == ("class1" if num_classes == 10 else "fine1")
     assert len(load_cifar(tmp_path, num_classes, max_train=3, max_test=2).train) == 3
@@ -222,33 +235,26 @@ def test_mnist_idx_files(tmp_path: Path, gz: bool) -> None:
     arrays = write_mnist(tmp_path, gz=gz)
     data = load_mnist(tmp_path)
     assert data.train.images.shape == (20, 1, 28, 28) and data.test.images.shape == (8, 1, 28, 28)
-    for split in ("train", "test"):
-        part = getattr(data, split)
-        rows = _find(part.images, arrays[f"x_{split}"].reshape(len(part), -1))
-        assert sorted(rows) == list(range(len(part)))
-        assert part.labels.tolist() == [int(arrays[f"y_{split}"][r]) for r in rows]
+    assert_loaded_as_written(data, arrays)
 
 
-@pytest.mark.parametrize("problem", ["missing", "magic", "length", "bad_gzip"])
+MNIST_DAMAGE = {  # problem: (what is done to MNIST/raw, the error it causes)
+    "missing": (lambda raw: (raw / "t10k-labels-idx1-ubyte").unlink(), "missing .*MNIST/raw/t10k-labels-idx1-ubyte"),
+    "magic": (lambda raw: (raw / "train-labels-idx1-ubyte").write_bytes(_idx(np.zeros((2, 2), np.uint8))),
+              "train-labels-idx1-ubyte is not an idx file of unsigned bytes with 1 dimension"),
+    "length": (lambda raw: _truncate(raw / "train-images-idx3-ubyte", 10),
+               r"train-images-idx3-ubyte: header says \[20, 28, 28\]"),
+    "bad_gzip": (lambda raw: (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all"),
+                 "train-images-idx3-ubyte.gz is not readable"),
+}
+
+
+@pytest.mark.parametrize("problem", list(MNIST_DAMAGE))
 def test_mnist_missing_or_malformed(tmp_path: Path, problem: str) -> None:
     write_mnist(tmp_path, gz=problem == "bad_gzip")
-    raw = tmp_path / "MNIST" / "raw"
-    if problem == "missing":
-        (raw / "t10k-labels-idx1-ubyte").unlink()
-        expect = "missing .*MNIST/raw/t10k-labels-idx1-ubyte"
-    elif problem == "magic":
-        (raw / "train-labels-idx1-ubyte").write_bytes(_idx(np.zeros((2, 2), np.uint8)))
-        expect = "train-labels-idx1-ubyte is not an idx file of unsigned bytes with 1 dimension"
-    elif problem == "length":
-        data = (raw / "train-images-idx3-ubyte").read_bytes()
-        (raw / "train-images-idx3-ubyte").write_bytes(data[:-10])
-        expect = r"train-images-idx3-ubyte: header says \[20, 28, 28\]"
-    else:
-        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
-        expect = "train-images-idx3-ubyte.gz is not readable"
-    with pytest.raises(DataError, match=expect) as exc:
-        load_mnist(tmp_path)
-    assert MNIST_URL in str(exc.value)
+    damage, expect = MNIST_DAMAGE[problem]
+    damage(tmp_path / "MNIST" / "raw")
+    assert_data_error(load_mnist, tmp_path, expect, MNIST_URL)
 
 
 # ------------------------------------------------------------------------------------------- STL-10
@@ -269,22 +275,20 @@ def test_stl10_column_major_images_resized_and_labels(tmp_path: Path) -> None:
             assert float(img[0].std(dim=0).max()) < 1e-6  # red constant down each column
 
 
-@pytest.mark.parametrize("problem", ["missing", "size", "labels"])
+STL10_DAMAGE = {  # problem: (what is done to stl10_binary, the error it causes)
+    "missing": (lambda folder: (folder / "test_X.bin").unlink(), "missing .*stl10_binary/test_X.bin"),
+    "size": (lambda folder: (folder / "train_y.bin").write_bytes(bytes([1, 2, 3])),
+             "train_X.bin .* must hold one 3x96x96 image per label"),
+    "labels": (lambda folder: (folder / "train_y.bin").write_bytes(bytes([0] * 6)), "train_y.bin: labels must lie in 1..10"),
+}
+
+
+@pytest.mark.parametrize("problem", list(STL10_DAMAGE))
 def test_stl10_missing_or_malformed(tmp_path: Path, problem: str) -> None:
     write_stl10(tmp_path)
-    folder = tmp_path / "stl10_binary"
-    if problem == "missing":
-        (folder / "test_X.bin").unlink()
-        expect = "missing .*stl10_binary/test_X.bin"
-    elif problem == "size":
-        (folder / "train_y.bin").write_bytes(bytes([1, 2, 3]))
-        expect = "train_X.bin .* must hold one 3x96x96 image per label"
-    else:
-        (folder / "train_y.bin").write_bytes(bytes([0] * 6))
-        expect = "train_y.bin: labels must lie in 1..10"
-    with pytest.raises(DataError, match=expect) as exc:
-        load_stl10(tmp_path)
-    assert STL10_URL in str(exc.value)
+    damage, expect = STL10_DAMAGE[problem]
+    damage(tmp_path / "stl10_binary")
+    assert_data_error(load_stl10, tmp_path, expect, STL10_URL)
 
 
 # -------------------------------------------------------------------------------------------- GTSRB
@@ -318,9 +322,7 @@ def test_gtsrb_missing_or_malformed(tmp_path: Path, problem: str) -> None:
     else:
         (base / "GTSRB" / "Final_Test" / "Images" / "00000.ppm").unlink()
         expect = "missing image .*Final_Test/Images/00000.ppm"
-    with pytest.raises(DataError, match=expect) as exc:
-        load_gtsrb(tmp_path)
-    assert GTSRB_URL in str(exc.value)
+    assert_data_error(load_gtsrb, tmp_path, expect, GTSRB_URL)
 
 
 def test_dataset_names_and_fixed_sizes(tmp_path: Path) -> None:
