@@ -141,32 +141,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_checked(ap, argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    s = preset_settings(PRESETS, args, ("seeds", "steps", "slo_C"))
-
-    t0 = time.perf_counter()
-    Xe = torch.randn(s.egop_samples, s.d, generator=torch.Generator().manual_seed(2**31 - 1))
-    E = egop(lambda x: chain_monomial(x, s.r), Xe)
-    rows: list[dict] = []
-    nfms: dict[str, torch.Tensor] = {}
-    for name, spec in runs(s).items():
-        for seed in s.seeds:
-            run_rows, F = run_one(s, name, spec, seed, E)
-            rows += run_rows
-            nfms.setdefault(name, F)  # first seed's final NFM for the heatmaps
-    wall = time.perf_counter() - t0
-
-    out = args.out
-    write_csv(rows, out / "metrics.csv")
-    plot_nfa_curves(rows, out / "nfa_curves.png", title="chain monomial: NFA correlations per layer")
-    plot_scalar_curves(rows, out / "feature_quality_test_mse.png", log_keys=("test_mse",))
-    plot_matrices({"target EGOP*": E, **{f"NFM layer 0, {k}": v for k, v in nfms.items()}}, out / "nfm_vs_egop.png",
-                  index_name="x")
-    finish_run(out, report(s, args.preset, rows, [__file__, *argv]), [__file__, *argv], wall)
-
-
 def report(s: Settings, preset: str, rows: list[dict], command: list[str]) -> str:
     """The markdown of ``results.md``: final values, the paper's claims checked on them, the settings."""
     last = [r for r in rows if r["step"] == s.steps]
@@ -196,6 +170,32 @@ def report(s: Settings, preset: str, rows: list[dict], command: list[str]) -> st
         "`EGOP*` (autograd, `egop_samples` Gaussian draws).\n"
         "\nFigures: `nfa_curves.png`, `feature_quality_test_mse.png`, `nfm_vs_egop.png`.\n"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    s = preset_settings(PRESETS, args, ("seeds", "steps", "slo_C"))
+
+    t0 = time.perf_counter()
+    Xe = torch.randn(s.egop_samples, s.d, generator=torch.Generator().manual_seed(2**31 - 1))
+    E = egop(lambda x: chain_monomial(x, s.r), Xe)
+    rows: list[dict] = []
+    nfms: dict[str, torch.Tensor] = {}
+    for name, spec in runs(s).items():
+        for seed in s.seeds:
+            run_rows, F = run_one(s, name, spec, seed, E)
+            rows += run_rows
+            nfms.setdefault(name, F)  # first seed's final NFM for the heatmaps
+    wall = time.perf_counter() - t0
+
+    out = args.out
+    write_csv(rows, out / "metrics.csv")
+    plot_nfa_curves(rows, out / "nfa_curves.png", title="chain monomial: NFA correlations per layer")
+    plot_scalar_curves(rows, out / "feature_quality_test_mse.png", log_keys=("test_mse",))
+    plot_matrices({"target EGOP*": E, **{f"NFM layer 0, {k}": v for k, v in nfms.items()}}, out / "nfm_vs_egop.png",
+                  index_name="x")
+    finish_run(out, report(s, args.preset, rows, [__file__, *argv]), [__file__, *argv], wall)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +223,11 @@ def test_centered_one_hot_and_pixel_map() -> None:
     assert m.shape == (3, 4) and m[1, 2] == v[1 * 4 + 2] + v[12 + 1 * 4 + 2]
     with pytest.raises(ValueError, match="do not fit"):
         pixel_map(v, (1, 3, 4))
+
+
+def test_datasets_and_experiments_import_without_optional_packages_or_slo_torch() -> None:
+    """The loaders import scipy, Pillow and scikit-learn only when called; nothing in diagnostics imports slo_torch."""
+    code = ("import sys, diagnostics.datasets, diagnostics.experiments; "
+            "print(sorted(m for m in ('slo_torch', 'scipy', 'PIL', 'sklearn', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -5,6 +5,7 @@ The scripts in ``examples/`` use them; so can a copy of one of those scripts any
 imports ``slo_torch``: a script builds its optimizer (plain or ``SLOptimizer``) and passes it in.
 """
 
+from . import cli, report, training
 from .cli import (
     check_ready,
     command_line,
@@ -46,39 +47,4 @@ from .training import (
     train_mse,
 )
 
-__all__ = [
-    "make_parser",
-    "preset_parser",
-    "parse_checked",
-    "preset_settings",
-    "positive_int",
-    "nonnegative_int",
-    "positive_float",
-    "nonnegative_float",
-    "torch_device",
-    "check_ready",
-    "command_line",
-    "exit_on",
-    "write_csv",
-    "markdown_table",
-    "mean_std",
-    "mean_std_table",
-    "settings_table",
-    "namespace_settings",
-    "nfa_long_rows",
-    "nfa_row",
-    "last_rows",
-    "write_run_info",
-    "finish_run",
-    "bias_free_mlp",
-    "hidden_layers",
-    "scale_init_",
-    "set_seed",
-    "minibatches",
-    "mse",
-    "eval_schedule",
-    "train_mse",
-    "train_epochs",
-    "progress",
-    "PhaseTimer",
-]
+__all__ = [*cli.__all__, *report.__all__, *training.__all__]
