@@ -164,7 +164,7 @@ def report(s: Settings, preset: str, rows: list[dict], command: list[str]) -> st
         + observations(final, var=float(s.r))
         + "\n## Settings\n\n" + runs_table + "\n"
         + settings_table(asdict(s))
-        + "\nTask: `x ~ N(0, I_d)`, `f*(x) = sum_{i=1}^{r} x_i x_{i+1}` (reconstructed setting, see README), MSE "
+        + "\nTask: `x ~ N(0, I_d)`, `f*(x) = sum_{i=1}^{r} x_i x_{i+1}` (reconstructed setting, see docs/experiments.md), MSE "
         "`mean((f(x) - y)^2)`, bias-free ReLU MLP with PyTorch default init, minibatch SGD. `K` exact on the "
         "first `probe` training points; feature quality = Pearson correlation of the first-layer NFM with "
         "`EGOP*` (autograd, `egop_samples` Gaussian draws).\n"

@@ -42,7 +42,7 @@ from slo_torch import SLOptimizer, promote
 # SLO over plain SGD moves layer l by exactly lr·C_l per step (Frobenius norm). With C = 500 and lr = 1e-3 the
 # promoted layer moves 0.5 per step (about 5% of its default-init norm sqrt(256/3) ≈ 9.2, a share that falls
 # as the layer grows) and every other layer 2e-6 per step, i.e. it stays at its init. lr 1e-4 and 1e-5 were too
-# slow to fit the digits in 150 epochs (see the README). No warm-up epoch: the step size is fixed by construction.
+# slow to fit the digits in 150 epochs (see docs/images.md). No warm-up epoch: the step size is fixed by construction.
 SLO_LR = 1e-3
 SLO_C = 500.0
 #: The authors' (lr for 10 classes, epochs) per data set; the lr is scaled by C/10.
