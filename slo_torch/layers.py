@@ -21,7 +21,6 @@ Layers that get no speed are left untouched.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -29,6 +28,8 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 from torch.nn.utils.parametrize import is_parametrized
+
+from .checks import check_model, check_speed
 
 __all__ = ["Layer", "resolve_layers", "promote", "promote_lowest", "pattern_specificity", "check_speed",
            "normalize_speeds", "unwrap_model"]
@@ -56,35 +57,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def check_model(model: object) -> None:
-    """``TypeError`` unless ``model`` is an ``nn.Module`` (or ``None``)."""
-    if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(
-            f"model must be the nn.Module that owns the optimized parameters (model=model), got "
-            f"{type(model).__name__}"
-        )
-
-
-def check_speed(speed: object, where: str) -> float:
-    """Return ``speed`` as a float; ``ValueError`` unless it is a finite real number ``>= 0``.
-
-    Python and NumPy numbers and one-element tensors are accepted.
-    """
-    if isinstance(speed, torch.Tensor):
-        if speed.numel() != 1:
-            raise ValueError(
-                f"Invalid speed for {where}: a tensor of shape {tuple(speed.shape)}; a speed is a number "
-                "or a one-element tensor"
-            )
-        speed = speed.item()
-    if isinstance(speed, bool) or not isinstance(speed, numbers.Real):
-        raise ValueError(f"Invalid speed for {where}: {speed!r}; speeds must be finite numbers >= 0")
-    speed = float(speed)
-    if not math.isfinite(speed) or speed < 0:
-        raise ValueError(f"Invalid speed for {where}: {speed}; speeds must be finite numbers >= 0")
-    return speed
 
 
 def normalize_speeds(speeds: SpeedSpec) -> SpeedSpec:
