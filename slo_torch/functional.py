@@ -8,13 +8,17 @@ per-layer quantities stay on the device: norms come from ``torch._foreach_norm``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["layer_sq_norms", "slo_coefficients", "scale_layers_", "add_scaled_layers_", "slo_rescale_"]
+__all__ = [
+    "layer_sq_norms", "slo_coefficients", "scale_layers_", "rescale_updates_", "slo_rescale_", "CoefficientBuffer",
+    "accumulate_dtype", "add_scaled_layers_",
+]
 
 
 def accumulate_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
@@ -106,9 +110,34 @@ def slo_coefficients(norms: Tensor, speeds: Tensor, eps: float = 0.0) -> Tensor:
     return torch.where(norms > 0, speeds / denominator, 1.0)  # the 0/0 branch is never selected
 
 
-def scale_layers_(tensors: Sequence[Tensor], layer_index: Tensor, coefficients: Tensor) -> None:
-    """In place ``t_i <- c_{layer_index[i]} * t_i`` with one ``torch._foreach_mul_`` per (device, dtype)."""
+class CoefficientBuffer:
+    """Reusable per-tensor coefficients for ``torch._foreach_mul_``: one 1-D buffer and its 0-dim views.
+
+    Gathering the coefficients into it (``index_select(out=)``) and reusing its views saves an
+    allocation and ``n`` view creations per call. Only for dense tensors on the buffer's device.
+    """
+
+    __slots__ = ("values", "views")
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.values = torch.empty(n, dtype=dtype, device=device)
+        self.views = self.values.unbind(0)
+
+
+def scale_layers_(
+    tensors: Sequence[Tensor], layer_index: Tensor, coefficients: Tensor, buffer: CoefficientBuffer | None = None
+) -> None:
+    """In place ``t_i <- c_{layer_index[i]} * t_i``: one ``torch._foreach_mul_`` per (device, dtype).
+
+    ``buffer`` (one entry per tensor, see :class:`CoefficientBuffer`) selects the fast path: no
+    grouping, no allocation; the caller guarantees that the tensors are dense and on its device.
+    Sparse tensors are scaled one by one. The values are the same on every path.
+    """
     if not tensors:
+        return
+    if buffer is not None:
+        torch.index_select(coefficients, 0, layer_index, out=buffer.values)
+        torch._foreach_mul_(list(tensors), buffer.views)
         return
     per_tensor = coefficients[layer_index]
     if any(t.is_sparse for t in tensors):
@@ -123,10 +152,31 @@ def scale_layers_(tensors: Sequence[Tensor], layer_index: Tensor, coefficients: 
         torch._foreach_mul_(group, coef.unbind(0))
 
 
+def rescale_updates_(
+    deltas: Sequence[Tensor],
+    old: Sequence[Tensor],
+    layer_index: Tensor,
+    coefficients: Tensor,
+    buffer: CoefficientBuffer | None = None,
+) -> None:
+    """The update-mode rule in place: ``p <- p_old + k_l (p_new - p_old)``.
+
+    ``deltas`` hold ``p_new - p_old`` on entry (typically the parameters after ``p -= p_old``) and
+    ``p_old + k_l * delta`` on return; ``old`` holds ``p_old``. Adding ``p_old`` last keeps it exact
+    for any update size (``p_new + (1 - k)(p_old - p_new)`` cancels ``p_old`` when the step is much
+    larger than the parameters). ``buffer``: as in :func:`scale_layers_`.
+    """
+    scale_layers_(deltas, layer_index, coefficients, buffer)
+    if deltas:
+        torch._foreach_add_(list(deltas), list(old))
+
+
 def add_scaled_layers_(
     targets: Sequence[Tensor], sources: Sequence[Tensor], layer_index: Tensor, coefficients: Tensor
 ) -> None:
-    """In place ``t_i <- t_i + c_{layer_index[i]} * s_i`` (one ``torch._foreach_addcmul_`` per group)."""
+    """Deprecated: in place ``t_i <- t_i + c_{layer_index[i]} * s_i``. Use :func:`rescale_updates_`."""
+    warnings.warn("slo_torch.functional.add_scaled_layers_ is deprecated (SLO does not use it); for the "
+                  "update-mode rule use slo_torch.functional.rescale_updates_", DeprecationWarning, stacklevel=2)
     if not targets:
         return
     per_tensor = coefficients[layer_index]

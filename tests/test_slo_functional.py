@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from slo_torch import layer_sq_norms, slo_coefficients, slo_rescale_
+from slo_torch import layer_sq_norms, scale_layers_, slo_coefficients, slo_rescale_
+from slo_torch.functional import rescale_updates_
 
 
 def test_slo_rescale_sets_each_layer_norm_to_its_speed() -> None:
@@ -28,10 +29,23 @@ def test_zero_layer_stays_zero_and_eps() -> None:
     assert float(g.norm()) == pytest.approx(4.0 / 5.0)
 
 
-def test_coefficients_use_where_not_host_branches() -> None:
+def test_coefficients_are_speed_over_norm_and_one_for_zero_layers() -> None:
     norms = torch.tensor([0.0, 2.0, 4.0])
     c = slo_coefficients(norms, torch.tensor([5.0, 5.0, 1.0]), eps=0.0)
     assert c.tolist() == [1.0, 2.5, 0.25]
+
+
+def test_coefficients_and_rescaling_read_no_values_on_the_host() -> None:
+    # meta tensors have no values: any Python branch on a tensor (a host synchronisation) would raise
+    norms = torch.empty(3, device="meta")
+    c = slo_coefficients(norms, torch.empty(3, device="meta"), eps=0.5)
+    assert c.shape == (3,) and c.is_meta
+    tensors = [torch.empty(4, 3, device="meta"), torch.empty(4, device="meta"), torch.empty(2, device="meta")]
+    index = torch.tensor([0, 0, 1], device="meta")
+    sq = layer_sq_norms(tensors, index, 2)
+    assert sq.shape == (2,) and sq.is_meta
+    scale_layers_(tensors, index, c[:2])
+    rescale_updates_(tensors, [torch.empty_like(t) for t in tensors], index, c[:2])
 
 
 def test_mixed_dtypes_are_grouped() -> None:
@@ -81,3 +95,27 @@ def test_scaled_tensors_are_unscaled_before_squaring() -> None:
     sq = layer_sq_norms([t * scale for t in g], torch.tensor([0, 0]), 1, inv_scale=scale.double().reciprocal())
     assert sq.dtype == torch.float32
     assert float(sq[0]) == pytest.approx(sum(float(t.double().pow(2).sum()) for t in g), rel=1e-6)
+
+
+def test_rescale_updates_moves_each_layer_by_its_step_size() -> None:
+    torch.manual_seed(0)
+    old = [torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64), torch.randn(2, dtype=torch.float64)]
+    new = [t + torch.randn_like(t) for t in old]
+    params = [t.clone() for t in new]
+    torch._foreach_sub_(params, old)  # the deltas
+    index = torch.tensor([0, 0, 1])
+    k = slo_coefficients(layer_sq_norms(params, index, 2).sqrt(), torch.tensor([0.3, 2.0], dtype=torch.float64))
+    rescale_updates_(params, old, index, k)
+    moved = [p - o for p, o in zip(params, old)]
+    assert math.sqrt(float(moved[0].pow(2).sum() + moved[1].pow(2).sum())) == pytest.approx(0.3, rel=1e-12)
+    assert float(moved[2].norm()) == pytest.approx(2.0, rel=1e-12)
+    torch.testing.assert_close(params[2], old[2] + k[1] * (new[2] - old[2]), rtol=0, atol=0)
+
+
+def test_add_scaled_layers_is_deprecated_and_still_adds() -> None:
+    from slo_torch.functional import add_scaled_layers_
+
+    t, s = [torch.ones(3), torch.ones(2)], [torch.full((3,), 2.0), torch.full((2,), 3.0)]
+    with pytest.warns(DeprecationWarning, match="add_scaled_layers_"):
+        add_scaled_layers_(t, s, torch.tensor([0, 1]), torch.tensor([0.5, 2.0]))
+    assert t[0].tolist() == [2.0] * 3 and t[1].tolist() == [7.0] * 2
