@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+
+from .functional import index_tensor, layer_sq_norms
 
 __all__ = [
     "is_dtensor", "local_tensor", "shard_groups", "all_reduce_sum_", "align_grad_placements", "fsdp1_shard_groups",
-    "flat_shard_groups",
+    "flat_shard_groups", "Sharding", "sharding_of", "whole_layer_sq_norms",
 ]
 
 
@@ -143,3 +147,64 @@ def all_reduce_sum_(values: Tensor, groups: Sequence[Any]) -> Tensor:
     for group in groups:
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
     return values
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """Tensor ``i`` is summed over the process groups ``groups[bucket[i]]``; bucket 0 is ``()``: not sharded."""
+
+    groups: tuple[tuple[Any, ...], ...]
+    bucket: tuple[int, ...]
+
+    @property
+    def distributed(self) -> bool:
+        """True if some tensor is sharded (its norms need an all-reduce)."""
+        return len(self.groups) > 1
+
+
+def sharding_of(params: Sequence[Tensor], names: Sequence[str], model: nn.Module | None) -> Sharding:
+    """The :class:`Sharding` of ``params`` (DTensor or FSDP1 shards of ``model``); ``names[i]`` names errors."""
+    keys: dict[tuple[int, ...], int] = {(): 0}
+    groups: list[tuple[Any, ...]] = [()]
+    bucket = []
+    fsdp1 = fsdp1_shard_groups(model)
+    for p, name in zip(params, names):
+        pgs = shard_groups(p) or flat_shard_groups(p, fsdp1, name)
+        key = tuple(id(pg) for pg in pgs)
+        if key not in keys:
+            keys[key] = len(groups)
+            groups.append(pgs)
+        bucket.append(keys[key])
+    return Sharding(tuple(groups), tuple(bucket))
+
+
+def whole_layer_sq_norms(
+    tensors: Sequence[Tensor],
+    bins: Tensor,
+    nbins: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    sharding: Sharding,
+    owners: Sequence[int] | None = None,
+    grouped: dict | None = None,
+    inv_scale: Tensor | None = None,
+) -> Tensor:
+    """Per-bin sums of squares of whole tensors from their local shards: ``s_b = sum_ranks sum_i ||t_i||^2``.
+
+    :func:`~slo_torch.functional.layer_sq_norms` of the local tensors, all-reduced per process group.
+    ``owners[j]`` is the index (in the sharding's order) of ``tensors[j]`` (default: ``j``). Every rank
+    calls the all-reduces, with or without local tensors.
+    """
+    if not sharding.distributed:
+        return layer_sq_norms(tensors, bins, nbins, device, dtype, grouped, inv_scale)
+    members: list[list[int]] = [[] for _ in sharding.groups]
+    for j, i in enumerate(owners if owners is not None else range(len(tensors))):
+        members[sharding.bucket[i]].append(j)
+    total = torch.zeros(nbins, dtype=dtype, device=device)
+    for b, (pgs, js) in enumerate(zip(sharding.groups, members)):
+        idx = index_tensor(js, device)
+        sq = layer_sq_norms([tensors[j] for j in js], bins[idx], nbins, device, dtype, inv_scale=inv_scale)
+        if b:
+            all_reduce_sum_(sq, pgs)
+        total += sq
+    return total
