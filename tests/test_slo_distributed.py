@@ -66,6 +66,14 @@ WORKER = COMMON + textwrap.dedent("""
     x, y = make_data()
     xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
     mesh = init_device_mesh("cpu", (world,))
+    all_reduces = []  # calls of dist.all_reduce (SLO's norm reduction uses it; DDP and DTensor do not)
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        all_reduces.append(1)
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
 
     def wrap(wrapper, model):
         if wrapper == "ddp":
@@ -104,15 +112,19 @@ WORKER = COMMON + textwrap.dedent("""
             params, layer_speeds = net.parameters(), speeds
         opt = SLOptimizer(make_optimizer(kind, params), model=net, speeds=layer_speeds, mode=mode)
         xb, yb = batch(wrapper)
-        norms, snapshots, local = [], [], []
+        norms, snapshots, local, reduced = [], [], [], []
         for _ in range(steps):
             opt.zero_grad()
             ((net(xb) - yb) ** 2).mean().backward()
             local.append(sum(p.grad is not None for p in opt.param_groups[0]["params"]))
+            calls = len(all_reduces)
             opt.step()
+            reduced.append(len(all_reduces) > calls)
             norms.append({k: float(v) for k, v in opt.last_grad_norms.items()})
             snapshots.append(full_params(wrapper, net, model))
-        return norms, snapshots, opt._limiter._distributed, local
+        # sharded: every step all-reduced the norms; None if only some did
+        sharded = True if all(reduced) else False if not any(reduced) else None
+        return norms, snapshots, sharded, local
 
     def error_of(fn):
         try:
