@@ -10,16 +10,16 @@ import warnings
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .layers import SpeedSpec
-from .limiter import SpeedLimiter
+from .limiter import LimiterReadouts, SpeedLimiter
 
 __all__ = ["attach", "SLOHandle"]
 
 
-class SLOHandle:
-    """Returned by :func:`attach`: read-outs of the limiter and ``remove()``."""
+class SLOHandle(LimiterReadouts):
+    """Returned by :func:`attach`: read-outs of the limiter (as on ``SLOptimizer``) and ``remove()``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, limiter: SpeedLimiter) -> None:
         self.optimizer = optimizer
@@ -49,35 +49,8 @@ class SLOHandle:
             self.limiter.after_step()
 
     @property
-    def mode(self) -> str:
-        """``"grad"`` or ``"update"``."""
-        return self.limiter.mode
-
-    @property
-    def layer_names(self) -> list[str]:
-        """Names of the speed-limited layers, in model order."""
-        self.limiter.refresh()
-        return list(self.limiter.layer_names)
-
-    @property
-    def last_grad_norms(self) -> dict[str, Tensor]:
-        """Per-layer gradient norms of the last step taken, before normalisation (0-dim tensors)."""
-        return self.limiter.last_grad_norms
-
-    @property
-    def last_update_norms(self) -> dict[str, Tensor]:
-        """``mode="update"``: per-layer norms of the optimizer's update before rescaling."""
-        return self.limiter.last_update_norms
-
-    @property
-    def nonfinite_steps(self) -> int:
-        """Number of steps turned into no-ops because of a non-finite gradient."""
-        return self.limiter.nonfinite_steps
-
-    @property
-    def taken_steps(self) -> int:
-        """Number of steps taken (not skipped); ``last_grad_norms`` belong to the last of them."""
-        return self.limiter.taken_steps
+    def _limiter(self) -> SpeedLimiter:  # what LimiterReadouts reads
+        return self.limiter
 
     def remove(self) -> None:
         """Detach: the optimizer steps as before."""

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import SpeedSpec
-from .limiter import SpeedLimiter
+from .limiter import LimiterReadouts, SpeedLimiter
 
 __all__ = ["SLOptimizer"]
 
@@ -39,7 +39,7 @@ _HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_opti
 SPEEDS_KEY = "slo_speeds"  # state_dict entry with the speeds in force (a plain optimizer ignores it)
 
 
-class SLOptimizer(torch.optim.Optimizer):
+class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
     """Speed Limited Optimization: ``g_l <- C_l g_l / (||g_l||_F + slo_eps)`` per layer, then the base step.
 
     Args:
@@ -142,11 +142,7 @@ class SLOptimizer(torch.optim.Optimizer):
         self._patch_step_function()
         self.base_optimizer._slo_wrapped = True  # type: ignore[attr-defined]
 
-    # ---- SLO read-outs
-    @property
-    def mode(self) -> str:
-        return self._limiter.mode
-
+    # ---- SLO read-outs (the others come from LimiterReadouts)
     @property
     def slo_eps(self) -> float:
         """``slo_eps`` of ``C / (||g|| + slo_eps)``."""
@@ -157,12 +153,6 @@ class SLOptimizer(torch.optim.Optimizer):
         """Deprecated name of :attr:`slo_eps`."""
         warnings.warn("SLOptimizer.eps is deprecated; use SLOptimizer.slo_eps", DeprecationWarning, stacklevel=2)
         return self._limiter.eps
-
-    @property
-    def layer_names(self) -> list[str]:
-        """Names of the speed-limited layers, in model order."""
-        self._limiter.refresh()
-        return list(self._limiter.layer_names)
 
     @property
     def speeds(self) -> dict[str, float]:
@@ -176,26 +166,6 @@ class SLOptimizer(torch.optim.Optimizer):
         The speeds in force are saved by :meth:`state_dict` and restored by :meth:`load_state_dict`.
         """
         self._limiter.set_speeds(speeds)
-
-    @property
-    def last_grad_norms(self) -> dict[str, Tensor]:
-        """Per-layer gradient norms ``||g_l||_F`` of the last step taken, before normalisation (0-dim tensors)."""
-        return self._limiter.last_grad_norms
-
-    @property
-    def last_update_norms(self) -> dict[str, Tensor]:
-        """``mode="update"``: per-layer norms of the base optimizer's update, before rescaling."""
-        return self._limiter.last_update_norms
-
-    @property
-    def nonfinite_steps(self) -> int:
-        """Number of steps skipped because of a non-finite gradient."""
-        return self._limiter.nonfinite_steps
-
-    @property
-    def taken_steps(self) -> int:
-        """Number of steps taken (not skipped); ``last_grad_norms`` belong to the last of them."""
-        return self._limiter.taken_steps
 
     # ---- torch.optim.Optimizer API
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
