@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .layers import SpeedSpec
-from .limiter import LimiterReadouts, SpeedLimiter
+from .limiter import SpeedLimiter
+from .readouts import LimiterReadouts
 
 __all__ = ["attach", "SLOHandle"]
 

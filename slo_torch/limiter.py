@@ -32,7 +32,7 @@ from .functional import (
 from .layers import SpeedSpec, normalize_speeds, resolve_layers
 from .plan import UNLIMITED, Plan, build_plan, group_signature
 
-__all__ = ["SpeedLimiter", "LimiterReadouts", "MODES", "NONFINITE_CHOICES"]
+__all__ = ["SpeedLimiter", "MODES", "NONFINITE_CHOICES"]
 
 MODES = ("grad", "update")
 NONFINITE_CHOICES = ("skip", "raise")
@@ -277,18 +277,12 @@ class SpeedLimiter:
 
     def _layer_step_sizes(self) -> Tensor:
         """Target update norm ``lr_l * C_l`` per limited layer (cached while the lrs are unchanged floats)."""
-        plan = self._current()
         lrs = tuple(g["lr"] for g in self.optimizer.param_groups)
-        tensor_lr = any(isinstance(lr, Tensor) for lr in lrs)
-        if self._lr_cache is not None and not tensor_lr and self._lr_cache[0] == lrs:
-            return self._lr_cache[1]
-        if tensor_lr:
-            vec = torch.stack([to_device(torch.as_tensor(lr), plan.device, plan.dtype) for lr in lrs])
-        else:
-            vec = to_device(torch.tensor(lrs, dtype=plan.dtype), plan.device)
-        per_layer = vec[plan.layer_group] * plan.speeds
-        self._lr_cache = (lrs, per_layer)
-        return per_layer
+        if any(isinstance(lr, Tensor) for lr in lrs):
+            return self._current().step_sizes(lrs)
+        if self._lr_cache is None or self._lr_cache[0] != lrs:
+            self._lr_cache = (lrs, self._current().step_sizes(lrs))
+        return self._lr_cache[1]
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -310,39 +304,3 @@ class SpeedLimiter:
             for p in g["params"]:
                 p.grad = None
 
-
-class LimiterReadouts:
-    """Read-outs of the :class:`SpeedLimiter` in ``self._limiter``, shared by ``SLOptimizer`` and ``SLOHandle``."""
-
-    _limiter: SpeedLimiter
-
-    @property
-    def mode(self) -> str:
-        """``"grad"`` or ``"update"``."""
-        return self._limiter.mode
-
-    @property
-    def layer_names(self) -> list[str]:
-        """Names of the speed-limited layers, in model order."""
-        self._limiter.refresh()
-        return self._limiter.layer_names
-
-    @property
-    def last_grad_norms(self) -> dict[str, Tensor]:
-        """Per-layer gradient norms ``||g_l||_F`` of the last step taken, before normalisation (0-dim tensors)."""
-        return self._limiter.last_grad_norms
-
-    @property
-    def last_update_norms(self) -> dict[str, Tensor]:
-        """``mode="update"``: per-layer norms of the base optimizer's update, before rescaling."""
-        return self._limiter.last_update_norms
-
-    @property
-    def nonfinite_steps(self) -> int:
-        """Number of steps skipped (made no-ops) because of a non-finite gradient."""
-        return self._limiter.nonfinite_steps
-
-    @property
-    def taken_steps(self) -> int:
-        """Number of steps taken (not skipped); ``last_grad_norms`` belong to the last of them."""
-        return self._limiter.taken_steps

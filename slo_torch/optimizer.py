@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from .layers import SpeedSpec
-from .limiter import LimiterReadouts, SpeedLimiter
+from .limiter import SpeedLimiter
+from .readouts import LimiterReadouts
 
 __all__ = ["SLOptimizer"]
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import Sharding, is_dtensor, local_tensor, sharding_of
-from .functional import CoefficientBuffer, accumulate_dtype
+from .functional import CoefficientBuffer, accumulate_dtype, to_device
 from .layers import SpeedSpec, resolve_layers
 
 __all__ = ["Plan", "build_plan", "group_signature", "UNLIMITED"]
@@ -61,12 +61,23 @@ class Plan:
         return signature == self.signature and (
             not self.params or local_tensor(self.params[0]).device == self.device)
 
+    def step_sizes(self, lrs: Sequence[float | Tensor]) -> Tensor:
+        """``lr_l * C_l`` per limited layer, ``lr_l`` the lr of the layer's param group (``lrs[g]``)."""
+        if any(isinstance(lr, Tensor) for lr in lrs):
+            vec = torch.stack([to_device(torch.as_tensor(lr), self.device, self.dtype) for lr in lrs])
+        else:
+            vec = to_device(torch.tensor(lrs, dtype=self.dtype), self.device)
+        return vec[self.layer_group] * self.speeds
+
     def with_dtype(self, dtype: torch.dtype) -> Plan:
         """This plan with norms and coefficients in ``dtype`` (follows the gradients, e.g. after ``model.double()``)."""
         return replace(self, dtype=dtype, **_numeric_buffers(self.layer_speeds, self.n_limited, dtype, self.device))
 
 
-def _numeric_buffers(speeds: Sequence[float], n_limited: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+def _numeric_buffers(
+    speeds: Sequence[float], n_limited: int, dtype: torch.dtype, device: torch.device
+) -> dict[str, Any]:
+    """The plan's fields that depend on the accumulation dtype."""
     return {"speeds": torch.tensor(speeds, dtype=dtype, device=device),
             "coefficients": CoefficientBuffer(n_limited, dtype, device)}
 

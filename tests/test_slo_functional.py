@@ -99,7 +99,7 @@ def test_scaled_tensors_are_unscaled_before_squaring() -> None:
 
 def test_rescale_updates_moves_each_layer_by_its_step_size() -> None:
     torch.manual_seed(0)
-    old = [torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64), torch.randn(2, dtype=torch.float64)]
+    old = [torch.randn(shape, dtype=torch.float64) for shape in ((4, 3), (4,), (2,))]
     new = [t + torch.randn_like(t) for t in old]
     params = [t.clone() for t in new]
     torch._foreach_sub_(params, old)  # the deltas
