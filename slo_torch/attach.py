@@ -6,7 +6,6 @@ optimizer object, its class and its checkpoints are unchanged; ``handle.remove()
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from .layers import SpeedSpec
 from .limiter import SpeedLimiter
 from .readouts import LimiterReadouts
+from .wrapping import deprecated_eps
 
 __all__ = ["attach", "SLOHandle"]
 
@@ -93,9 +93,6 @@ def attach(
             "SLOptimizer, or attach() to a plain optimizer"
         )
     if eps is not None:
-        if slo_eps != 0.0:
-            raise TypeError("Pass slo_eps= only (eps= is its deprecated name); got both eps= and slo_eps=")
-        warnings.warn("attach(..., eps=) is deprecated; use slo_eps=", DeprecationWarning, stacklevel=2)
-        slo_eps = eps
+        slo_eps = deprecated_eps(eps, slo_eps, "attach(..., eps=) is deprecated; use slo_eps=")
     limiter = SpeedLimiter(optimizer, model, speeds, mode, slo_eps, per_tensor, on_nonfinite)
     return SLOHandle(optimizer, limiter)

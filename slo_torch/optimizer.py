@@ -16,7 +16,6 @@ objects, as timm's Lookahead does), so LR schedulers, ``GradScaler``, accelerate
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -28,12 +27,15 @@ from torch import Tensor, nn
 from .layers import SpeedSpec
 from .limiter import SpeedLimiter
 from .readouts import LimiterReadouts
+from .wrapping import base_step, check_unambiguous, deprecated_eps, replay_first
 
 __all__ = ["SLOptimizer"]
 
 _NOT_FORWARDED = frozenset({"grad_scale", "found_inf"})
-_SLO_DEFAULTS = {"model": None, "speeds": None, "mode": "grad", "slo_eps": 0.0, "per_tensor": False,
-                 "on_nonfinite": "skip"}
+_EPS_DEPRECATION = (
+    "SLOptimizer(optimizer, eps=...) is deprecated; SLO's own eps is now slo_eps= (eps= is reserved "
+    "for the base optimizer's keyword in the SLOptimizer(params, base_optimizer=..., eps=...) form)"
+)
 _HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                "_optimizer_load_state_dict_post_hooks")
@@ -80,8 +82,8 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
             model = params if model is None else model
             params = [p for p in params.parameters() if p.requires_grad]
         if isinstance(params, torch.optim.Optimizer) and "eps" in base_kwargs:
-            slo_eps = _deprecated_eps(base_kwargs.pop("eps"), slo_eps)
-        _check_unambiguous(base_optimizer, base_kwargs, dict(
+            slo_eps = deprecated_eps(base_kwargs.pop("eps"), slo_eps, _EPS_DEPRECATION)
+        check_unambiguous(base_optimizer, base_kwargs, dict(
             model=model, speeds=speeds, mode=mode, slo_eps=slo_eps, per_tensor=per_tensor, on_nonfinite=on_nonfinite))
         base = _build_base(params, base_optimizer, base_kwargs)
         self.base_optimizer = base
@@ -190,9 +192,9 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
             setattr(base, name, self.__dict__[name])
         try:
             if closure is None:
-                result = _base_step(base, None)
+                result = base_step(base, None)
             else:
-                _base_step(base, _replay_first(closure, loss))
+                base_step(base, replay_first(closure, loss))
                 result = loss
         finally:
             for name in forwarded:
@@ -291,81 +293,3 @@ def _build_base(
     if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
         raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}")
     return base_optimizer(params, **base_kwargs)
-
-
-def _deprecated_eps(eps: Any, slo_eps: float) -> Any:
-    """``eps=`` given while wrapping an instance: the old name of ``slo_eps`` (not ambiguous there)."""
-    if slo_eps != _SLO_DEFAULTS["slo_eps"]:
-        raise TypeError("Pass slo_eps= only (eps= is its deprecated name); got both eps= and slo_eps=")
-    warnings.warn(
-        "SLOptimizer(optimizer, eps=...) is deprecated; SLO's own eps is now slo_eps= (eps= is reserved "
-        "for the base optimizer's keyword in the SLOptimizer(params, base_optimizer=..., eps=...) form)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return eps
-
-
-def _check_unambiguous(
-    base_optimizer: Any, base_kwargs: dict[str, Any], slo_kwargs: dict[str, Any]
-) -> None:
-    """``TypeError`` if a keyword could mean SLO's knob or the base optimizer's."""
-    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
-        return
-    try:
-        signature = inspect.signature(base_optimizer)
-    except (TypeError, ValueError):  # a signature Python cannot read: nothing to compare
-        return
-    named = {n for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
-    given = {n for n, v in slo_kwargs.items() if (v is not None if _SLO_DEFAULTS[n] is None else v != _SLO_DEFAULTS[n])}
-    clashes = sorted(given & named)
-    if clashes:
-        raise TypeError(
-            f"{base_optimizer.__name__} has its own {clashes} keyword(s), which SLOptimizer also takes: "
-            f"build the optimizer yourself and wrap the instance, SLOptimizer({base_optimizer.__name__}"
-            f"(params, ...), model=..., speeds=...)"
-        )
-    if "eps" in base_kwargs and "eps" not in named and not takes_any:
-        raise TypeError(
-            f"eps= goes to the base optimizer in this form, and {base_optimizer.__name__} takes no eps; "
-            "SLO's own eps is slo_eps="
-        )
-
-
-def _base_step(base: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:
-    """``base.step(closure)`` without the global step hooks, which the wrapper's step already ran.
-
-    ``torch.optim.Optimizer`` wraps every ``step`` to run the global hooks, then the instance's; the
-    wrapped function is called here with the base's own hooks around it, as torch's wrapper does.
-    """
-    step = type(base).step
-    inner = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
-    if inner is None:  # not torch's hook wrapper (a subclass replaced it): step as it says
-        return base.step() if closure is None else base.step(closure)
-    if hasattr(base.step, "_wrapped_by_lr_sched"):  # an LR scheduler of the base tracks its steps
-        base._opt_called = True  # type: ignore[attr-defined]
-    args: tuple[Any, ...] = (base,) if closure is None else (base, closure)
-    kwargs: dict[str, Any] = {}
-    for pre_hook in base._optimizer_step_pre_hooks.values():
-        result = pre_hook(base, args, kwargs)
-        if result is not None:
-            if not (isinstance(result, tuple) and len(result) == 2):
-                raise RuntimeError(f"{pre_hook} must return None or a tuple of (new_args, new_kwargs), got {result}")
-            args, kwargs = result
-    out = inner(*args, **kwargs)
-    for post_hook in base._optimizer_step_post_hooks.values():
-        post_hook(base, args, kwargs)
-    return out
-
-
-def _replay_first(closure: Callable[[], Any], loss: Any) -> Callable[[], Any]:
-    """A closure whose first call returns ``loss`` (already computed) and later calls re-evaluate."""
-    calls = 0
-
-    def replay() -> Any:
-        nonlocal calls
-        calls += 1
-        return loss if calls == 1 else closure()
-
-    return replay
