@@ -73,6 +73,7 @@ class SpeedLimiter:
         self.taken_steps = 0
         self._norms: Tensor | None = None
         self._update_norms: Tensor | None = None
+        self._snapshot: _Snapshot | None = None
         self._reset_plan(None)
         self.refresh()
 
@@ -80,7 +81,6 @@ class SpeedLimiter:
     def _reset_plan(self, plan: Plan | None) -> None:
         """Install ``plan`` and forget what was derived from the previous one."""
         self._plan = plan
-        self._snapshot: _Snapshot | None = None
         self._lr_cache: tuple[tuple[Any, ...], Tensor] | None = None
         self._foreach: bool | None = None  # verdict of _coefficient_buffer, once per plan
 
@@ -89,6 +89,7 @@ class SpeedLimiter:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._snapshot = None
         self._reset_plan(None)  # a copy's param groups are new objects: rebuild the plan on first use
 
     def _current(self) -> Plan:
