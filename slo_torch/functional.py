@@ -4,6 +4,11 @@ Tensors are assigned to layers by an integer tensor ``layer_index`` (one entry p
 per-layer quantities stay on the device: norms come from ``torch._foreach_norm`` per
 (device, dtype) group, are combined per layer with ``index_add_`` and turned into coefficients with
 ``torch.where``; nothing here synchronises with the host.
+
+* grad mode: ``g <- c_l g`` with ``c_l = C_l / (||g_l||_F + eps)`` (:func:`slo_coefficients`,
+  :func:`scale_layers_`; :func:`slo_rescale_` does both for lists of layers);
+* update mode: ``p <- p_old + k_l (p_new - p_old)`` with ``k_l = lr C_l / (||p_new - p_old||_l + eps)``
+  (:func:`rescale_updates_`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None =
     (CPU kernels do not wait for the device), so copies to the CPU stay blocking.
     """
     return t.to(device=device, dtype=dtype, non_blocking=torch.device(device).type != "cpu")
+
+
+def tensor_list(tensors: Tensor | Iterable[Tensor]) -> list[Tensor]:
+    """``[tensors]`` for one tensor, else ``list(tensors)`` (as ``torch.optim`` reads a param group's ``params``)."""
+    return [tensors] if isinstance(tensors, Tensor) else list(tensors)
 
 
 def index_tensor(indices: Sequence[int], device: torch.device | str) -> Tensor:
@@ -202,7 +212,7 @@ def slo_rescale_(
     flat: list[Tensor] = []
     index: list[int] = []
     for i, layer in enumerate(layers):
-        members = [layer] if isinstance(layer, Tensor) else list(layer)
+        members = tensor_list(layer)
         flat.extend(members)
         index.extend([i] * len(members))
     if not flat:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .functional import tensor_list
 from .layers import SpeedSpec
 from .limiter import SpeedLimiter
 from .readouts import LimiterReadouts
@@ -209,8 +210,7 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer; its parameters must belong to ``model``."""
         group = dict(param_group)
-        params = group["params"]
-        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        group["params"] = tensor_list(group["params"])
         self._limiter.check_groups(list(self.param_groups) + [dict(self.defaults, **group)])
         self.base_optimizer.add_param_group(group)
         self._limiter.refresh()
