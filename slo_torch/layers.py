@@ -178,12 +178,32 @@ def resolve_layers(
         raise ValueError("model is required to resolve speeds by layer name; pass model=...")
     model = unwrap_model(model)
     owners = _named_owners(model, per_tensor)
+    by_layer, module_of = _params_by_layer(groups, owners)
+    order = {name: i for i, name in enumerate(dict.fromkeys(n for n, _ in owners.values()))}
+    names = sorted(by_layer, key=order.__getitem__)
+    if isinstance(speeds, Mapping):
+        known = dict(owners.values())
+        resolved = _match_dict(names, module_of, speeds, known)
+        return [Layer(n, tuple(by_layer[n]), resolved.get(n)) for n in names]
+    speeds = normalize_speeds(speeds)
+    if len(speeds) != len(names):
+        raise ValueError(f"speeds list has {len(speeds)} entries but there are {len(names)} layers: {names}")
+    return [
+        Layer(n, tuple(by_layer[n]), s) for n, s in zip(names, speeds)  # type: ignore[arg-type]
+    ]
+
+
+def _params_by_layer(
+    groups: list[Mapping[str, object]], owners: dict[int, tuple[str, str]]
+) -> tuple[dict[str, list[torch.Tensor]], dict[str, str]]:
+    """``{layer name: its tensors among the groups}`` and ``{layer name: module name}``; ``ValueError``
+    for a tensor that ``owners`` (:func:`_named_owners`) does not know."""
     by_layer: dict[str, list[torch.Tensor]] = {}
     module_of: dict[str, str] = {}
     seen: set[int] = set()
     missing = 0
     for group in groups:
-        for p in group["params"]:
+        for p in group["params"]:  # type: ignore[union-attr]
             if id(p) in seen:
                 continue
             seen.add(id(p))
@@ -198,18 +218,7 @@ def resolve_layers(
             f"{missing} optimized parameter(s) are not parameters of the given model; pass the model "
             "that owns every parameter of the optimizer (model=...)"
         )
-    order = {name: i for i, name in enumerate(dict.fromkeys(n for n, _ in owners.values()))}
-    names = sorted(by_layer, key=order.__getitem__)
-    if isinstance(speeds, Mapping):
-        known = dict(owners.values())
-        resolved = _match_dict(names, module_of, speeds, known)
-        return [Layer(n, tuple(by_layer[n]), resolved.get(n)) for n in names]
-    speeds = normalize_speeds(speeds)
-    if len(speeds) != len(names):
-        raise ValueError(f"speeds list has {len(speeds)} entries but there are {len(names)} layers: {names}")
-    return [
-        Layer(n, tuple(by_layer[n]), s) for n, s in zip(names, speeds)  # type: ignore[arg-type]
-    ]
+    return by_layer, module_of
 
 
 def _as_groups(
