@@ -11,12 +11,15 @@ from .layers import LayerAdapter, find_linear_layers, register_adapter
 from .monitor import LayerRecord, NFAMonitor, resolve_blocks
 from .nfa import (
     agop,
+    c_nfa,
     kernel_alignment,
     matrix_correlation,
     nfa_correlation,
     nfa_decomposition,
     nfm,
     psd_power,
+    relative_change,
+    uc_nfa,
 )
 from .ptk import layer_jacobians, ptk_covariance
 from .plots import plot_matrices, plot_nfa_curves, plot_scalar_curves
@@ -33,6 +36,9 @@ __all__ = [
     "psd_power",
     "matrix_correlation",
     "nfa_correlation",
+    "uc_nfa",
+    "c_nfa",
+    "relative_change",
     "kernel_alignment",
     "nfa_decomposition",
     "find_linear_layers",

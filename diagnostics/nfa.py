@@ -7,7 +7,10 @@ models or hooks.
 - ``rho(A, B)``: Pearson correlation of the flattened matrices (each matrix's mean entry removed,
   then cosine; the default, as in the authors' code) or plain cosine ``<A,B>_F / (|A|_F |B|_F)``.
 - UC-NFA ``rho(W^T W, (W^T K W)^s)``; C-NFA the same with ``dW = W - W_0``;
-  kernel alignment ``rho(W W^T, K)``.
+  kernel alignment ``rho(W W^T, K)``; relative change ``|dW|_F / |W|_F``.
+
+Each formula has one function here; :func:`nfa_summary` (what a monitor records per layer) forms the
+``d x d`` terms once and calls those functions on them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ __all__ = [
     "psd_power",
     "matrix_correlation",
     "nfa_correlation",
+    "uc_nfa",
+    "c_nfa",
+    "relative_change",
     "kernel_alignment",
     "nfa_decomposition",
     "nfa_summary",
@@ -39,9 +45,11 @@ def nfm(W: Tensor) -> Tensor:
     return W.t() @ W
 
 
-def agop(W: Tensor, K: Tensor) -> Tensor:
-    """Average gradient outer product w.r.t. the layer input, ``G = W^T K W`` (d x d)."""
-    return W.t() @ (K @ W)
+def agop(W: Tensor, K: Tensor, *, KW: Tensor | None = None) -> Tensor:
+    """Average gradient outer product w.r.t. the layer input, ``G = W^T K W`` (d x d).
+
+    ``KW``: the product ``K @ W`` when the caller has formed it already (it is not formed again)."""
+    return W.t() @ (K @ W if KW is None else KW)
 
 
 def psd_power(A: Tensor, power: float) -> Tensor:
@@ -91,9 +99,30 @@ def matrix_correlation(A: Tensor, B: Tensor, method: str = "pearson") -> Tensor:
     return torch.where(denom > 0, dot / denom, torch.full_like(denom, float("nan")))
 
 
+def nfm_agop_correlation(F: Tensor, G: Tensor, method: str = "pearson", power: float = 1.0) -> Tensor:
+    """``rho(F, G^power)`` of an NFM ``F`` and an AGOP ``G`` (the correlation of every NFA measure)."""
+    return matrix_correlation(F, psd_power(G, power), method)
+
+
 def nfa_correlation(W: Tensor, K: Tensor, method: str = "pearson", power: float = 1.0) -> Tensor:
     """NFA correlation ``rho(W^T W, (W^T K W)^power)`` (UC-NFA for ``W``, C-NFA for ``W - W_0``)."""
-    return matrix_correlation(nfm(W), psd_power(agop(W, K), power), method)
+    return nfm_agop_correlation(nfm(W), agop(W, K), method, power)
+
+
+def uc_nfa(W: Tensor, K: Tensor, method: str = "pearson", power: float = 1.0) -> Tensor:
+    """UC-NFA ``rho(W^T W, (W^T K W)^power)`` of the current weights ``W`` (0-dim tensor)."""
+    return nfa_correlation(W, K, method, power)
+
+
+def c_nfa(W: Tensor, W0: Tensor, K: Tensor, method: str = "pearson", power: float = 1.0) -> Tensor:
+    """C-NFA ``rho(dW^T dW, (dW^T K dW)^power)`` with ``dW = W - W0`` (0-dim tensor; NaN for ``dW = 0``)."""
+    return nfa_correlation(W - W0.to(W), K, method, power)
+
+
+def relative_change(W: Tensor, dW: Tensor) -> Tensor:
+    """Relative weight change ``|dW|_F / |W|_F`` with ``dW = W - W_0`` (0-dim tensor; NaN for ``W = 0``)."""
+    w_norm = W.norm()
+    return torch.where(w_norm > 0, dW.norm() / w_norm, torch.full_like(w_norm, float("nan")))
 
 
 def kernel_alignment(W: Tensor, K: Tensor, method: str = "pearson") -> Tensor:
@@ -116,7 +145,7 @@ def _decomposition_norms(W0: Tensor, D: Tensor, K: Tensor, KD: Tensor, centered:
     nfm_init = nfm(W0).norm()
     nfm_cross = _sym_norm(W0.t() @ D)
     agop_init = agop(W0, K).norm()
-    agop_cross = _sym_norm(W0.t() @ KD)
+    agop_cross = _sym_norm(W0.t() @ KD)  # W0^T K dW
     return torch.stack([nfm_init, nfm_cross, centered[0], agop_init, agop_cross, centered[1]])
 
 
@@ -130,7 +159,7 @@ def nfa_decomposition(W: Tensor, W0: Tensor, K: Tensor) -> dict[str, float]:
     W0 = W0.to(W)
     D = W - W0
     KD = K @ D
-    centered = torch.stack([nfm(D).norm(), (D.t() @ KD).norm()])
+    centered = torch.stack([nfm(D).norm(), agop(D, K, KW=KD).norm()])
     norms = _decomposition_norms(W0, D, K, KD, centered)
     return dict(zip(NORM_KEYS, norms.tolist()))
 
@@ -148,14 +177,14 @@ def nfa_summary(
     this allocates."""
     W0 = W0.to(W)
     F, G = nfm(W), agop(W, K)
-    uc = matrix_correlation(F, psd_power(G, power), method)
+    uc = nfm_agop_correlation(F, G, method, power)  # the UC-NFA
     if not keep_matrices:
         F = G = None
     alignment = kernel_alignment(W, K, method)
     D = W - W0
     KD = K @ D
-    FD, GD = nfm(D), D.t() @ KD  # = agop(D, K)
-    c = matrix_correlation(FD, psd_power(GD, power), method)
+    FD, GD = nfm(D), agop(D, K, KW=KD)
+    c = nfm_agop_correlation(FD, GD, method, power)  # the C-NFA
     centered = torch.stack([FD.norm(), GD.norm()])
     del FD, GD
     norms = _decomposition_norms(W0, D, K, KD, centered)
@@ -166,9 +195,8 @@ def summary_record(
     corrs: Tensor, W: Tensor, D: Tensor, norms: Tensor, F: Tensor | None, G: Tensor | None
 ) -> dict[str, Any]:
     """The record of :func:`nfa_summary` from ``corrs = [UC-NFA, C-NFA, kernel alignment]``, the six
-    ``NORM_KEYS`` norms and ``rel_change = ||D||_F / ||W||_F`` (NaN for ``W = 0``), with one host transfer."""
-    w_norm = W.norm()
-    rel_change = torch.where(w_norm > 0, D.norm() / w_norm, torch.full_like(w_norm, float("nan")))
+    ``NORM_KEYS`` norms and :func:`relative_change` ``||D||_F / ||W||_F``, with one host transfer."""
+    rel_change = relative_change(W, D)
     values = torch.cat([corrs, torch.stack([rel_change]).to(corrs), norms.to(corrs)]).tolist()
     return {
         "uc_nfa": values[0],

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .engine import Chunk
-from .nfa import _check_method, matrix_correlation, nfm, psd_power, summary_record
+from .nfa import _check_method, _sym_norm, nfm, nfm_agop_correlation, summary_record
 
 __all__ = ["model_output_layers", "identity_kernel_alignment", "output_layer_summary", "output_layer_memory", "ESTIMATOR"]
 
@@ -75,11 +75,11 @@ def output_layer_summary(
     F, FD = nfm(W), nfm(D)
     cross = W0.t() @ D
     corrs = torch.stack([
-        matrix_correlation(F, psd_power(F, power), method),
-        matrix_correlation(FD, psd_power(FD, power), method),
+        nfm_agop_correlation(F, F, method, power),  # AGOP = NFM
+        nfm_agop_correlation(FD, FD, method, power),
         identity_kernel_alignment(W, method).to(W.device),
     ])
-    init, cross_n, centred = nfm(W0).norm(), (cross + cross.t()).norm(), FD.norm()
+    init, cross_n, centred = nfm(W0).norm(), _sym_norm(cross), FD.norm()
     norms = torch.stack([init, cross_n, centred, init, cross_n, centred])
     kept = F if keep_matrices else None
     return summary_record(corrs, W, D, norms, kept, kept)

@@ -21,7 +21,7 @@ from .layers import find_linear_layers
 from .nfa import matrix_correlation, nfa_correlation
 from .ptk import _acc_dtype, ptk_sums, work_dtype
 
-__all__ = ["early_cnfa_prediction", "early_weight_change", "randomize_kernel", "egop", "feature_quality"]
+__all__ = ["early_cnfa_prediction", "randomize_kernel", "egop", "feature_quality"]
 
 
 def _outputs(model: nn.Module, X: Tensor, output_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
@@ -39,9 +39,9 @@ def early_weight_change(
     Y: Tensor,
     output_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(dW, K)`` at the current weights: ``dW = Σ_{α,c} r_{α,c} g_{α,c} x_α^T`` (``(k, d)``), the direction
+    """``(dW, K_sum)`` at the current weights: ``dW = Σ_{α,c} r_{α,c} g_{α,c} x_α^T`` (``(k, d)``), the direction
     of one full-batch GD step on ``½ Σ (y - f)^2``, with residuals ``r = Y - f(X)``, and the unnormalised
-    ``K = Σ_{α,c} g_{α,c} g_{α,c}^T`` (``(k, k)``), in eval mode.
+    ``K_sum = Σ_{α,c} g_{α,c} g_{α,c}^T = N K`` (``(k, k)``), in eval mode.
 
     ``Y`` has the shape of the (``output_fn``-mapped) model output ``(B, ...)``. The sum runs over the
     layer's rows ``α``: every token of a layer applied per token, and every call of a layer called several
@@ -73,7 +73,8 @@ def early_weight_change(
 
     for_each_chunk(model, LayerHooks(adapters), X, visit, output_fn=output_fn, keep_inputs=True)
     sums, _ = ptk_sums(model, LayerHooks(adapters), X, "exact", output_fn=output_fn)
-    return dW.to(dtype), sums[layer].to(dtype)
+    K_sum = sums[layer]
+    return dW.to(dtype), K_sum.to(dtype)
 
 
 def early_cnfa_prediction(
@@ -87,16 +88,17 @@ def early_cnfa_prediction(
     """Early-time C-NFA prediction (arXiv 2402.05271) for ``layer`` at the current weights ``W_0``, MSE loss:
 
     ``ρ(X^T R 𝒦 R X, X^T R 𝒦² R X) = ρ(dW^T dW, dW^T K dW)`` with ``dW = Σ_{α,c} r_{α,c} g_{α,c} x_α^T``,
-    ``r = Y - f(X)``, ``K = Σ_{α,c} g_{α,c} g_{α,c}^T`` (no ``nC x nC`` Gram is formed). It is the limit of the
-    C-NFA measured after one full-batch GD step as the step size goes to zero. Returns a 0-dim tensor.
+    ``r = Y - f(X)``, ``K = (1/N) Σ_{α,c} g_{α,c} g_{α,c}^T`` (no ``nC x nC`` Gram is formed; ``ρ`` does not
+    depend on the scale of ``K``, so the unnormalised ``N K`` is used). It is the limit of the C-NFA measured
+    after one full-batch GD step as the step size goes to zero. Returns a 0-dim tensor.
     """
-    dW, K = early_weight_change(model, layer, X, Y, output_fn)
+    dW, K_sum = early_weight_change(model, layer, X, Y, output_fn)
     if not torch.any(dW != 0):
         raise ValueError(
             f"early_cnfa_prediction: the gradient direction of layer {layer!r} is zero (zero residuals or "
             "dead layer); the prediction is undefined"
         )
-    return nfa_correlation(dW, K, method=method)
+    return nfa_correlation(dW, K_sum, method=method)
 
 
 def randomize_kernel(K: Tensor, generator: torch.Generator | None = None) -> Tensor:

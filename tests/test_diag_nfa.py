@@ -11,12 +11,15 @@ from hypothesis import strategies as st
 
 from diagnostics import (
     agop,
+    c_nfa,
     kernel_alignment,
     matrix_correlation,
     nfa_correlation,
     nfa_decomposition,
     nfm,
     psd_power,
+    relative_change,
+    uc_nfa,
 )
 
 matrices = st.integers(0, 2**31 - 1).map(
@@ -95,3 +98,16 @@ def test_decomposition_terms_sum_up() -> None:
     assert math.isclose(norms["nfm_cross"], float((nfm(W) - nfm(W0) - nfm(D)).norm()))
     assert math.isclose(norms["agop_cross"], float((agop(W, K) - agop(W0, K) - agop(D, K)).norm()))
     assert math.isclose(norms["agop_centered"], float(agop(D, K).norm()))
+
+
+@pytest.mark.parametrize("method", ["pearson", "cosine"])
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_uc_and_c_nfa_are_the_nfa_correlation_of_w_and_dw(method: str, power: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    W0, D, A = (torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    W, K = W0 + 0.1 * D, A @ A.T / 4
+    assert torch.equal(uc_nfa(W, K, method, power), nfa_correlation(W, K, method, power))
+    assert torch.equal(c_nfa(W, W0, K, method, power), nfa_correlation(W - W0, K, method, power))
+    assert torch.isnan(c_nfa(W, W.clone(), K, method, power))
+    assert math.isclose(float(relative_change(W, W - W0)), float((W - W0).norm() / W.norm()), rel_tol=1e-15)
+    assert torch.isnan(relative_change(torch.zeros_like(W), D))
