@@ -21,7 +21,8 @@ from .engine import LayerHooks, OutputFn
 from .layers import DEFAULT_MAX_K, LayerAdapter, find_linear_layers
 from .nfa import CORRELATIONS, nfa_summary
 from .output_layer import ESTIMATOR as ANALYTIC, output_layer_memory, output_layer_summary
-from .ptk import check_estimator, check_memory, covariance_from_sums, ptk_sums_all_ranks, work_dtype
+from .ptk import check_memory, covariance_from_sums, ptk_sums_all_ranks, work_dtype
+from .settings import EstimatorSettings
 
 __all__ = ["NFAMonitor", "LayerRecord", "resolve_blocks"]
 
@@ -254,7 +255,8 @@ class NFAMonitor:
         appended to ``history``. ``step`` defaults to the number of earlier ``measure()`` calls. See
         :func:`diagnostics.ptk_covariance` for the estimators, the sketch seed, ``allow_unused`` and
         padding: with the probe's ``attention_mask`` (or ``sample_mask=``) only real tokens are samples."""
-        check_estimator(estimator, m)
+        settings = EstimatorSettings(estimator, m, generator, sketch, output_fn, chunk_size, allow_unused, sample_mask)
+        settings.check()
         if self._closed:
             raise RuntimeError("this NFAMonitor was detached; create a new one to measure again")
         if step is None:
@@ -262,8 +264,8 @@ class NFAMonitor:
         self.last_K = {}  # the previous K are not kept alive while the new ones are summed
         check_lockstep(self.model, probe_inputs, self.process_group)
         sums, counts = ptk_sums_all_ranks(
-            self.model, self._hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch,
-            self.process_group, allow_unused, sample_mask, analytic_outputs=True, max_k=self.max_k,
+            self.model, self._hooks, probe_inputs, settings, process_group=self.process_group,
+            analytic_outputs=True, max_k=self.max_k,
         )
         records: dict[str, LayerRecord] = {}
         for name, adapter in self.adapters.items():

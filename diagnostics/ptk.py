@@ -35,6 +35,7 @@ from .engine import (
 from .layers import DEFAULT_MAX_K, LayerAdapter, check_layer_sizes, find_linear_layers, format_bytes
 from .nfa import summary_memory
 from .output_layer import model_output_layers
+from .settings import ESTIMATORS, EstimatorSettings, check_estimator, legacy_settings
 
 __all__ = [
     "ptk_covariance",
@@ -42,6 +43,7 @@ __all__ = [
     "ptk_sums_all_ranks",
     "layer_jacobians",
     "ESTIMATORS",
+    "EstimatorSettings",
     "check_estimator",
     "work_dtype",
     "covariance_from_sums",
@@ -50,19 +52,10 @@ __all__ = [
     "DEFAULT_SKETCH_SEED",
 ]
 
-ESTIMATORS = ("exact", "sketch")
 #: Entries of a k x k block Gram added to the float64 running sum at a time.
 ADD_BLOCK = 1 << 20
 #: Seed of the sketch projections when no generator is given (the same call gives the same ``K``).
 DEFAULT_SKETCH_SEED = 0
-
-
-def check_estimator(estimator: str, m: int) -> None:
-    """Validate ``estimator`` and ``m`` with messages that say what to pass instead."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; use 'exact' or 'sketch' (with m=...)")
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m (number of sketch projections) must be an int >= 1, got {m!r}")
 
 
 def work_dtype(adapter: LayerAdapter) -> torch.dtype:
@@ -212,38 +205,40 @@ def _zero_sum(adapter: LayerAdapter) -> Tensor:
     return torch.zeros(adapter.k, adapter.k, dtype=_acc_dtype(device), device=device)
 
 
+#: The positional options of the former signatures of :func:`ptk_sums` and :func:`ptk_sums_all_ranks`.
+_SUMS_ORDER = ("estimator", "m", "generator", "output_fn", "chunk_size", "sketch", "allow_unused", "sample_mask")
+_ALL_RANKS_ORDER = (*_SUMS_ORDER[:6], "process_group", *_SUMS_ORDER[6:])
+
+
 def ptk_sums(
     model: nn.Module,
     hooks: LayerHooks,
     probe_inputs: Any,
-    estimator: str = "exact",
-    m: int = 8,
-    generator: torch.Generator | int | None = None,
-    output_fn: OutputFn | None = None,
-    chunk_size: int | None = None,
-    sketch: str = "rademacher",
-    allow_unused: bool = False,
-    sample_mask: SampleMask = None,
-    *,
+    settings: EstimatorSettings | None = None,
+    *legacy_args: Any,
     analytic_outputs: bool = False,
     max_k: int | None = None,
+    **legacy_options: Any,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """Unnormalised ``K_unnorm`` per layer (float64 running sums; float32 on MPS) and the number of
-    rows ``N`` per layer (real tokens only under a sample mask), on this process's probe.
+    rows ``N`` per layer (real tokens only under a sample mask), on this process's probe, with the
+    options of ``settings`` (default ``EstimatorSettings()``; passing them one by one is deprecated).
 
     With ``analytic_outputs=True`` a layer whose output is the model output ``f`` itself (see
     :mod:`diagnostics.output_layer`) gets no sum (``K = I`` exactly; only its rows are counted) and
     takes no part in the VJPs; the sums are allocated after the first forward pass, once those layers
     are known, and the other layers are then checked against ``max_k``. Layers missing from the
     returned sums but present in the counts are those; with no sample at all, the sums are empty."""
-    check_estimator(estimator, m)
+    settings, _ = legacy_settings("ptk_sums", settings, legacy_args, legacy_options, _SUMS_ORDER)
+    settings.check()
+    estimator, m = settings.estimator, settings.m
     adapters = hooks.adapters
-    generator = _as_generator(generator, next(iter(adapters.values())).weight_matrix().device)
+    generator = _as_generator(settings.generator, next(iter(adapters.values())).weight_matrix().device)
     counts: dict[str, Any] = {name: 0 for name in adapters}  # ints, or 0-dim tensors under a mask (one sync)
     sums: dict[str, Tensor] = {}
     bufs: dict[str, Tensor] = {}
     analytic: set[str] | None = None
-    plan = VJPPlan(allow_unused=allow_unused)
+    plan = VJPPlan(allow_unused=settings.allow_unused)
 
     def visit(chunk: Chunk) -> None:
         nonlocal analytic
@@ -283,7 +278,7 @@ def ptk_sums(
                 v = basis_cotangents(chunk.f, start, stop)
                 scale = 1.0
             else:
-                v = random_cotangents(chunk.f, stop - start, generator, sketch)
+                v = random_cotangents(chunk.f, stop - start, generator, settings.sketch)
                 scale = 1.0 / m
             v = chunk.mask_cotangents(v)
             for grads in vjp(chunk.f, targets, v, plan):
@@ -291,7 +286,8 @@ def ptk_sums(
                     _add_gram(sums[name], bufs[name], adapters[name], g, scale, rows)
 
     for_each_chunk(
-        model, hooks, probe_inputs, visit, output_fn=output_fn, chunk_size=chunk_size, sample_mask=sample_mask
+        model, hooks, probe_inputs, visit, output_fn=settings.output_fn, chunk_size=settings.chunk_size,
+        sample_mask=settings.sample_mask,
     )
     return sums, {name: int(c) for name, c in counts.items()}
 
@@ -300,28 +296,23 @@ def ptk_sums_all_ranks(
     model: nn.Module,
     hooks: LayerHooks,
     probe_inputs: Any,
-    estimator: str = "exact",
-    m: int = 8,
-    generator: torch.Generator | int | None = None,
-    output_fn: OutputFn | None = None,
-    chunk_size: int | None = None,
-    sketch: str = "rademacher",
+    settings: EstimatorSettings | None = None,
+    *legacy_args: Any,
     process_group: Any = None,
-    allow_unused: bool = False,
-    sample_mask: SampleMask = None,
-    *,
     analytic_outputs: bool = False,
     max_k: int | None = None,
+    **legacy_options: Any,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """:func:`ptk_sums` on this rank's shard, summed over the ranks of ``process_group``.
 
     If this rank's measurement raises, it still joins the collective (flagging the failure, so the
     other ranks raise instead of waiting) and then re-raises its own error. Raises ``ValueError``
     when no rank had a sample."""
+    settings, rest = legacy_settings("ptk_sums_all_ranks", settings, legacy_args, legacy_options, _ALL_RANKS_ORDER)
+    process_group = rest.get("process_group", process_group)
     try:
         sums, counts = ptk_sums(
-            model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch, allow_unused,
-            sample_mask, analytic_outputs=analytic_outputs, max_k=max_k,
+            model, hooks, probe_inputs, settings, analytic_outputs=analytic_outputs, max_k=max_k
         )
     except Exception:
         if distributed.is_distributed(process_group):
@@ -375,11 +366,8 @@ def ptk_covariance(
     check_memory(
         adapters, max_k, max_memory, summary=False, world_size=distributed.world_size(process_group)
     )
-    hooks = LayerHooks(adapters)
-    sums, counts = ptk_sums_all_ranks(
-        model, hooks, probe_inputs, estimator, m, generator, output_fn, chunk_size, sketch, process_group,
-        allow_unused, sample_mask,
-    )
+    settings = EstimatorSettings(estimator, m, generator, sketch, output_fn, chunk_size, allow_unused, sample_mask)
+    sums, counts = ptk_sums_all_ranks(model, LayerHooks(adapters), probe_inputs, settings, process_group=process_group)
     return {n: covariance_from_sums(sums, counts, n, adapters[n]) for n in list(sums)}
 
 

@@ -20,6 +20,7 @@ from .engine import Chunk, LayerHooks, VJPPlan, default_output, eval_mode, for_e
 from .layers import find_linear_layers
 from .nfa import matrix_correlation, nfa_correlation
 from .ptk import _acc_dtype, ptk_sums, work_dtype
+from .settings import EstimatorSettings
 
 __all__ = ["early_cnfa_prediction", "randomize_kernel", "egop", "feature_quality"]
 
@@ -72,7 +73,7 @@ def early_weight_change(
                 dW.add_(rows_g.t() @ adapter.in_rows(x).to(dW.dtype))
 
     for_each_chunk(model, LayerHooks(adapters), X, visit, output_fn=output_fn, keep_inputs=True)
-    sums, _ = ptk_sums(model, LayerHooks(adapters), X, "exact", output_fn=output_fn)
+    sums, _ = ptk_sums(model, LayerHooks(adapters), X, EstimatorSettings("exact", output_fn=output_fn))
     K_sum = sums[layer]
     return dW.to(dtype), K_sum.to(dtype)
 
