@@ -6,7 +6,7 @@ Per linear layer ``h = W x (+ b)``: the PTK feature covariance ``K`` (exact or s
 
 from .attention import AttentionProjectionAdapter
 from .engine import LayerHooks
-from .io import Snapshot, load_snapshot
+from .io import Snapshot, load_snapshot, write_snapshot
 from .layers import LayerAdapter, find_linear_layers, register_adapter
 from .monitor import LayerRecord, NFAMonitor, resolve_blocks
 from .nfa import (
@@ -47,6 +47,7 @@ __all__ = [
     "register_adapter",
     "LayerHooks",
     "load_snapshot",
+    "write_snapshot",
     "Snapshot",
     "early_cnfa_prediction",
     "randomize_kernel",

@@ -1,4 +1,4 @@
-"""Saving and loading monitor snapshots as safetensors (no pickle).
+"""Saving and loading snapshots (:class:`Snapshot`, plain data) as safetensors (no pickle).
 
 Layout: tensors ``"<kind>/<layer>"`` with kind in ``K``, ``W``, ``W0``, ``nfm``, ``agop`` (weights in
 ``(k, d)`` layout; a block ``"<layer>[<label>]"`` of a monitor's ``blocks`` has its own rows of ``W`` and
@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -23,19 +24,17 @@ from torch import Tensor
 
 from .files import atomic_write
 from .nfa import NORM_KEYS
-from .sharded import full_weight
+from .records import LayerRecord
 
-if TYPE_CHECKING:
-    from .monitor import LayerRecord, NFAMonitor
-
-__all__ = ["Snapshot", "save_snapshot", "load_snapshot"]
+__all__ = ["Snapshot", "write_snapshot", "save_snapshot", "load_snapshot"]
 
 FORMAT = "nfa-snapshot/1"
 
 
 @dataclass
 class Snapshot:
-    """A loaded snapshot: metadata, ``matrices[layer][kind]`` and the records."""
+    """A snapshot as plain data: metadata, ``matrices[layer][kind]`` (``layer`` in ``layers`` order) and the
+    record ``rows`` of every measurement (what :func:`write_snapshot` writes and :func:`load_snapshot` reads)."""
 
     step: int | None
     layers: list[str]
@@ -47,10 +46,8 @@ class Snapshot:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
-    def records(self) -> dict[str, "LayerRecord"]:
+    def records(self) -> dict[str, LayerRecord]:
         """The records of the saved step as :class:`LayerRecord` objects (with ``K``/``nfm``/``agop``)."""
-        from .monitor import LayerRecord
-
         out = {}
         for row in self.rows:
             if row["step"] != self.step:
@@ -67,43 +64,36 @@ class Snapshot:
         return out
 
 
-def save_snapshot(monitor: "NFAMonitor", path: str | os.PathLike, write: bool = True) -> None:
-    """Write ``monitor``'s latest measurement and its whole history of records to ``path``.
-
-    Sharded (``DTensor``) weights are gathered one layer at a time; ``write=False`` only takes part
-    in those gathers (the other ranks of an FSDP2 model)."""
-    tensors: dict[str, Tensor] = {}
-    latest = monitor.history[-1] if monitor.history else {}
-    names = []
-    for layer, adapter in monitor.adapters.items():
-        # sharded (FSDP2) weights: gathered one layer at a time, on every rank
-        W, W0 = full_weight(adapter.weight_matrix().detach()), full_weight(monitor.W0[layer])
-        if not write:
-            continue
-        for name, rows in [(layer, slice(None)), *monitor.blocks.get(layer, [])]:  # the layer, then its blocks
-            names.append(name)
-            mats = {"W": W[rows], "W0": W0[rows]}
-            if name in monitor.last_K:
-                mats["K"] = monitor.last_K[name]
-            rec = latest.get(name)
-            if rec is not None and rec.nfm is not None:
-                mats["nfm"], mats["agop"] = rec.nfm, rec.agop
-            for kind, t in mats.items():
-                tensors[f"{kind}/{name}"] = t.detach().cpu().contiguous().clone()
-    if not write:
-        return
-    first = next(iter(latest.values()), None)
+def write_snapshot(path: str | os.PathLike, snapshot: Snapshot) -> None:
+    """Write ``snapshot`` to ``path`` (safetensors + JSON metadata), atomically."""
+    tensors = {
+        f"{kind}/{layer}": t.detach().cpu().contiguous()
+        for layer in snapshot.layers
+        for kind, t in snapshot.matrices.get(layer, {}).items()
+    }
     metadata = {
         "format": FORMAT,
-        "step": json.dumps(first.step if first else None),
-        "layers": json.dumps(names),
-        "estimator": json.dumps(first.estimator if first else None),
-        "m": json.dumps(first.m if first else None),
-        "correlation": monitor.correlation,
-        "agop_power": json.dumps(monitor.agop_power),
-        "records": json.dumps(monitor.to_rows()),
+        "step": json.dumps(snapshot.step),
+        "layers": json.dumps(snapshot.layers),
+        "estimator": json.dumps(snapshot.estimator),
+        "m": json.dumps(snapshot.m),
+        "correlation": snapshot.correlation,
+        "agop_power": json.dumps(snapshot.agop_power),
+        "records": json.dumps(snapshot.rows),
     }
     atomic_write(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata))
+
+
+def save_snapshot(monitor: Any, path: str | os.PathLike, write: bool = True) -> None:
+    """Deprecated: use ``monitor.save(path)``, or ``write_snapshot(path, monitor.snapshot())``."""
+    warnings.warn(
+        "save_snapshot(monitor, path) is deprecated; use monitor.save(path) or write_snapshot(path, monitor.snapshot())",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    snapshot = monitor.snapshot()  # every rank takes part in the gathers of sharded weights
+    if write:
+        write_snapshot(path, snapshot)
 
 
 def load_snapshot(path: str | os.PathLike) -> Snapshot:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +19,8 @@ from .sharded import check_lockstep, check_supported, full_weight, is_sharded
 from .engine import LayerHooks, OutputFn
 from .layers import DEFAULT_MAX_K, LayerAdapter, find_linear_layers
 from .nfa import CORRELATIONS, nfa_summary
+from .io import Snapshot, write_snapshot
+from .records import LayerRecord
 from .output_layer import ESTIMATOR as ANALYTIC, output_layer_memory, output_layer_summary
 from .ptk import check_memory, covariance_from_sums, ptk_sums_all_ranks, work_dtype
 from .settings import EstimatorSettings
@@ -29,49 +30,6 @@ __all__ = ["NFAMonitor", "LayerRecord", "resolve_blocks"]
 #: How a layer's output rows split into blocks: ``n`` equal blocks ``"0"``..``"n-1"``, a list of labels
 #: (equal blocks), or ``{label: rows}`` (consecutive blocks of the given sizes).
 BlockSpec = Union[int, Sequence[str], Mapping[str, int]]
-
-
-@dataclass
-class LayerRecord:
-    """One layer's measurement. ``K``, ``nfm``, ``agop`` are set only with ``keep_matrices=True``.
-
-    ``estimator="analytic"`` marks a layer whose output is the model output: its ``K`` is exactly the
-    identity (see :mod:`diagnostics.output_layer`); it is returned (and saved) as ``torch.eye(k)``
-    only when ``k <= max_k``, else ``K`` is ``None``."""
-
-    layer: str
-    step: int
-    uc_nfa: float
-    c_nfa: float
-    rel_change: float
-    kernel_alignment: float
-    estimator: str
-    m: int | None
-    n_samples: int
-    correlation: str = "pearson"
-    agop_power: float = 1.0
-    norms: dict[str, float] = field(default_factory=dict)
-    K: Tensor | None = None
-    nfm: Tensor | None = None
-    agop: Tensor | None = None
-
-    def to_row(self) -> dict[str, Any]:
-        """Flat dict of the scalar fields (decomposition norms as ``nfm_init`` ... keys)."""
-        row = {
-            "step": self.step,
-            "layer": self.layer,
-            "uc_nfa": self.uc_nfa,
-            "c_nfa": self.c_nfa,
-            "rel_change": self.rel_change,
-            "kernel_alignment": self.kernel_alignment,
-            "estimator": self.estimator,
-            "m": self.m,
-            "n_samples": self.n_samples,
-            "correlation": self.correlation,
-            "agop_power": self.agop_power,
-        }
-        row.update(self.norms)
-        return row
 
 
 def _block_sizes(name: str, k: int, spec: BlockSpec) -> list[tuple[str, int]]:
@@ -316,17 +274,48 @@ class NFAMonitor:
         """Flat dicts, one per (measurement, layer), for CSV/JSON/loggers."""
         return [rec.to_row() for records in self.history for rec in records.values()]
 
-    def save(self, path: str) -> None:
-        """Write the latest measurement (``K``, ``W``, ``W_0`` per layer and the kept NFM/AGOP) and
-        all records to one safetensors file, atomically. Only rank 0 writes under ``torch.distributed``;
-        with FSDP-sharded weights every rank must call it (the weights are gathered layer by layer)."""
-        from .io import save_snapshot
+    def snapshot(self) -> Snapshot:
+        """The latest measurement (``K``, ``W``, ``W_0`` per layer and block, and the kept NFM/AGOP) and all
+        records as a :class:`~diagnostics.io.Snapshot` on the CPU. With FSDP-sharded weights it gathers
+        them one layer at a time: every rank must call it."""
+        latest = self.history[-1] if self.history else {}
+        matrices: dict[str, dict[str, Tensor]] = {}
+        for layer, W, W0 in self._full_weights():
+            for name, rows in [(layer, slice(None)), *self.blocks.get(layer, [])]:  # the layer, then its blocks
+                mats = {"W": W[rows], "W0": W0[rows]}
+                if name in self.last_K:
+                    mats["K"] = self.last_K[name]
+                rec = latest.get(name)
+                if rec is not None and rec.nfm is not None:
+                    mats["nfm"], mats["agop"] = rec.nfm, rec.agop
+                matrices[name] = {kind: t.detach().cpu().contiguous().clone() for kind, t in mats.items()}
+        first = next(iter(latest.values()), None)
+        return Snapshot(
+            step=first.step if first else None,
+            layers=list(matrices),
+            estimator=first.estimator if first else None,
+            m=first.m if first else None,
+            correlation=self.correlation,
+            agop_power=self.agop_power,
+            matrices=matrices,
+            rows=self.to_rows(),
+        )
 
+    def _full_weights(self) -> Iterator[tuple[str, Tensor, Tensor]]:
+        """``(layer, W, W_0)`` in full, one layer at a time (FSDP2: a gather on every rank)."""
+        for layer, adapter in self.adapters.items():
+            yield layer, full_weight(adapter.weight_matrix().detach()), full_weight(self.W0[layer])
+
+    def save(self, path: str) -> None:
+        """Write :meth:`snapshot` to one safetensors file, atomically (see :func:`diagnostics.load_snapshot`).
+        Only rank 0 writes under ``torch.distributed``; with FSDP-sharded weights every rank must call it
+        (the weights are gathered layer by layer)."""
         main = distributed.is_main_process(self.process_group)
-        if is_sharded(self.model) and distributed.is_distributed(self.process_group):
-            save_snapshot(self, path, write=main)
-        elif main:
-            save_snapshot(self, path)
+        if main:
+            write_snapshot(path, self.snapshot())
+        elif is_sharded(self.model) and distributed.is_distributed(self.process_group):
+            for _ in self._full_weights():  # take part in rank 0's gathers
+                pass
 
     def detach(self) -> None:
         """Close the monitor (no hook is left on the model; it is exactly as before)."""

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from diagnostics import LayerRecord, NFAMonitor, load_snapshot, nfa_correlation, ptk_covariance
+from diagnostics import LayerRecord, NFAMonitor, load_snapshot, nfa_correlation, ptk_covariance, write_snapshot
+from diagnostics.io import save_snapshot
 
 
 def net() -> nn.Sequential:
@@ -147,6 +148,25 @@ def test_save_load_round_trip(tmp_path) -> None:
     save_file({"a": torch.zeros(1)}, str(bad))
     with pytest.raises(ValueError, match="not an NFA snapshot"):
         load_snapshot(bad)
+
+
+def test_snapshot_is_plain_data_written_as_saved(tmp_path) -> None:
+    model = net()
+    mon = NFAMonitor(model, blocks={"3": 2})
+    mon.measure(x_probe(), keep_matrices=True)
+    snap = mon.snapshot()
+    assert snap.layers == ["0", "3", "3[0]", "3[1]", "5"]
+    write_snapshot(tmp_path / "a.safetensors", snap)
+    mon.save(tmp_path / "b.safetensors")
+    a, b = load_snapshot(tmp_path / "a.safetensors"), load_snapshot(tmp_path / "b.safetensors")
+    assert (a.step, a.layers, a.estimator, a.m) == (b.step, b.layers, b.estimator, b.m)
+    assert json.dumps(a.rows) == json.dumps(b.rows) == json.dumps(snap.rows)  # NaN-safe
+    for layer, mats in snap.matrices.items():
+        assert mats.keys() == a.matrices[layer].keys() == b.matrices[layer].keys()
+        assert all(torch.equal(t, a.matrices[layer][kind]) for kind, t in mats.items())
+    with pytest.warns(DeprecationWarning, match="save_snapshot"):
+        save_snapshot(mon, tmp_path / "c.safetensors")
+    assert json.dumps(load_snapshot(tmp_path / "c.safetensors").rows) == json.dumps(b.rows)
 
 
 def test_bad_inputs() -> None:
