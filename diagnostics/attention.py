@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .common import check_choice
 from .layers import LayerAdapter, Recorder, register_adapter
 
 __all__ = ["AttentionProjectionAdapter", "attention_forward", "ROLES"]
@@ -53,11 +54,8 @@ class AttentionProjectionAdapter(LayerAdapter):
     row block of ``in_proj_weight`` (``(E, E)``), ``q_proj_weight`` / ``k_proj_weight`` (``(E, kdim)``) /
     ``v_proj_weight`` (``(E, vdim)``), or ``out_proj.weight``."""
 
-    kind = "attention"
-
     def __init__(self, module_name: str, module: nn.MultiheadAttention, role: str) -> None:
-        if role not in ROLES:
-            raise ValueError(f"unknown attention projection {role!r}; use one of {ROLES}")
+        check_choice("attention projection", role, ROLES)
         super().__init__(f"{module_name}.{role}" if module_name else role, module, module_name)
         self.role = role
 

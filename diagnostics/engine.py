@@ -21,6 +21,7 @@ afterwards, so measuring never changes the run it observes.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections import OrderedDict
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .common import check_choice
 from .layers import LayerAdapter
 
 __all__ = [
@@ -176,16 +178,23 @@ class LayerHooks:
 # ----------------------------------------------------------------------------- probe handling
 
 
-def _tensors(inputs: Any) -> list[Tensor]:
+def _entries(inputs: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+    """The top-level entries of a probe (a tensor, a dict of keyword arguments or a tuple/list of positional
+    ones) and a function that rebuilds a probe of the same kind from new entries (a dict for any mapping)."""
     if isinstance(inputs, Tensor):
-        return [inputs]
+        return [inputs], lambda values: values[0]
     if isinstance(inputs, Mapping):
-        return [v for v in inputs.values() if isinstance(v, Tensor)]
+        keys = list(inputs)
+        return [inputs[k] for k in keys], lambda values: dict(zip(keys, values))
     if isinstance(inputs, (tuple, list)):
-        return [v for v in inputs if isinstance(v, Tensor)]
+        return list(inputs), lambda values: type(inputs)(values)
     raise TypeError(
         f"probe inputs must be a tensor, a tuple of tensors or a dict of tensors, got {type(inputs).__name__}"
     )
+
+
+def _tensors(inputs: Any) -> list[Tensor]:
+    return [v for v in _entries(inputs)[0] if isinstance(v, Tensor)]
 
 
 def probe_batch_size(inputs: Any) -> int:
@@ -197,11 +206,9 @@ def probe_batch_size(inputs: Any) -> int:
 
 
 def _map(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(inputs, Tensor):
-        return fn(inputs)
-    if isinstance(inputs, Mapping):
-        return {k: fn(v) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-    return type(inputs)(fn(v) if isinstance(v, Tensor) else v for v in inputs)
+    """The probe with ``fn`` applied to each of its tensors."""
+    values, rebuild = _entries(inputs)
+    return rebuild([fn(v) if isinstance(v, Tensor) else v for v in values])
 
 
 def split_probe(inputs: Any, start: int, stop: int) -> Any:
@@ -211,15 +218,14 @@ def split_probe(inputs: Any, start: int, stop: int) -> Any:
 
 
 def describe_probe(inputs: Any) -> str:
+    """The shapes of the probe's tensors (the type names of its other entries), for error messages."""
+    values, _ = _entries(inputs)
+    shown = [str(tuple(v.shape)) if isinstance(v, Tensor) else type(v).__name__ for v in values]
     if isinstance(inputs, Tensor):
-        return f"tensor {tuple(inputs.shape)}"
+        return f"tensor {shown[0]}"
     if isinstance(inputs, Mapping):
-        return "{" + ", ".join(
-            f"{k}: {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}" for k, v in inputs.items()
-        ) + "}"
-    return "(" + ", ".join(
-        str(tuple(v.shape)) if isinstance(v, Tensor) else type(v).__name__ for v in inputs
-    ) + ")"
+        return "{" + ", ".join(f"{k}: {v}" for k, v in zip(inputs, shown)) + "}"
+    return "(" + ", ".join(shown) + ")"
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -301,13 +307,18 @@ class Chunk:
     (B, T) marks the real tokens (``None``: every row is a sample)."""
 
     f: Tensor
-    n: int
     outputs: dict[str, list[Tensor]]
     inputs: dict[str, list[Tensor]] = field(default_factory=dict)
     mask: Tensor | None = None
     start: int = 0  # index of the chunk's first sample in the probe
     #: per layer and call: (weak reference to the tensor the layer handed on, its version then)
     returned: dict[str, list[tuple[weakref.ref, int]]] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        """Deprecated: the number of samples, ``f.shape[0]``."""
+        warnings.warn("Chunk.n is deprecated; use chunk.f.shape[0]", DeprecationWarning, stacklevel=2)
+        return self.f.shape[0]
 
     @property
     def num_outputs(self) -> int:
@@ -445,7 +456,7 @@ def for_each_chunk(
                 part_mask = None if mask is None else mask[start : start + n].to(f.device)
                 if adaptive:
                     chunk_size = chunk_samples(f, hooks.outputs, n)
-                fn(Chunk(f, n, dict(hooks.outputs), dict(hooks.inputs), mask=part_mask, start=start,
+                fn(Chunk(f, dict(hooks.outputs), dict(hooks.inputs), mask=part_mask, start=start,
                          returned=dict(hooks.returned)))
                 del out, f
 
@@ -551,20 +562,23 @@ def basis_cotangents(f: Tensor, start: int, stop: int) -> Tensor:
     return v.view(stop - start, *f.shape)
 
 
+#: Distributions of the sketch vectors.
+SKETCHES = ("rademacher", "gaussian")
+
+
 def random_cotangents(
     f: Tensor, count: int, generator: torch.Generator | None, dist: str = "rademacher"
 ) -> Tensor:
     """``count`` random vectors with the full shape of ``f`` and ``E[v v^T] = I`` (i.i.d. entries,
     Gaussian or Rademacher): shape ``(count, *f.shape)``."""
+    check_choice("sketch distribution", dist, SKETCHES)
     shape = (count, *f.shape)
     device = generator.device if generator is not None else f.device
     if dist == "gaussian":
         v = torch.randn(shape, generator=generator, device=device, dtype=f.dtype)
-    elif dist == "rademacher":  # 8 signs per random byte: ~3x faster than randint(0, 2) per entry
+    else:  # rademacher  # 8 signs per random byte: ~3x faster than randint(0, 2) per entry
         numel = math.prod(shape)
         octets = torch.randint(0, 256, ((numel + 7) // 8,), generator=generator, device=device, dtype=torch.uint8)
         bits = (octets.unsqueeze(-1) >> torch.arange(8, device=device, dtype=torch.uint8)) & 1
         v = bits.reshape(-1)[:numel].to(f.dtype).mul_(2).sub_(1).view(shape)
-    else:
-        raise ValueError(f"unknown sketch distribution {dist!r}; use 'rademacher' or 'gaussian'")
     return v.to(f.device)

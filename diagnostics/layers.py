@@ -24,6 +24,7 @@ the engine never branches on layer types.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Protocol, Sequence
 
@@ -33,7 +34,6 @@ from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "LayerAdapter",
-    "LinearAdapter",
     "Conv1DAdapter",
     "Conv2dAdapter",
     "Recorder",
@@ -69,9 +69,8 @@ class LayerAdapter:
     """Read one module as a linear map ``h = W x (+ b)`` with ``W`` of shape ``(k, d)``.
 
     ``module_name`` is the name of the module that computes the layer (``name`` itself, except for
-    layers inside a module such as the projections of ``nn.MultiheadAttention``)."""
-
-    kind = "linear"
+    layers inside a module such as the projections of ``nn.MultiheadAttention``). The base class reads
+    ``nn.Linear``: ``W = weight`` (``(out, in)``)."""
 
     def __init__(self, name: str, module: nn.Module, module_name: str | None = None) -> None:
         self.name = name
@@ -126,15 +125,15 @@ class LayerAdapter:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, k={self.k}, d={self.d})"
 
-
-class LinearAdapter(LayerAdapter):
-    """``nn.Linear``: ``W = weight`` (``(out, in)``)."""
+    @property
+    def kind(self) -> str:
+        """Deprecated: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"attention"``; test the adapter's class instead."""
+        warnings.warn("LayerAdapter.kind is deprecated; use isinstance(adapter, ...)", DeprecationWarning, stacklevel=2)
+        return next((_KINDS[c.__name__] for c in type(self).__mro__ if c.__name__ in _KINDS), "linear")
 
 
 class Conv1DAdapter(LayerAdapter):
     """GPT-2 style ``Conv1D``: ``weight`` is ``(in, out)``, so ``W = weight^T``."""
-
-    kind = "conv1d"
 
     def weight_matrix(self) -> Tensor:
         return self.module.weight.t()
@@ -142,8 +141,6 @@ class Conv1DAdapter(LayerAdapter):
 
 class Conv2dAdapter(LayerAdapter):
     """``nn.Conv2d`` as a linear map on unfolded patches: ``W = weight.reshape(out, in*kh*kw)``."""
-
-    kind = "conv2d"
 
     def weight_matrix(self) -> Tensor:
         w = self.module.weight
@@ -166,6 +163,17 @@ class Conv2dAdapter(LayerAdapter):
             x = x.unsqueeze(0)
         patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+#: ``LayerAdapter.kind`` (deprecated) per adapter class.
+_KINDS = {"Conv1DAdapter": "conv1d", "Conv2dAdapter": "conv2d", "AttentionProjectionAdapter": "attention"}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LinearAdapter":  # the nn.Linear adapter is LayerAdapter itself
+        warnings.warn("diagnostics.layers.LinearAdapter is deprecated; use LayerAdapter", DeprecationWarning, stacklevel=2)
+        return LayerAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 AdapterRule = Callable[[str, nn.Module], "list[LayerAdapter]"]
@@ -206,7 +214,7 @@ def _is_conv1d_like(module: nn.Module) -> bool:
 
 @register_adapter(nn.Linear)
 def _linear(name: str, module: nn.Module) -> list[LayerAdapter]:
-    return [LinearAdapter(name, module)]
+    return [LayerAdapter(name, module)]
 
 
 @register_adapter(_is_conv1d_like)

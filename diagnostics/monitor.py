@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .common import check_choice
 from .sharded import check_lockstep, check_supported, full_weight, is_sharded
 from .engine import LayerHooks, OutputFn
 from .layers import DEFAULT_MAX_K, LayerAdapter, find_linear_layers
@@ -155,8 +156,7 @@ class NFAMonitor:
         process_group: Any = None,
         max_memory: int | None = None,
     ) -> None:
-        if correlation not in CORRELATIONS:
-            raise ValueError(f"unknown correlation {correlation!r}; use 'pearson' or 'cosine'")
+        check_choice("correlation", correlation, CORRELATIONS)
         if not isinstance(agop_power, (int, float)) or not agop_power > 0 or math.isinf(agop_power):
             raise ValueError(f"agop_power must be a positive number (1 or 0.5), got {agop_power!r}")
         check_supported(model)

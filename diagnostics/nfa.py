@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .common import accumulation_dtype, check_choice
+
 __all__ = [
     "CORRELATIONS",
     "nfm",
@@ -61,11 +63,6 @@ def psd_power(A: Tensor, power: float) -> Tensor:
     return (evecs * evals.clamp_min(0).pow(power)) @ evecs.t()
 
 
-def _check_method(method: str) -> None:
-    if method not in CORRELATIONS:
-        raise ValueError(f"unknown correlation {method!r}; use 'pearson' or 'cosine'")
-
-
 #: Entries converted to the correlation dtype at a time (no full float64 copy of a large matrix).
 _CORR_BLOCK = 1 << 18
 
@@ -77,10 +74,10 @@ def matrix_correlation(A: Tensor, B: Tensor, method: str = "pearson") -> Tensor:
     cosine: ``<A, B>_F / (|A|_F |B|_F)``. NaN when a (centred) matrix is zero. The sums are taken over
     blocks of entries in float64, so no full-size copy of ``A`` or ``B`` is made.
     """
-    _check_method(method)
+    check_choice("correlation", method, CORRELATIONS)
     if A.shape != B.shape:
         raise ValueError(f"matrix_correlation needs equal shapes, got {tuple(A.shape)} and {tuple(B.shape)}")
-    dtype = torch.float32 if A.device.type == "mps" else torch.float64
+    dtype = accumulation_dtype(A.device)
     a = A.detach().reshape(-1)
     b = B.detach().reshape(-1).to(device=a.device)
     blocks = [(i, min(i + _CORR_BLOCK, a.numel())) for i in range(0, a.numel(), _CORR_BLOCK)]

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from .engine import Chunk
-from .nfa import _check_method, _sym_norm, nfm, nfm_agop_correlation, summary_record
+from .common import accumulation_dtype, check_choice
+from .nfa import CORRELATIONS, _sym_norm, nfm, nfm_agop_correlation, summary_record
 
 __all__ = ["model_output_layers", "identity_kernel_alignment", "output_layer_summary", "output_layer_memory", "ESTIMATOR"]
 
@@ -43,8 +44,8 @@ def identity_kernel_alignment(W: Tensor, method: str = "pearson") -> Tensor:
     With ``A = W W^T``: ``tr A = |W|_F^2``, ``sum_ij A_ij = |W^T 1|^2 = S``, ``|A|_F = |W^T W|_F``.
     cosine: ``tr A / (|A|_F sqrt(k))``; pearson: ``(tr A - S/k) / sqrt((|A|_F^2 - S^2/k^2)(k - 1))``.
     NaN where :func:`diagnostics.matrix_correlation` gives NaN (a zero (centred) matrix)."""
-    _check_method(method)
-    dtype = torch.float32 if W.device.type == "mps" else torch.float64
+    check_choice("correlation", method, CORRELATIONS)
+    dtype = accumulation_dtype(W.device)
     W = W.detach().to(dtype)
     k = W.shape[0]
     trace, frob2 = W.pow(2).sum(), nfm(W).pow(2).sum()

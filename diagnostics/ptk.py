@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .common import accumulation_dtype
 from .engine import (
     Chunk,
     LayerHooks,
@@ -62,12 +63,6 @@ def work_dtype(adapter: LayerAdapter) -> torch.dtype:
     """dtype of the returned ``K``: the weight's dtype, float32 for half precision."""
     dtype = adapter.weight_matrix().dtype
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _acc_dtype(device: torch.device) -> torch.dtype:
-    # Running sums in float64: summing thousands of float32 partial Grams in float32 loses ~1e-5
-    # relative accuracy at 20000 samples; per-block Grams stay in the working dtype.
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _as_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator:
@@ -134,7 +129,7 @@ def measure_memory(
         for n in names:
             a = adapters[n]
             w = a.weight_matrix()
-            dtype, acc_dtype = work_dtype(a), _acc_dtype(w.device)
+            dtype, acc_dtype = work_dtype(a), accumulation_dtype(w.device)
             item, acc_item = dtype.itemsize, acc_dtype.itemsize
             K_bytes = item * a.k * a.k
             acc.append(acc_item * a.k * a.k)
@@ -202,7 +197,7 @@ def _zero_sums(adapters: dict[str, LayerAdapter]) -> dict[str, Tensor]:
 
 def _zero_sum(adapter: LayerAdapter) -> Tensor:
     device = adapter.weight_matrix().device
-    return torch.zeros(adapter.k, adapter.k, dtype=_acc_dtype(device), device=device)
+    return torch.zeros(adapter.k, adapter.k, dtype=accumulation_dtype(device), device=device)
 
 
 #: The positional options of the former signatures of :func:`ptk_sums` and :func:`ptk_sums_all_ranks`.

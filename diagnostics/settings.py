@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .common import check_choice
 from .engine import OutputFn, SampleMask
 
 __all__ = ["EstimatorSettings", "ESTIMATORS", "check_estimator", "legacy_settings"]
@@ -18,8 +19,7 @@ ESTIMATORS = ("exact", "sketch")
 
 def check_estimator(estimator: str, m: int) -> None:
     """Validate ``estimator`` and ``m`` with messages that say what to pass instead."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; use 'exact' or 'sketch' (with m=...)")
+    check_choice("estimator", estimator, ESTIMATORS, " (with m=...)")
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m (number of sketch projections) must be an int >= 1, got {m!r}")
 

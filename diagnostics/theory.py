@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from .engine import Chunk, LayerHooks, VJPPlan, default_output, eval_mode, for_each_chunk, vjp
 from .layers import find_linear_layers
 from .nfa import matrix_correlation, nfa_correlation
-from .ptk import _acc_dtype, ptk_sums, work_dtype
+from .common import accumulation_dtype
+from .ptk import ptk_sums, work_dtype
 from .settings import EstimatorSettings
 
 __all__ = ["early_cnfa_prediction", "randomize_kernel", "egop", "feature_quality"]
@@ -61,11 +62,11 @@ def early_weight_change(
     adapter = adapters[layer]
     dtype = work_dtype(adapter)
     R = Y.to(device=f.device, dtype=f.dtype) - f
-    dW = torch.zeros(adapter.k, adapter.d, dtype=_acc_dtype(f.device), device=adapter.weight_matrix().device)
+    dW = torch.zeros(adapter.k, adapter.d, dtype=accumulation_dtype(f.device), device=adapter.weight_matrix().device)
     plan = VJPPlan([layer])
 
     def visit(chunk: Chunk) -> None:
-        v = R[chunk.start : chunk.start + chunk.n].to(chunk.f.dtype).unsqueeze(0)
+        v = R[chunk.start : chunk.start + chunk.f.shape[0]].to(chunk.f.dtype).unsqueeze(0)
         (hs,), (xs,) = chunk.outputs.values(), chunk.inputs.values()
         for grads in vjp(chunk.f, hs, v, plan):
             for g, x in zip(grads, xs):  # one (gradient, input) pair per call of the layer

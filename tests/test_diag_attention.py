@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, vmap
 
-from diagnostics import NFAMonitor, find_linear_layers, layer_jacobians, ptk_covariance
+from diagnostics import AttentionProjectionAdapter, LayerAdapter, NFAMonitor, find_linear_layers, layer_jacobians, ptk_covariance
 
 from test_diag_ptk import rel_err
 
@@ -322,7 +322,7 @@ def test_selection_by_module_name_and_glob() -> None:
     assert list(find_linear_layers(model, "*.self_attn.[qk]")) == [
         f"enc.layers.{i}.self_attn.{r}" for i in range(2) for r in "qk"]
     out_proj = find_linear_layers(model, "enc.layers.1.self_attn.out_proj")["enc.layers.1.self_attn.out_proj"]
-    assert out_proj.kind == "attention" and out_proj.weight_matrix() is model.enc.layers[1].self_attn.out_proj.weight
+    assert isinstance(out_proj, AttentionProjectionAdapter) and out_proj.weight_matrix() is model.enc.layers[1].self_attn.out_proj.weight
     with pytest.raises(ValueError, match="is a TransformerEncoderLayer"):
         find_linear_layers(model, "enc.layers.0")
 
@@ -331,7 +331,7 @@ def test_selection_by_module_name_and_glob() -> None:
             return F.linear(q, self.out_proj.weight), None
 
     layers = find_linear_layers(nn.ModuleDict({"a": Patched(8, 2)}))
-    assert list(layers) == ["a.out_proj"] and layers["a.out_proj"].kind == "linear"
+    assert list(layers) == ["a.out_proj"] and type(layers["a.out_proj"]) is LayerAdapter
 
 
 def test_hooks_change_nothing_outside_measure() -> None:

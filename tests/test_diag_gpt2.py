@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diagnostics import NFAMonitor, find_linear_layers, layer_jacobians, ptk_covariance
+from diagnostics.layers import Conv1DAdapter
 from diagnostics.nfa import nfa_summary
 
 transformers = pytest.importorskip("transformers")
@@ -29,7 +30,7 @@ def test_conv1d_detected_and_transposed() -> None:
     layers = find_linear_layers(model)
     assert "transformer.h.0.attn.c_attn" in layers and "lm_head" in layers
     attn = layers["transformer.h.0.attn.c_attn"]
-    assert attn.kind == "conv1d" and attn.weight_matrix().shape == (48, 16)
+    assert isinstance(attn, Conv1DAdapter) and attn.weight_matrix().shape == (48, 16)
     assert torch.equal(attn.weight_matrix(), attn.module.weight.t())
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import gc
 import math
 import os
+import weakref
 
 import pytest
 import torch
@@ -73,10 +75,21 @@ def test_measure_leaves_grads_modes_and_graph_alone() -> None:
     for name in res:
         assert res[name].K is not None and res[name].K.grad_fn is None and not res[name].K.requires_grad
         assert res[name].uc_nfa == res2[name].uc_nfa
-    assert all(not hs for hs in mon._hooks.outputs.values())
     model.eval()
     K = ptk_covariance(model, x)
     assert torch.allclose(res["3"].K, K["3"])
+
+
+def test_no_recorded_layer_output_outlives_measure() -> None:
+    model = net()
+    outputs: list[weakref.ref] = []
+    handle = model[3].register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    with NFAMonitor(model) as mon:
+        res = mon.measure(x_probe(), chunk_size=4, keep_matrices=True)
+        handle.remove()
+        gc.collect()
+        assert len(outputs) == 4 and all(ref() is None for ref in outputs)
+        assert res["3"].K is not None
 
 
 def test_records_history_and_rows() -> None:

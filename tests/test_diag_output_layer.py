@@ -166,7 +166,7 @@ def test_default_chunks_bound_outputs_by_tokens(monkeypatch) -> None:
     monkeypatch.setattr(engine, "FIRST_CHUNK_SAMPLES", 1)
     sizes: list[int] = []
     hooks = engine.LayerHooks(adapters)
-    engine.for_each_chunk(model, hooks, ids, lambda chunk: sizes.append(chunk.n))
+    engine.for_each_chunk(model, hooks, ids, lambda chunk: sizes.append(chunk.f.shape[0]))
     assert sizes == [1, 3, 3]
     for chunk_size in (None, 7):
         rec = NFAMonitor(model).measure(ids, chunk_size=chunk_size)
