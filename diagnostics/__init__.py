@@ -5,7 +5,7 @@ Per linear layer ``h = W x (+ b)``: the PTK feature covariance ``K`` (exact or s
 """
 
 from .attention import AttentionProjectionAdapter
-from .engine import LayerHooks
+from .hooks import LayerHooks
 from .io import Snapshot, load_snapshot, write_snapshot
 from .layers import LayerAdapter, find_linear_layers, register_adapter
 from .monitor import LayerRecord, NFAMonitor, resolve_blocks

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .probe import probe_batch_size, split_probe
+
 __all__ = ["is_distributed", "world_size", "all_reduce_sums", "is_main_process", "shard_bounds", "shard_probe"]
 
 
@@ -45,8 +47,6 @@ def shard_bounds(n: int, group: Any = None) -> tuple[int, int]:
 
 def shard_probe(inputs: Any, group: Any = None) -> Any:
     """This rank's contiguous shard of a probe given in full on every rank (tensor, tuple or dict)."""
-    from .engine import probe_batch_size, split_probe
-
     start, stop = shard_bounds(probe_batch_size(inputs), group)
     return split_probe(inputs, start, stop)
 

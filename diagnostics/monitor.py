@@ -7,88 +7,30 @@ while ``measure()`` runs (so training, compiled or not, never sees them), and on
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .blocks import BlockSpec, resolve_blocks
 from .common import check_choice
-from .sharded import check_lockstep, check_supported, full_weight, is_sharded
-from .engine import LayerHooks, OutputFn
-from .layers import DEFAULT_MAX_K, LayerAdapter, find_linear_layers
-from .nfa import CORRELATIONS, nfa_summary
+from .hooks import LayerHooks
 from .io import Snapshot, write_snapshot
-from .records import LayerRecord
+from .kernel import covariance_from_sums, work_dtype
+from .layers import DEFAULT_MAX_K, LayerAdapter, find_linear_layers
+from .memory import check_memory
+from .nfa import CORRELATIONS, nfa_summary
 from .output_layer import ESTIMATOR as ANALYTIC, output_layer_memory, output_layer_summary
-from .ptk import check_memory, covariance_from_sums, ptk_sums_all_ranks, work_dtype
+from .probe import OutputFn
+from .ptk import ptk_sums_all_ranks
+from .records import LayerRecord
 from .settings import EstimatorSettings
+from .sharded import check_lockstep, check_supported, full_weight, is_sharded
 
 __all__ = ["NFAMonitor", "LayerRecord", "resolve_blocks"]
 
-#: How a layer's output rows split into blocks: ``n`` equal blocks ``"0"``..``"n-1"``, a list of labels
-#: (equal blocks), or ``{label: rows}`` (consecutive blocks of the given sizes).
-BlockSpec = Union[int, Sequence[str], Mapping[str, int]]
-
-
-def _block_sizes(name: str, k: int, spec: BlockSpec) -> list[tuple[str, int]]:
-    """``[(label, rows)]`` of one layer's blocks, validated against its ``k`` output rows."""
-    if isinstance(spec, bool) or not isinstance(spec, (int, Sequence, Mapping)) or isinstance(spec, str):
-        raise TypeError(
-            f"blocks for layer {name!r} must be an int, a list of labels or a dict {{label: rows}}, got {spec!r}"
-        )
-    if isinstance(spec, Mapping):
-        sizes = list(spec.items())
-        if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for _, r in sizes):
-            raise ValueError(f"blocks for layer {name!r}: every block needs a positive int number of rows, got {spec!r}")
-        if sum(r for _, r in sizes) != k:
-            raise ValueError(
-                f"blocks for layer {name!r} cover {sum(r for _, r in sizes)} rows but the layer has k={k} output rows"
-            )
-    else:
-        labels = [str(i) for i in range(spec)] if isinstance(spec, int) else list(spec)
-        if not labels:
-            raise ValueError(f"blocks for layer {name!r}: pass at least one block, got {spec!r}")
-        if k % len(labels):
-            raise ValueError(
-                f"layer {name!r} has k={k} output rows, which do not split into {len(labels)} equal blocks; "
-                "pass {label: rows} for blocks of different sizes"
-            )
-        sizes = [(label, k // len(labels)) for label in labels]
-    labels = [label for label, _ in sizes]
-    if not all(isinstance(label, str) and label for label in labels) or len(set(labels)) != len(labels):
-        raise ValueError(f"blocks for layer {name!r}: labels must be distinct non-empty strings, got {labels}")
-    return sizes
-
-
-def resolve_blocks(
-    adapters: Mapping[str, LayerAdapter], blocks: Mapping[str, BlockSpec] | None
-) -> dict[str, list[tuple[str, slice]]]:
-    """``{layer: [(record name, rows), ...]}`` for ``blocks = {name or glob: spec}``: the output rows of
-    each matched layer split into consecutive blocks named ``"<layer>[<label>]"`` (spec: ``n`` equal
-    blocks labelled ``0``..``n-1``, a list of labels for equal blocks, or ``{label: rows}``)."""
-    if blocks is None:
-        return {}
-    if not isinstance(blocks, Mapping):
-        raise TypeError(f'blocks must be a dict {{layer name or glob: spec}}, e.g. {{"*.c_attn": ["q", "k", "v"]}}, got {blocks!r}')
-    out: dict[str, list[tuple[str, slice]]] = {}
-    owner: dict[str, str] = {}
-    for pattern, spec in blocks.items():
-        hits = [n for n in adapters if n == pattern or fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            raise ValueError(f"blocks pattern {pattern!r} matches no measured layer; measured layers: {list(adapters)}")
-        for name in hits:
-            if name in owner:
-                raise ValueError(f"layer {name!r} matches the blocks patterns {owner[name]!r} and {pattern!r}; keep one")
-            owner[name] = pattern
-            start, parts = 0, []
-            for label, rows in _block_sizes(name, adapters[name].k, spec):
-                parts.append((f"{name}[{label}]", slice(start, start + rows)))
-                start += rows
-            out[name] = parts
-    return out
 
 
 def _initial_weights(W0: Any, monitor: "NFAMonitor") -> dict[str, Tensor]:
@@ -232,20 +174,30 @@ class NFAMonitor:
             W0 = full_weight(self.W0[name])
             # not in sums: the layer's output is the model output, K = I (formed only if it fits max_k)
             K = covariance_from_sums(sums, counts, name, adapter) if name in sums else None
-            for rec_name, rows in [(name, slice(None)), *self.blocks.get(name, [])]:
-                if K is None:
-                    summary = output_layer_summary(W[rows], W0[rows], self.correlation, self.agop_power, keep_matrices)
-                    size = W[rows].shape[0]
-                    K_b = torch.eye(size, dtype=W.dtype, device=W.device) if size <= (self.max_k or DEFAULT_MAX_K) else None
-                    how, m_used = ANALYTIC, None
-                else:
-                    K_b = K if rows == slice(None) else K[rows, rows].contiguous()
-                    summary = nfa_summary(W[rows], W0[rows], K_b, self.correlation, self.agop_power, keep_matrices)
-                    how, m_used = estimator, m if estimator == "sketch" else None
-                if K_b is not None:
-                    self.last_K[rec_name] = K_b
-                records[rec_name] = self._record(rec_name, step, summary, how, m_used, counts[name], K_b, keep_matrices)
+            records.update(self._layer_records(name, W, W0, K, settings, step, counts[name], keep_matrices))
         self.history.append(records)
+        return records
+
+    def _layer_records(
+        self, name: str, W: Tensor, W0: Tensor, K: Tensor | None, settings: EstimatorSettings, step: int, n: int,
+        keep_matrices: bool,
+    ) -> dict[str, LayerRecord]:
+        """The records of layer ``name`` and of its blocks (``W_b``, ``W0_b``, ``K_bb``); ``K=None``: the
+        layer's output is the model output, ``K = I`` (kept only if it fits ``max_k``)."""
+        records = {}
+        for rec_name, rows in [(name, slice(None)), *self.blocks.get(name, [])]:
+            if K is None:
+                summary = output_layer_summary(W[rows], W0[rows], self.correlation, self.agop_power, keep_matrices)
+                size = W[rows].shape[0]
+                K_b = torch.eye(size, dtype=W.dtype, device=W.device) if size <= (self.max_k or DEFAULT_MAX_K) else None
+                how, m_used = ANALYTIC, None
+            else:
+                K_b = K if rows == slice(None) else K[rows, rows].contiguous()
+                summary = nfa_summary(W[rows], W0[rows], K_b, self.correlation, self.agop_power, keep_matrices)
+                how, m_used = settings.estimator, settings.m if settings.estimator == "sketch" else None
+            if K_b is not None:
+                self.last_K[rec_name] = K_b
+            records[rec_name] = self._record(rec_name, step, summary, how, m_used, n, K_b, keep_matrices)
         return records
 
     def _record(

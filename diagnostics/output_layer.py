@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engine import Chunk
+from .probe import Chunk
 from .common import accumulation_dtype, check_choice
 from .nfa import CORRELATIONS, _sym_norm, nfm, nfm_agop_correlation, summary_record
 

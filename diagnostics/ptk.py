@@ -14,29 +14,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .common import accumulation_dtype
-from .engine import (
-    Chunk,
-    LayerHooks,
-    OutputFn,
-    SampleMask,
-    basis_cotangents,
-    block_size,
-    for_each_chunk,
-    random_cotangents,
-    VJPPlan,
-    vjp,
-)
-from .layers import DEFAULT_MAX_K, LayerAdapter, check_layer_sizes, find_linear_layers, format_bytes
-from .nfa import summary_memory
+from .engine import for_each_chunk
+from .hooks import LayerHooks
+from .kernel import add_gram, covariance_from_sums, gram_scratch, work_dtype, zero_sums
+from .layers import DEFAULT_MAX_K, check_layer_sizes, find_linear_layers
+from .memory import check_memory, measure_memory
 from .output_layer import model_output_layers
+from .probe import Chunk, OutputFn, SampleMask
 from .settings import ESTIMATORS, EstimatorSettings, check_estimator, legacy_settings
+from .vjps import VJPPlan, basis_cotangents, block_size, random_cotangents, vjp
 
 __all__ = [
     "ptk_covariance",
@@ -53,16 +45,8 @@ __all__ = [
     "DEFAULT_SKETCH_SEED",
 ]
 
-#: Entries of a k x k block Gram added to the float64 running sum at a time.
-ADD_BLOCK = 1 << 20
 #: Seed of the sketch projections when no generator is given (the same call gives the same ``K``).
 DEFAULT_SKETCH_SEED = 0
-
-
-def work_dtype(adapter: LayerAdapter) -> torch.dtype:
-    """dtype of the returned ``K``: the weight's dtype, float32 for half precision."""
-    dtype = adapter.weight_matrix().dtype
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _as_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator:
@@ -78,131 +62,26 @@ def _as_generator(generator: torch.Generator | int | None, device: torch.device)
     raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
 
 
-def _add_gram(
-    acc: Tensor, buf: Tensor, adapter: LayerAdapter, grads: Tensor, scale: float = 1.0, keep: Tensor | None = None
-) -> None:
-    """``acc += scale * sum_b G_b^T G_b`` for the gradient block ``grads`` (b, *h.shape), over the rows
-    ``keep`` (bool, ``None``: all); the Gram is formed in ``buf``'s dtype (k x k scratch), the running
-    sum ``acc`` may be wider."""
-    rows = adapter.out_rows(grads, lead=1)
-    if keep is not None:
-        rows = rows[:, keep]
-    rows = rows.reshape(-1, rows.shape[-1]).to(buf.dtype)
-    torch.mm(rows.t(), rows, out=buf)
-    if acc.dtype == buf.dtype:
-        acc.add_(buf, alpha=scale)
-        return
-    step = max(1, ADD_BLOCK // buf.shape[1])  # a mixed-dtype add_ casts a full copy of buf (on CPU)
-    for i in range(0, buf.shape[0], step):
-        acc[i : i + step].add_(buf[i : i + step], alpha=scale)
-
-
-def covariance_from_sums(sums: dict[str, Tensor], counts: dict[str, int], name: str, adapter: LayerAdapter) -> Tensor:
-    """``K = K_unnorm / N`` of one layer in its working dtype; the running sum is taken out of ``sums``
-    and divided in place, so the float64 sum is freed as soon as ``K`` exists."""
-    return sums.pop(name).div_(max(counts[name], 1)).to(work_dtype(adapter))
-
-
-def measure_memory(
-    adapters: dict[str, LayerAdapter],
-    *,
-    summary: bool = True,
-    keep_matrices: bool = False,
-    agop_power: float = 1.0,
-    world_size: int = 1,
-    blocks: dict[str, list[int]] | None = None,
-) -> dict[str, int]:
-    """Bytes of the ``k x k`` / ``d x d`` matrices one measurement allocates: ``{layer: bytes}`` for each
-    layer measured alone and ``"total"`` for all of them at once (the peak over the measurement).
-
-    Per layer: the float64 running sum of ``K`` (``8k²``; 4 bytes on MPS), one ``k x k`` scratch per
-    distinct size, ``K`` itself (``k²`` in the working dtype, kept in ``NFAMonitor.last_K``) and, with
-    ``summary`` (``NFAMonitor.measure``), the NFA terms of :func:`diagnostics.nfa.summary_memory`,
-    formed one layer at a time (the weights of half-precision layers are copied to float32 there).
-    Under ``torch.distributed`` (``world_size > 1``) the sums are briefly held twice by the all-reduce.
-    ``blocks``: the row counts of each layer's blocks (``NFAMonitor(blocks=...)``), whose ``K_bb`` are kept too.
-    The forward and backward passes over one chunk of the probe come on top (bounded by ``chunk_size``
-    and ``VJP_BUDGET_BYTES`` per block of cotangents)."""
-
-    def sizes(names: list[str]) -> int:
-        acc, kept_K, scratch, convert, after, cast = [], [], {}, [], [], [0]
-        for n in names:
-            a = adapters[n]
-            w = a.weight_matrix()
-            dtype, acc_dtype = work_dtype(a), accumulation_dtype(w.device)
-            item, acc_item = dtype.itemsize, acc_dtype.itemsize
-            K_bytes = item * a.k * a.k
-            acc.append(acc_item * a.k * a.k)
-            scratch[(a.k, dtype, w.device)] = K_bytes
-            own = 0 if dtype == acc_dtype else K_bytes  # float64 K is the divided sum itself
-            if dtype != acc_dtype:  # float64 copy of a block of the Gram when it is added to the sum
-                cast.append(acc_item * min(a.k * a.k, a.k * max(1, ADD_BLOCK // a.k)))
-            convert.append(acc[-1] + own)
-            temps = 0
-            if summary:
-                temps = summary_memory(a.k, a.d, item, agop_power, keep_matrices)
-                if w.dtype != dtype:  # W and W0 copied to the working dtype
-                    temps += 2 * item * a.k * a.d
-            sizes_b = (blocks or {}).get(n, [])
-            kept_nfa = 2 * item * a.d * a.d if summary and keep_matrices else 0  # nfm, agop per record
-            block_bytes = item * sum(r * r for r in sizes_b) + kept_nfa * len(sizes_b)
-            kept_K.append(K_bytes + block_bytes + kept_nfa)
-            after.append(K_bytes + block_bytes + temps)  # temps include this record's kept nfm/agop
-        sums_phase = sum(acc) * (2 if world_size > 1 else 1) + sum(scratch.values()) + max(cast)
-        # layer i is summarised while K (and kept matrices) of earlier layers and sums of later ones live
-        layer_phase = max(
-            sum(kept_K[:i]) + sum(acc[i + 1 :]) + max(convert[i], after[i]) for i in range(len(names))
-        )
-        return max(sums_phase, layer_phase)
-
-    out = {n: sizes([n]) for n in adapters}
-    out["total"] = sizes(list(adapters)) if adapters else 0
-    return out
-
-
-def check_memory(
-    adapters: dict[str, LayerAdapter],
-    max_k: int | None = DEFAULT_MAX_K,
-    max_memory: int | None = None,
-    analytic: dict[str, int] | None = None,
-    **estimate_options: Any,
-) -> dict[str, int]:
-    """The :func:`measure_memory` estimate, after refusing layers larger than ``max_k`` (see
-    :func:`diagnostics.layers.check_layer_sizes`) and a total above ``max_memory`` bytes (``None``: no limit).
-    ``analytic``: bytes of further layers whose ``K = I`` is not formed (:mod:`diagnostics.output_layer`),
-    added to the estimate and its total, and not checked against ``max_k``."""
-    estimate = measure_memory(adapters, **estimate_options)
-    check_layer_sizes(adapters, max_k, estimate)
-    if analytic:
-        estimate = {**analytic, **estimate, "total": estimate["total"] + sum(analytic.values())}
-    if max_memory is not None:
-        if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
-            raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
-        if estimate["total"] > max_memory:
-            top = sorted((n for n in estimate if n != "total"), key=estimate.__getitem__, reverse=True)[:5]
-            desc = ", ".join(f"{n!r} {format_bytes(estimate[n])}" for n in top)
-            raise ValueError(
-                f"measuring these layers needs about {format_bytes(estimate['total'])} of k x k / d x d "
-                f"matrices, more than max_memory={max_memory} bytes ({format_bytes(max_memory)}; largest: "
-                f"{desc}). Select fewer layers with layers=[...] or raise max_memory"
-            )
-    return estimate
-
-
-def _zero_sums(adapters: dict[str, LayerAdapter]) -> dict[str, Tensor]:
-    """Zero ``k x k`` running sums per layer, on the layer's device, in the accumulation dtype."""
-    with torch.inference_mode(False):  # accumulators are updated in place, also under inference_mode
-        return {name: _zero_sum(a) for name, a in adapters.items()}
-
-
-def _zero_sum(adapter: LayerAdapter) -> Tensor:
-    device = adapter.weight_matrix().device
-    return torch.zeros(adapter.k, adapter.k, dtype=accumulation_dtype(device), device=device)
-
-
 #: The positional options of the former signatures of :func:`ptk_sums` and :func:`ptk_sums_all_ranks`.
 _SUMS_ORDER = ("estimator", "m", "generator", "output_fn", "chunk_size", "sketch", "allow_unused", "sample_mask")
 _ALL_RANKS_ORDER = (*_SUMS_ORDER[:6], "process_group", *_SUMS_ORDER[6:])
+
+
+def _cotangent_blocks(
+    chunk: Chunk, settings: EstimatorSettings, generator: torch.Generator
+) -> Iterator[tuple[Tensor, float]]:
+    """Blocks ``(v, scale)`` of cotangents (zero at padded positions) whose VJP Grams, times ``scale``, sum to
+    ``K_unnorm``: output basis vectors (exact, scale 1) or ``m`` random vectors (sketch, scale ``1/m``)."""
+    step = block_size(chunk)
+    exact = settings.estimator == "exact"
+    total = chunk.num_outputs if exact else settings.m
+    for start in range(0, total, step):
+        stop = min(total, start + step)
+        if exact:
+            v, scale = basis_cotangents(chunk.f, start, stop), 1.0
+        else:
+            v, scale = random_cotangents(chunk.f, stop - start, generator, settings.sketch), 1.0 / settings.m
+        yield chunk.mask_cotangents(v), scale
 
 
 def ptk_sums(
@@ -226,7 +105,6 @@ def ptk_sums(
     returned sums but present in the counts are those; with no sample at all, the sums are empty."""
     settings, _ = legacy_settings("ptk_sums", settings, legacy_args, legacy_options, _SUMS_ORDER)
     settings.check()
-    estimator, m = settings.estimator, settings.m
     adapters = hooks.adapters
     generator = _as_generator(settings.generator, next(iter(adapters.values())).weight_matrix().device)
     counts: dict[str, Any] = {name: 0 for name in adapters}  # ints, or 0-dim tensors under a mask (one sync)
@@ -242,14 +120,8 @@ def ptk_sums(
             analytic = found
             rest = {n: a for n, a in adapters.items() if n not in analytic}
             check_layer_sizes(rest, max_k)
-            sums.update(_zero_sums(rest))
-            scratch: dict[tuple, Tensor] = {}  # per-block Gram scratch, one per (k, dtype, device)
-            with torch.inference_mode(False):
-                for n, a in rest.items():
-                    key = (a.k, work_dtype(a), sums[n].device)
-                    if key not in scratch:
-                        scratch[key] = torch.empty(a.k, a.k, dtype=key[1], device=key[2])
-                    bufs[n] = scratch[key]
+            sums.update(zero_sums(rest))
+            bufs.update(gram_scratch(rest))
         elif found != analytic:
             raise ValueError(
                 f"layers {sorted(found ^ analytic)} return the model output in some probe chunks but not "
@@ -265,20 +137,10 @@ def ptk_sums(
         if not targets:
             return
         plan.names = names
-        step = block_size(chunk)
-        total = chunk.num_outputs if estimator == "exact" else m
-        for start in range(0, total, step):
-            stop = min(total, start + step)
-            if estimator == "exact":
-                v = basis_cotangents(chunk.f, start, stop)
-                scale = 1.0
-            else:
-                v = random_cotangents(chunk.f, stop - start, generator, settings.sketch)
-                scale = 1.0 / m
-            v = chunk.mask_cotangents(v)
+        for v, scale in _cotangent_blocks(chunk, settings, generator):
             for grads in vjp(chunk.f, targets, v, plan):
                 for name, g, rows in zip(names, grads, keep):
-                    _add_gram(sums[name], bufs[name], adapters[name], g, scale, rows)
+                    add_gram(sums[name], bufs[name], adapters[name], g, scale, rows)
 
     for_each_chunk(
         model, hooks, probe_inputs, visit, output_fn=settings.output_fn, chunk_size=settings.chunk_size,
@@ -315,7 +177,7 @@ def ptk_sums_all_ranks(
         raise
     adapters = hooks.adapters
     sums, counts = distributed.all_reduce_sums(
-        sums, counts, process_group, zeros=lambda n: _zero_sums({n: adapters[n]})[n]
+        sums, counts, process_group, zeros=lambda n: zero_sums({n: adapters[n]})[n]
     )
     if not any(counts.values()):
         raise ValueError("the probe has no samples: pass inputs with at least one sample (batch dimension first)")

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from .common import check_choice
-from .engine import OutputFn, SampleMask
+from .probe import OutputFn, SampleMask
 
 __all__ = ["EstimatorSettings", "ESTIMATORS", "check_estimator", "legacy_settings"]
 

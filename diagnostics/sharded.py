@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import distributed
+from .probe import describe_probe
 
 __all__ = ["is_sharded", "full_weight", "check_supported", "check_lockstep"]
 
@@ -79,8 +80,6 @@ def check_lockstep(model: nn.Module, probe_inputs: Any, group: Any = None) -> No
     shard has the same tensor shapes (one small all-gather; a no-op otherwise)."""
     if not (distributed.is_distributed(group) and is_sharded(model)):
         return
-    from .engine import describe_probe
-
     mine = describe_probe(probe_inputs)
     shapes: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(shapes, mine, group=group)

@@ -16,11 +16,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .engine import Chunk, LayerHooks, VJPPlan, default_output, eval_mode, for_each_chunk, vjp
+from .engine import eval_mode, for_each_chunk
+from .hooks import LayerHooks
+from .probe import Chunk, default_output
+from .vjps import VJPPlan, vjp
 from .layers import find_linear_layers
 from .nfa import matrix_correlation, nfa_correlation
 from .common import accumulation_dtype
-from .ptk import ptk_sums, work_dtype
+from .kernel import work_dtype
+from .ptk import ptk_sums
 from .settings import EstimatorSettings
 
 __all__ = ["early_cnfa_prediction", "randomize_kernel", "egop", "feature_quality"]

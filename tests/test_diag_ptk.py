@@ -169,12 +169,12 @@ def test_conv2d_layers_by_name_match_reference() -> None:
 
 
 def test_looped_and_batched_vjps_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    import diagnostics.engine as engine
+    import diagnostics.vjps as vjps
 
     model = mlp()
     x = torch.randn(11, 5, dtype=torch.float64)
     batched = ptk_covariance(model, x, chunk_size=4)
-    monkeypatch.setattr(engine, "BATCHED_VJP", False)
+    monkeypatch.setattr(vjps, "BATCHED_VJP", False)
     looped = ptk_covariance(model, x, chunk_size=4)
     jac = layer_jacobians(model, x, ["2"])
     for n in batched:

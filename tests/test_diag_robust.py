@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import diagnostics.engine as engine
+import diagnostics.vjps as vjps
 from diagnostics import NFAMonitor, ptk_covariance
 from diagnostics.ptk import measure_memory
 
@@ -134,7 +134,7 @@ def test_reentrant_checkpointing_raises_and_leaves_batched_vjps_on() -> None:
         ptk_covariance(model, x, layers=["b", "c"])  # ... and when it does not
     with pytest.raises(RuntimeError, match="use_reentrant"):
         ptk_covariance(model, x, layers=["a"])  # autograd.grad cannot go through a reentrant checkpoint
-    assert engine.BATCHED_VJP is True
+    assert vjps.BATCHED_VJP is True
     K = ptk_covariance(model, x, layers=["c"])  # layers after the checkpoint are fine
     assert rel_err(K["c"], reference_K(Checkpointed(None).double(), x, ["c"])["c"]) < 1e-9
 
