@@ -1,12 +1,14 @@
-"""Helpers shared across the package: argument-choice checks and the dtype of running sums."""
+"""Helpers shared across the package: argument-choice checks, the dtype of running sums, eval mode."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
+from torch import nn
 
-__all__ = ["check_choice", "accumulation_dtype"]
+__all__ = ["check_choice", "accumulation_dtype", "eval_mode"]
 
 
 def _alternatives(choices: Sequence[str]) -> str:
@@ -27,3 +29,16 @@ def accumulation_dtype(device: torch.device) -> torch.dtype:
     Summing thousands of float32 partial Grams in float32 loses ~1e-5 relative accuracy at 20000
     samples; the per-block Grams themselves stay in the working dtype."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block; afterwards (also on error) every submodule gets back its own
+    previous ``training`` flag (``model.train(was_training)`` would not restore mixed modes)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

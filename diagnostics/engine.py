@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from .common import eval_mode
 from .hooks import LayerHooks
 from .probe import (
     Chunk,
@@ -62,19 +63,6 @@ DEFAULT_CHUNK_SIZE = 256
 CHUNK_BUDGET_BYTES = 256 * 2**20
 #: With ``chunk_size=None``: samples in the first chunk, run before the size of the outputs is known.
 FIRST_CHUNK_SAMPLES = 8
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` for the block; afterwards (also on error) every submodule gets back its own
-    previous ``training`` flag (``model.train(was_training)`` would not restore mixed modes)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _cuda_devices(model: nn.Module, inputs: Any) -> list[int]:

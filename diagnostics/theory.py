@@ -16,16 +16,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .engine import eval_mode, for_each_chunk
+from .common import accumulation_dtype, eval_mode
+from .engine import for_each_chunk
 from .hooks import LayerHooks
-from .probe import Chunk, default_output
-from .vjps import VJPPlan, vjp
+from .kernel import work_dtype
 from .layers import find_linear_layers
 from .nfa import matrix_correlation, nfa_correlation
-from .common import accumulation_dtype
-from .kernel import work_dtype
+from .probe import Chunk, default_output
 from .ptk import ptk_sums
 from .settings import EstimatorSettings
+from .vjps import VJPPlan, vjp
 
 __all__ = ["early_cnfa_prediction", "randomize_kernel", "egop", "feature_quality"]
 

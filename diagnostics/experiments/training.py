@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..common import eval_mode
+
 __all__ = [
     "bias_free_mlp",
     "hidden_layers",
@@ -98,13 +100,9 @@ def minibatches(n: int, batch_size: int, steps: int, generator: torch.Generator)
 
 @torch.no_grad()
 def mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean squared error ``mean((f(x) - y)^2)`` of ``model`` in eval mode (mode restored)."""
-    was_training = model.training
-    model.eval()
-    try:
+    """Mean squared error ``mean((f(x) - y)^2)`` of ``model`` in eval mode (every submodule's mode restored)."""
+    with eval_mode(model):
         return float(((model(x) - y) ** 2).mean())
-    finally:
-        model.train(was_training)
 
 
 def eval_schedule(steps: int, every: int) -> list[int]:
