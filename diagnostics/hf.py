@@ -12,7 +12,7 @@ then calls every callback's ``on_log`` in order. The callback measures in ``on_s
 ``control.should_log`` so the Trainer logs at that step, and in ``on_log`` adds the values to both the
 ``logs`` dict (seen by the callbacks that run after it) and the matching ``log_history`` entry. So
 that the reporters run after it, the callback moves itself to the front of the Trainer's callback list
-at ``on_train_begin``.
+at ``on_train_begin``; its console summary runs just before the Trainer's printer.
 
 Distributed (DDP launched by ``accelerate``/``torchrun``): every rank measures its contiguous shard
 of the probe and the ``K`` sums are all-reduced (one collective per measurement), so the values equal
@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -39,14 +40,13 @@ from torch import nn
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
 except ImportError as exc:
     raise ModuleNotFoundError(
         f"diagnostics.hf needs the optional package {exc.name or 'transformers'!r}; install it with: "
         'pip install "slo-torch[hf]"',
         name=exc.name,
     ) from exc
-
-from slo_torch.hf import install_console_summary, run_before_reporters
 
 from . import distributed
 from .engine import OutputFn, probe_batch_size, split_probe
@@ -152,10 +152,9 @@ class NFACallback(TrainerCallback):
         self._pending: dict[str, float] = {}
         self._ordered = False
 
-    # ------------------------------------------------------------------------------ ordering
     def _move_to_front(self) -> None:
         """Run ahead of the ``report_to`` reporters so their ``on_log`` sees the NFA values."""
-        if run_before_reporters(self) or self._ordered:
+        if _take_places(self, self._console_line) or self._ordered:
             self._ordered = True
             return
         warnings.warn(
@@ -165,11 +164,14 @@ class NFACallback(TrainerCallback):
             stacklevel=3,
         )
 
-    def _console_names(self, names: list[str], event_kwargs: dict[str, Any]) -> set[str]:
-        """Layers the console shows one by one: those matching ``console_layers``."""
-        return {n for n in names if any(fnmatchcase(n, p) for p in self.console_layers)}
+    def _console_line(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        """``on_log`` just before the console printer: per kind, the layers matching ``console_layers`` one
+        by one and the others as one ``min/mean/max`` entry (reporters and ``log_history`` saw every layer)."""
+        for kind in _KINDS:
+            prefix = f"nfa/{kind}/"
+            names = [k[len(prefix):] for k in logs or {} if k.startswith(prefix)]
+            _summarise(logs, prefix, {n for n in names if any(fnmatchcase(n, p) for p in self.console_layers)})
 
-    # ------------------------------------------------------------------------------ W_0 on resume
     def _snapshot_dir(self, args: TrainingArguments) -> str:
         return os.path.join(args.output_dir, SNAPSHOT_DIR)
 
@@ -190,15 +192,12 @@ class NFACallback(TrainerCallback):
         snap = load_snapshot(files[-1])
         return {layer: mats["W0"] for layer, mats in snap.matrices.items() if "W0" in mats}
 
-    # ------------------------------------------------------------------------------ events
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
         """Order this callback before the reporters and start the monitor (``W_0`` snapshot)."""
         self._move_to_front()
-        for kind in _KINDS:
-            install_console_summary(self, f"nfa/{kind}/", self._console_names)
         if model is None:
             raise ValueError("NFACallback needs the model; use it through transformers.Trainer(callbacks=[...])")
         if self.monitor is not None and self.monitor.model is model:
@@ -279,3 +278,36 @@ def nfa_rows_from_log_history(log_history: Sequence[Mapping[str, Any]]) -> list[
                 row = rows.setdefault((int(entry["step"]), parts[2]), {"step": int(entry["step"]), "layer": parts[2]})
                 row[_KINDS[parts[1]]] = value
     return [rows[k] for k in sorted(rows, key=lambda k: k[0])]
+
+
+def _summarise(logs: dict[str, Any] | None, prefix: str, shown: set[str]) -> None:
+    """Replace the ``logs`` entries ``<prefix><name>`` with ``name`` not in ``shown`` (two or more) by
+    ``<prefix><n [other] layers> min/mean/max`` = ``"min/mean/max"`` of their values (3 digits)."""
+    rest = [k for k in logs or {} if k.startswith(prefix) and k[len(prefix):] not in shown]
+    if len(rest) < 2:
+        return
+    values = [logs.pop(k) for k in rest]  # type: ignore[union-attr]
+    layers = "other layers" if any(k.startswith(prefix) for k in logs) else "layers"  # type: ignore[union-attr]
+    logs[f"{prefix}<{len(values)} {layers}> min/mean/max"] = (  # type: ignore[index]
+        f"{min(values):.3g}/{sum(values) / len(values):.3g}/{max(values):.3g}")
+
+
+def _take_places(callback: TrainerCallback, console: Callable[..., None]) -> bool:
+    """From an event of ``callback``: move it first in the Trainer's callbacks (``self.callbacks`` of the calling
+    ``CallbackHandler.call_event`` frame), ahead of the reporters, and once put a ``TrainerCallback`` whose ``on_log``
+    is ``console`` just before the console printer. False (nothing changed) outside a Trainer."""
+    frame = sys._getframe(1)
+    while frame is not None and not (
+        isinstance(frame.f_locals.get("self"), CallbackHandler) and callback in frame.f_locals["self"].callbacks
+    ):
+        frame = frame.f_back
+    if frame is None:
+        return False
+    callbacks = frame.f_locals["self"].callbacks
+    callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
+    printers = [i for i, c in enumerate(callbacks) if isinstance(c, (PrinterCallback, ProgressCallback))]
+    if printers and not any(c.on_log == console for c in callbacks):
+        hook = TrainerCallback()
+        hook.on_log = console  # type: ignore[method-assign]
+        callbacks.insert(printers[0], hook)
+    return True

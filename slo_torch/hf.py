@@ -8,13 +8,14 @@ Logged at every logging step, averaged over the optimizer steps taken since the 
 (a step skipped for a non-finite gradient or a GradScaler overflow adds nothing):
 ``slo/grad_norm/<layer>`` (``||g_l||_F`` before normalisation) and ``slo/nonfinite_steps``.
 At ``on_train_begin`` the callback moves itself ahead of the ``report_to`` reporters (so TensorBoard,
-W&B, ... receive its values) and warns once if the Trainer clips gradients (``max_grad_norm > 0``)
-while SLO runs in ``mode="grad"``: the per-layer normalisation undoes the common clipping factor.
+W&B, ... receive its values), puts its console summary just before the Trainer's printer, and warns
+once if the Trainer clips gradients (``max_grad_norm > 0``) while SLO runs in ``mode="grad"``: the
+per-layer normalisation undoes the common clipping factor. ``transformers`` is imported only here.
 """
 
 from __future__ import annotations
 
-import inspect
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
@@ -34,38 +35,6 @@ except ImportError as exc:
     ) from exc
 
 __all__ = ["SLOCallback", "find_slo", "run_before_reporters", "install_console_summary", "ConsoleSummary"]
-
-
-def run_before_reporters(callback: TrainerCallback) -> bool:
-    """Move ``callback`` to the front of the Trainer's callback list; call it from one of its events.
-
-    The Trainer registers the ``report_to`` reporters (TensorBoard, W&B, ...) before user callbacks,
-    so values a callback adds to ``logs`` in ``on_log`` would not reach them. Callbacks get no
-    reference to the list, so it is taken from the calling ``CallbackHandler.call_event`` frame.
-    Moving the element at index ``i`` to ``0`` while the handler iterates at ``i`` keeps every later
-    index, so no callback is skipped or called twice. Returns False (and changes nothing) if the
-    handler is not found; order by hand then:
-    ``trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))``.
-    """
-    handler = _calling_handler(callback)
-    if handler is None:
-        return False
-    callbacks = handler.callbacks
-    callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
-    return True
-
-
-def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
-    """The ``CallbackHandler`` whose ``call_event`` is running ``callback`` (found on the call stack)."""
-    frame = inspect.currentframe()
-    for _ in range(9):
-        frame = frame.f_back if frame is not None else None
-        if frame is None:
-            return None
-        handler = frame.f_locals.get("self")
-        if isinstance(handler, CallbackHandler) and callback in handler.callbacks:
-            return handler
-    return None
 
 
 def find_slo(optimizer: Any) -> Any | None:
@@ -117,15 +86,13 @@ class SLOCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Run ahead of the reporters; warn once when ``max_grad_norm`` clipping meets grad-mode SLO."""
-        if not run_before_reporters(self):
+        if not _take_places(self, self._console_line):
             warnings.warn(
                 "SLOCallback could not find the Trainer's callback list; reporters that run before it "
                 "will not see the slo/* values (log_history still gets them). Put it first with "
                 "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback)).",
                 stacklevel=2,
             )
-        install_console_summary(self, self.prefix, lambda names, kw: _console_names(
-            self._slo(kw), self.console_layers, names))
         slo = self._slo(kwargs)
         self._seen_steps = None if slo is None else slo.taken_steps
         if slo is not None and getattr(slo, "mode", None) == "grad" and (args.max_grad_norm or 0) > 0:
@@ -179,6 +146,15 @@ class SLOCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
 
+    def _console_line(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        logs: dict[str, Any] | None = None, **kwargs: Any,
+    ) -> None:
+        """``on_log`` just before the console printer: per-layer norms of :func:`_console_names`, the rest
+        as one ``min/mean/max`` entry (the reporters and ``log_history`` have seen every layer)."""
+        names = [k[len(self.prefix):] for k in logs or {} if k.startswith(self.prefix)]
+        _summarise(logs, self.prefix, _console_names(self._slo(kwargs), self.console_layers, names))
+
 
 def _console_names(slo: Any, patterns: Sequence[str] | None, names: Sequence[str]) -> set[str]:
     """Layers printed one by one: those matching ``patterns``, or whose speed differs from the most common one."""
@@ -190,48 +166,102 @@ def _console_names(slo: Any, patterns: Sequence[str] | None, names: Sequence[str
     return {n for n in names if speeds.get(n, common) != common}
 
 
+def _summarise(logs: dict[str, Any] | None, prefix: str, shown: set[str]) -> None:
+    """Replace the ``logs`` entries ``<prefix><name>`` with ``name`` not in ``shown`` (two or more) by
+    ``<prefix><n [other] layers> min/mean/max`` = ``"min/mean/max"`` of their values (3 digits)."""
+    rest = [k for k in logs or {} if k.startswith(prefix) and k[len(prefix):] not in shown]
+    if len(rest) < 2:
+        return
+    values = [logs.pop(k) for k in rest]  # type: ignore[union-attr]
+    layers = "other layers" if any(k.startswith(prefix) for k in logs) else "layers"  # type: ignore[union-attr]
+    logs[f"{prefix}<{len(values)} {layers}> min/mean/max"] = (  # type: ignore[index]
+        f"{min(values):.3g}/{sum(values) / len(values):.3g}/{max(values):.3g}")
+
+
+def _trainer_callbacks(callback: TrainerCallback) -> list[TrainerCallback] | None:
+    """The running Trainer's callback list, from an event of ``callback``: ``self.callbacks`` of the calling
+    ``CallbackHandler.call_event`` frame (callbacks get no other reference to it); ``None`` outside a Trainer."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        handler = frame.f_locals.get("self")
+        if isinstance(handler, CallbackHandler) and callback in handler.callbacks:
+            return handler.callbacks
+        frame = frame.f_back
+    return None
+
+
+def _take_places(callback: TrainerCallback, console: Callable[..., None]) -> bool:
+    """From an event of ``callback``: move it to the front of the Trainer's callbacks (ahead of the ``report_to``
+    reporters, which then see what its ``on_log`` adds) and, once, put a ``TrainerCallback`` whose ``on_log`` is
+    ``console`` just before the console printer / progress bar. False (nothing changed) outside a Trainer.
+
+    Moving the element at index ``i`` to ``0`` while the handler iterates at ``i`` keeps every later index,
+    so no callback is skipped or called twice."""
+    callbacks = _trainer_callbacks(callback)
+    if callbacks is None:
+        return False
+    callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
+    if not any(c.on_log == console for c in callbacks):
+        hook = TrainerCallback()
+        hook.on_log = console  # type: ignore[method-assign]
+        _insert_before_printer(callbacks, hook)
+    return True
+
+
+def _insert_before_printer(callbacks: list[TrainerCallback], hook: TrainerCallback) -> bool:
+    """Insert ``hook`` just before the first console printer / progress bar; False if there is none."""
+    printers = [i for i, c in enumerate(callbacks) if isinstance(c, (PrinterCallback, ProgressCallback))]
+    if printers:
+        callbacks.insert(printers[0], hook)
+    return bool(printers)
+
+
+# ------------------------------------------------------------------------------ deprecated
+ShownFn = Callable[[list[str], dict[str, Any]], "set[str]"]
+
+
+def _deprecated(name: str) -> None:
+    warnings.warn(f"slo_torch.hf.{name} is deprecated: SLOCallback orders itself and summarises its console "
+                  "line on its own", DeprecationWarning, stacklevel=3)
+
+
+def run_before_reporters(callback: TrainerCallback) -> bool:
+    """Deprecated. From one of ``callback``'s events, move it to the front of the Trainer's callback list;
+    False (and nothing changed) outside a Trainer."""
+    _deprecated("run_before_reporters")
+    callbacks = _trainer_callbacks(callback)
+    if callbacks is not None:
+        callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
+    return callbacks is not None
+
+
 class ConsoleSummary(TrainerCallback):
-    """Runs just before the Trainer's console printer: of the ``logs`` entries ``<prefix><name>``, keeps
-    those whose name is in ``shown(names, event_kwargs)`` and replaces the others by one
-    ``<prefix><n [other] layers> min/mean/max`` entry, after the reporters have seen them all
-    (``log_history`` holds a copy made before ``on_log``). Installed by :func:`install_console_summary`."""
+    """Deprecated. ``on_log``: of the ``logs`` entries ``<prefix><name>``, keeps those whose name is in
+    ``shown(names, event_kwargs)`` and replaces the others by one ``<prefix><n [other] layers> min/mean/max``
+    entry."""
 
     def __init__(self, owner: TrainerCallback, prefix: str, shown: ShownFn) -> None:
+        _deprecated("ConsoleSummary")
         self.owner, self.prefix, self.shown = owner, prefix, shown
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         logs: dict[str, Any] | None = None, **kwargs: Any,
     ) -> None:
-        prefix = self.prefix
-        values = {k[len(prefix):]: v for k, v in (logs or {}).items() if k.startswith(prefix)}
-        shown = self.shown(list(values), kwargs)
-        rest = [v for n, v in values.items() if n not in shown]
-        if len(rest) < 2:
-            return
-        for name in values:
-            if name not in shown:
-                del logs[prefix + name]  # type: ignore[index]
-        layers = "other layers" if len(rest) < len(values) else "layers"
-        logs[f"{prefix}<{len(rest)} {layers}> min/mean/max"] = (  # type: ignore[index]
-            f"{min(rest):.3g}/{sum(rest) / len(rest):.3g}/{max(rest):.3g}")
-
-
-ShownFn = Callable[[list[str], dict[str, Any]], "set[str]"]
+        names = [k[len(self.prefix):] for k in logs or {} if k.startswith(self.prefix)]
+        _summarise(logs, self.prefix, self.shown(names, kwargs))
 
 
 def install_console_summary(owner: TrainerCallback, prefix: str, shown: ShownFn) -> bool:
-    """From one of ``owner``'s events: put a :class:`ConsoleSummary` for ``prefix`` just before the Trainer's
-    console printer / progress bar (after every reporter), once per ``(owner, prefix)``. Returns False if
-    the Trainer's callback list or console callback is not found (the console then prints every value)."""
-    handler = _calling_handler(owner)
-    if handler is None:
+    """Deprecated. From one of ``owner``'s events, put a :class:`ConsoleSummary` just before the Trainer's
+    console printer, once per ``(owner, prefix)``; False if the callback list or the printer is not found."""
+    _deprecated("install_console_summary")
+    callbacks = _trainer_callbacks(owner)
+    if callbacks is None:
         return False
-    callbacks = handler.callbacks
     if any(getattr(c, "owner", None) is owner and getattr(c, "prefix", None) == prefix for c in callbacks):
         return True
-    consoles = [i for i, c in enumerate(callbacks) if isinstance(c, (PrinterCallback, ProgressCallback))]
-    if not consoles:
-        return False
-    callbacks.insert(consoles[0], ConsoleSummary(owner, prefix, shown))
-    return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        summary = ConsoleSummary(owner, prefix, shown)
+    return _insert_before_printer(callbacks, summary)

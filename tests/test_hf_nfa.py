@@ -216,3 +216,13 @@ def test_blocks_are_logged_and_saved(tmp_path: Path, data: Any) -> None:
     snap = load_snapshot(tmp_path / "nfa" / "step_0000002.safetensors")
     assert snap.records[f"{layer}[v]"].c_nfa == records[f"{layer}[v]"].c_nfa
     assert torch.equal(snap.matrices[f"{layer}[v]"]["W0"], cb.monitor.W0[layer][32:])
+
+
+@pytest.mark.parametrize("module, other", [("diagnostics.hf", "slo_torch"), ("slo_torch.hf", "diagnostics")])
+def test_each_hf_module_loads_without_the_other_package(module: str, other: str) -> None:
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == {other!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

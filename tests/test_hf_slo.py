@@ -243,3 +243,24 @@ def test_console_line_shows_the_promoted_layer_and_summarises_the_rest(
     lo, mean, hi = (float(v) for v in line.split("min/mean/max': '")[1].split("'")[0].split("/"))
     assert lo == pytest.approx(min(rest), rel=1e-2) and hi == pytest.approx(max(rest), rel=1e-2)
     assert mean == pytest.approx(sum(rest) / len(rest), rel=1e-2)
+
+
+def test_deprecated_ordering_helpers_still_work(tmp_path: Path, train: Any) -> None:
+    from slo_torch.hf import ConsoleSummary, install_console_summary, run_before_reporters
+
+    class Ordered(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            self.first = run_before_reporters(self)
+            self.summary = install_console_summary(self, "x/", lambda names, kw: set())
+
+    recorder, ordered = Recorder(), Ordered()
+    trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, max_steps=1), train_dataset=train,
+                      callbacks=[recorder, ordered])
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        trainer.train()
+    callbacks = trainer.callback_handler.callbacks
+    assert ordered.first and ordered.summary and callbacks[0] is ordered
+    assert isinstance(callbacks[-2], ConsoleSummary) and callbacks[-2].owner is ordered
+    logs = {"x/a": 1.0, "x/b": 2.0, "x/c": 6.0, "loss": 0.5}
+    callbacks[-2].on_log(None, None, None, logs=logs)
+    assert logs == {"loss": 0.5, "x/<3 layers> min/mean/max": "1/3/6"}
