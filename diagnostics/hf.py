@@ -152,18 +152,6 @@ class NFACallback(TrainerCallback):
         self._pending: dict[str, float] = {}
         self._ordered = False
 
-    def _move_to_front(self) -> None:
-        """Run ahead of the ``report_to`` reporters so their ``on_log`` sees the NFA values."""
-        if _take_places(self, self._console_line) or self._ordered:
-            self._ordered = True
-            return
-        warnings.warn(
-            "NFACallback could not find the Trainer's callback list; reporters that run before it "
-            "will not see the nfa/* values (log_history still gets them). Put it first with "
-            "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback)).",
-            stacklevel=3,
-        )
-
     def _console_line(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
         """``on_log`` just before the console printer: per kind, the layers matching ``console_layers`` one
         by one and the others as one ``min/mean/max`` entry (reporters and ``log_history`` saw every layer)."""
@@ -197,7 +185,14 @@ class NFACallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Order this callback before the reporters and start the monitor (``W_0`` snapshot)."""
-        self._move_to_front()
+        self._ordered = _order_callbacks(self, self._console_line) or self._ordered
+        if not self._ordered:
+            warnings.warn(
+                "NFACallback could not find the Trainer's callback list; reporters that run before it "
+                "will not see the nfa/* values (log_history still gets them). Put it first with "
+                "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback)).",
+                stacklevel=2,
+            )
         if model is None:
             raise ValueError("NFACallback needs the model; use it through transformers.Trainer(callbacks=[...])")
         if self.monitor is not None and self.monitor.model is model:
@@ -292,7 +287,7 @@ def _summarise(logs: dict[str, Any] | None, prefix: str, shown: set[str]) -> Non
         f"{min(values):.3g}/{sum(values) / len(values):.3g}/{max(values):.3g}")
 
 
-def _take_places(callback: TrainerCallback, console: Callable[..., None]) -> bool:
+def _order_callbacks(callback: TrainerCallback, console: Callable[..., None]) -> bool:
     """From an event of ``callback``: move it first in the Trainer's callbacks (``self.callbacks`` of the calling
     ``CallbackHandler.call_event`` frame), ahead of the reporters, and once put a ``TrainerCallback`` whose ``on_log``
     is ``console`` just before the console printer. False (nothing changed) outside a Trainer."""

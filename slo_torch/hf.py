@@ -86,7 +86,7 @@ class SLOCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Run ahead of the reporters; warn once when ``max_grad_norm`` clipping meets grad-mode SLO."""
-        if not _take_places(self, self._console_line):
+        if not _order_callbacks(self, self._console_line):
             warnings.warn(
                 "SLOCallback could not find the Trainer's callback list; reporters that run before it "
                 "will not see the slo/* values (log_history still gets them). Put it first with "
@@ -190,7 +190,7 @@ def _trainer_callbacks(callback: TrainerCallback) -> list[TrainerCallback] | Non
     return None
 
 
-def _take_places(callback: TrainerCallback, console: Callable[..., None]) -> bool:
+def _order_callbacks(callback: TrainerCallback, console: Callable[..., None]) -> bool:
     """From an event of ``callback``: move it to the front of the Trainer's callbacks (ahead of the ``report_to``
     reporters, which then see what its ``on_log`` adds) and, once, put a ``TrainerCallback`` whose ``on_log`` is
     ``console`` just before the console printer / progress bar. False (nothing changed) outside a Trainer.
