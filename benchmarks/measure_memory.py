@@ -3,31 +3,26 @@
     python benchmarks/measure_memory.py --k 4096
 
 The peak is the largest sum of the sizes of the tensors allocated and not yet freed during the call,
-from the profiler's memory events (torch's CPU allocator keeps no statistics of its own).
+from the profiler's memory events (``memory_use.peak_bytes``; torch's CPU allocator keeps no statistics).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from diagnostics import NFAMonitor
 from diagnostics.ptk import measure_memory
 
-
-def peak_bytes(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # sibling modules, also when this file is loaded by path rather than run
+    sys.path.insert(0, HERE)
+from memory_use import peak_bytes  # noqa: E402
 
 
 def main() -> None:

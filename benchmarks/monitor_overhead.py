@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise KeyError(key)
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # sibling modules, also when this file is loaded by path rather than run
+    sys.path.insert(0, HERE)
+from memory_use import peak_rss_mb  # noqa: E402
 
 
 def run(args: argparse.Namespace, with_nfa: bool, out: str) -> tuple[float, float, int, float]:
@@ -72,13 +70,7 @@ def run(args: argparse.Namespace, with_nfa: bool, out: str) -> tuple[float, floa
     )
     trainer = Trainer(model, targs, train_dataset=data, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # no console dict per log
-    base = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    t0 = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - t0
-    extra_mb = (_status_kb("VmHWM") - base) / 1024
+    seconds, extra_mb = peak_rss_mb(trainer.train)
     n_measure = len(callbacks[0].monitor.history) if with_nfa else 0
     return seconds, extra_mb, n_measure, in_measure[0]
 

@@ -49,6 +49,11 @@ from diagnostics import ptk_covariance
 from diagnostics.engine import LayerHooks, for_each_chunk, vjp
 from diagnostics.layers import find_linear_layers
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # sibling modules, also when this file is loaded by path rather than run
+    sys.path.insert(0, HERE)
+from memory_use import peak_rss_mb  # noqa: E402
+
 D_IN, WIDTH, DEPTH, D_OUT = 3072, 256, 5, 10
 
 
@@ -93,25 +98,15 @@ def ours_K(model: nn.Sequential, x: torch.Tensor) -> dict[str, torch.Tensor]:
 METHODS: dict[str, Callable] = {"ours": ours_K, "authors": authors_K}
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def child(method: str, n: int, repeats: int, threads: int, out: str) -> None:
     """One method at one size, in this (fresh) process: memory of a full call, then warm time."""
     torch.set_num_threads(threads)
     fn = METHODS[method]
     model, x = authors_mlp(), probe(n)
     fn(model, x[:8])  # load kernels / vmap machinery without large buffers
-    base = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset the peak RSS (VmHWM)
-    K = fn(model, x)
-    extra_mb = (_status_kb("VmHWM") - base) / 1024
+    out_K: list[dict[str, torch.Tensor]] = []
+    _, extra_mb = peak_rss_mb(lambda: out_K.append(fn(model, x)))
+    K = out_K[0]
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -207,17 +202,6 @@ def lm_head_sketch(repeats: int) -> list[str]:
     ]
 
 
-def _peak_extra_mb(fn: Callable[[], None]) -> tuple[float, float]:
-    """(seconds, peak resident memory above the resident size before the call, in MB) of one call."""
-    base = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    t0 = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - t0
-    return seconds, (_status_kb("VmHWM") - base) / 1024
-
-
 def gpt2_small_child(threads: int, out: str) -> None:
     """GPT-2 small, default layers, sketch m = 8 on 4 x 128 tokens vs one forward+backward pass."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -236,9 +220,9 @@ def gpt2_small_child(threads: int, out: str) -> None:
 
     fwd_bwd(ids[:1, :8])  # warm-up without large buffers
     model.zero_grad(set_to_none=True)
-    t_step, mb_step = _peak_extra_mb(fwd_bwd)
+    t_step, mb_step = peak_rss_mb(fwd_bwd)
     model.zero_grad(set_to_none=True)
-    t_nfa, mb_nfa = _peak_extra_mb(lambda: mon.measure(ids, estimator="sketch", m=8, generator=0))
+    t_nfa, mb_nfa = peak_rss_mb(lambda: mon.measure(ids, estimator="sketch", m=8, generator=0))
     with open(out, "w") as fh:
         json.dump({"layers": len(mon.adapters), "t_step": t_step, "mb_step": mb_step, "t_nfa": t_nfa,
                    "mb_nfa": mb_nfa}, fh)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,17 +323,12 @@ def test_square_chunks_cannot_read_a_tokens_first_layer_transposed(chunk_size) -
 
 
 def _peak_bytes(fn) -> int:
-    """Peak of the bytes allocated and not yet freed while ``fn`` runs, from the profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    """Peak of the bytes allocated and not yet freed while ``fn`` runs (``benchmarks/memory_use.py``)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_use.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_memory_use", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.peak_bytes(fn)
 
 
 @pytest.mark.parametrize(
