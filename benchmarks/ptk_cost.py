@@ -47,6 +47,7 @@ from torch.func import jacrev, vmap
 
 from diagnostics import ptk_covariance
 from diagnostics.engine import LayerHooks, for_each_chunk, vjp
+from diagnostics.experiments import bias_free_mlp
 from diagnostics.layers import find_linear_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,13 +60,7 @@ D_IN, WIDTH, DEPTH, D_OUT = 3072, 256, 5, 10
 
 def authors_mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
     torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    d = D_IN
-    for _ in range(DEPTH):
-        layers += [nn.Linear(d, WIDTH, bias=False), nn.ReLU()]
-        d = WIDTH
-    layers.append(nn.Linear(d, D_OUT, bias=False))
-    return nn.Sequential(*layers).to(dtype)
+    return bias_free_mlp(D_IN, WIDTH, DEPTH, D_OUT).to(dtype)
 
 
 def probe(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
