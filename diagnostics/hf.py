@@ -38,15 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .optional import install_hint
+
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
 except ImportError as exc:
-    raise ModuleNotFoundError(
-        f"diagnostics.hf needs the optional package {exc.name or 'transformers'!r}; install it with: "
-        'pip install "slo-torch[hf]"',
-        name=exc.name,
-    ) from exc
+    raise ModuleNotFoundError(f"diagnostics.hf: {install_hint(exc.name or 'transformers')}", name=exc.name) from exc
 
 from . import distributed
 from .engine import OutputFn, probe_batch_size, split_probe
