@@ -47,7 +47,9 @@ except ImportError as exc:
     raise ModuleNotFoundError(f"diagnostics.hf: {install_hint(exc.name or 'transformers')}", name=exc.name) from exc
 
 from . import distributed
+from .common import check_choice
 from .engine import OutputFn, probe_batch_size, split_probe
+from .probe import move_probe
 from .io import load_snapshot
 from .monitor import NFAMonitor
 from .ptk import check_estimator
@@ -57,16 +59,6 @@ __all__ = ["NFACallback", "nfa_rows_from_log_history", "SNAPSHOT_DIR"]
 #: Sub-directory of ``args.output_dir`` that receives the snapshots.
 SNAPSHOT_DIR = "nfa"
 _KINDS = {"uc": "uc_nfa", "c": "c_nfa"}
-
-
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, Mapping):
-        return {k: _to_device(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to_device(v, device) for v in inputs)
-    return inputs
 
 
 def _rank() -> int:
@@ -127,8 +119,7 @@ class NFACallback(TrainerCallback):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
         check_estimator(estimator, m)
-        if correlation not in ("pearson", "cosine"):
-            raise ValueError(f"unknown correlation {correlation!r}; use 'pearson' or 'cosine'")
+        check_choice("correlation", correlation, ("pearson", "cosine"))
         if output_fn is not None and not callable(output_fn):
             raise TypeError("output_fn must be a callable mapping the model output to a tensor, or None")
         n = probe_batch_size(probe)  # also rejects probes that are not tensors / dicts / tuples
@@ -217,7 +208,7 @@ class NFACallback(TrainerCallback):
         gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
         gen.manual_seed((self.seed * 1_000_003 + state.global_step) * 1_009 + _rank())
         records = self.monitor.measure(
-            _to_device(shard, device), output_fn=self.output_fn, estimator=self.estimator, m=self.m,
+            move_probe(shard, device), output_fn=self.output_fn, estimator=self.estimator, m=self.m,
             generator=gen, step=state.global_step, chunk_size=self.chunk_size,
         )
         if self.save_snapshots:  # every rank calls save (FSDP2 gathers weights); world-process-zero writes

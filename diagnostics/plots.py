@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .files import atomic_write
+from .optional import install_hint
 
 __all__ = ["plot_nfa_curves", "plot_scalar_curves", "plot_matrices"]
 
@@ -58,10 +59,8 @@ def _figure(nrows: int, ncols: int, panel: tuple[float, float] = (4.0, 3.0)) -> 
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ModuleNotFoundError(
-            'diagnostics.plots needs matplotlib; install it with: pip install "slo-torch[examples]"',
-            name=exc.name,
-        ) from exc
+        raise ModuleNotFoundError(f"diagnostics.plots needs matplotlib; {install_hint('matplotlib')}",
+                                  name=exc.name) from exc
 
     fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)

@@ -18,6 +18,7 @@ __all__ = [
     "probe_batch_size",
     "split_probe",
     "describe_probe",
+    "move_probe",
     "default_output",
     "resolve_sample_mask",
 ]
@@ -56,6 +57,11 @@ def _map(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     """The probe with ``fn`` applied to each of its tensors."""
     values, rebuild = _entries(inputs)
     return rebuild([fn(v) if isinstance(v, Tensor) else v for v in values])
+
+
+def move_probe(inputs: Any, device: torch.device | str) -> Any:
+    """The probe with each of its tensors moved to ``device``."""
+    return _map(inputs, lambda t: t.to(device))
 
 
 def split_probe(inputs: Any, start: int, stop: int) -> Any:

@@ -34,7 +34,7 @@ from diagnostics.datasets import DataError, ImageData, centered_one_hot, channel
 from diagnostics.experiments import PhaseTimer, check_ready, command_line, exit_on, last_rows, make_parser
 from diagnostics.experiments import mean_std_table, namespace_settings, nfa_long_rows, nfa_row, nonnegative_int
 from diagnostics.experiments import positive_float, positive_int, set_seed, settings_table, torch_device
-from diagnostics.experiments import train_epochs, write_csv, write_run_info
+from diagnostics.experiments import eval_mode, train_epochs, write_csv, write_run_info
 from diagnostics.files import atomic_write_text
 from slo_torch import SLOptimizer, promote
 
@@ -113,13 +113,12 @@ def cnn_tensors(data: ImageData, device: torch.device) -> tuple[Tensor, Tensor, 
 @torch.no_grad()
 def loss_accuracy(model: nn.Module, X: Tensor, Y: Tensor, batch: int = 1000) -> tuple[float, float]:
     """MSE ``mean((f(x) - y)^2)`` and accuracy ``mean(argmax f(x) == argmax y)`` in eval mode, in batches."""
-    model.eval()
     sq, hits = X.new_zeros((), dtype=torch.float64), X.new_zeros((), dtype=torch.int64)
-    for start in range(0, X.shape[0], batch):
-        out, y = model(X[start:start + batch]), Y[start:start + batch]
-        sq += ((out - y) ** 2).sum(dtype=torch.float64)
-        hits += (out.argmax(dim=1) == y.argmax(dim=1)).sum()
-    model.train()
+    with eval_mode(model):
+        for start in range(0, X.shape[0], batch):
+            out, y = model(X[start:start + batch]), Y[start:start + batch]
+            sq += ((out - y) ** 2).sum(dtype=torch.float64)
+            hits += (out.argmax(dim=1) == y.argmax(dim=1)).sum()
     return float(sq / Y.numel()), float(hits) / X.shape[0]
 
 

@@ -35,7 +35,7 @@ from diagnostics.datasets import mlp_tensors, pixel_map
 from diagnostics.experiments import PhaseTimer, bias_free_mlp, check_ready, command_line, exit_on, last_rows
 from diagnostics.experiments import make_parser, mean_std_table, namespace_settings, nfa_long_rows, nfa_row
 from diagnostics.experiments import nonnegative_float, positive_float, progress, set_seed, settings_table
-from diagnostics.experiments import torch_device, train_epochs, write_csv, write_run_info
+from diagnostics.experiments import eval_mode, torch_device, train_epochs, write_csv, write_run_info
 from diagnostics.files import atomic_write_text
 from slo_torch import SLOptimizer, promote
 
@@ -53,9 +53,8 @@ AUTHORS_PRESET = {"cifar10": (2.0, 150), "cifar100": (2.0, 150), "svhn": (2.0, 1
 @torch.no_grad()
 def loss_accuracy(model: nn.Module, X: Tensor, Y: Tensor, labels: Tensor) -> tuple[float, float]:
     """MSE ``mean((f(x) - y)^2)`` and accuracy ``mean(argmax f(x) == label)`` in eval mode."""
-    model.eval()
-    out = model(X)
-    model.train()
+    with eval_mode(model):
+        out = model(X)
     return float(((out - Y) ** 2).mean()), float((out.argmax(dim=1) == labels).float().mean())
 
 

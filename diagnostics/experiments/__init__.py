@@ -36,6 +36,7 @@ from .report import (
 from .training import (
     PhaseTimer,
     bias_free_mlp,
+    eval_mode,
     eval_schedule,
     hidden_layers,
     minibatches,

@@ -19,6 +19,7 @@ from torch import nn
 from ..common import eval_mode
 
 __all__ = [
+    "eval_mode",
     "bias_free_mlp",
     "hidden_layers",
     "scale_init_",
