@@ -4,8 +4,11 @@ for the tests that train, and the tiny GPT-2 character model of ``examples/hf_tr
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
+import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,6 +35,31 @@ def load_example(name: str, module_name: str | None = None) -> ModuleType:
         del sys.modules[module_name]
         raise
     return module
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(argv: Callable[[int], list[str]], world: int = 2, env: Callable[[int], Mapping[str, str]] | None = None,
+              timeout: float = 300) -> list[str]:
+    """Run ``python *argv(rank)`` for every rank at once (extra environment ``env(rank)``) and return each
+    one's stdout + stderr; fail the test with every log unless all exit 0 in ``timeout`` seconds."""
+    procs = [subprocess.Popen([sys.executable, *argv(rank)], env={**os.environ, **(env(rank) if env else {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"processes still running after {timeout} s (a hang in a collective?)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return logs
 
 
 def tiny_gpt2(ex: ModuleType) -> torch.nn.Module:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import free_port, run_ranks
 from diagnostics import NFAMonitor, load_snapshot, ptk_covariance
 
 WORKER = textwrap.dedent(
@@ -41,29 +39,12 @@ WORKER = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_processes_match_one(tmp_path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = str(free_port())
-    procs = [
-        subprocess.Popen([sys.executable, str(script), str(r), port, str(tmp_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    run_ranks(lambda r: [str(script), str(r), port, str(tmp_path)], timeout=120)
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).double()
@@ -119,18 +100,7 @@ def test_empty_shard_and_a_failing_rank_still_join_the_collective(tmp_path) -> N
     script = tmp_path / "worker.py"
     script.write_text(FAILING_WORKER)
     port = str(free_port())
-    procs = [
-        subprocess.Popen([sys.executable, str(script), str(r), port],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    logs = run_ranks(lambda r: [str(script), str(r), port], timeout=120)
     assert all("N 4" in log for log in logs), "\n".join(logs)
     rows = [next(line for line in log.splitlines() if line.startswith("R ")) for log in logs]
     assert rows[0] == rows[1] and rows[0].startswith("R analytic 4 "), rows

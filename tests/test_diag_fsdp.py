@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,7 +13,7 @@ from diagnostics import NFAMonitor, load_snapshot
 
 transformers = pytest.importorskip("transformers")
 
-from test_diag_distributed import free_port  # noqa: E402
+from conftest import free_port, run_ranks  # noqa: E402
 
 COMMON = textwrap.dedent(
     """
@@ -117,19 +115,7 @@ WORKER = COMMON + textwrap.dedent(
 
 def run_workers(script: str, args: list[str], timeout: int = 300) -> list[str]:
     port = str(free_port())
-    procs = [
-        subprocess.Popen([sys.executable, script, str(r), port, *args],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return logs
+    return run_ranks(lambda r: [script, str(r), port, *args], timeout=timeout)
 
 
 def unsharded_reference():

@@ -6,7 +6,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import torch
 
 pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
-from conftest import SEQ, char_ids, load_example, tiny_gpt2  # noqa: E402
+from conftest import SEQ, char_ids, free_port, load_example, tiny_gpt2  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -140,12 +139,6 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path: Path
     written = files_under(tmp_path / "out_rank0")
     assert "trainer_state.json" in written
     assert {"nfa/step_0000002.safetensors", "nfa/step_0000004.safetensors"} <= set(written)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Runs the example as ``__main__`` and reports, after it returned, whether it left the process group alive: a

@@ -10,9 +10,6 @@ Trainer's own FSDP2 path runs: ``fsdp2_prepare_model`` wraps every ``GPT2Block``
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,7 +17,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from test_diag_distributed import free_port  # noqa: E402
+from conftest import free_port, run_ranks  # noqa: E402
 
 from diagnostics import load_snapshot  # noqa: E402
 
@@ -77,22 +74,9 @@ def result(log: str) -> dict:
 
 def run(script, mode: str, out, world: int) -> list[dict]:
     port = str(free_port())
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ)
-        if world > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(script), mode, str(out)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return [result(log) for log in logs]
+    env = (lambda r: dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) if world > 1 else None
+    return [result(log) for log in run_ranks(lambda r: [str(script), mode, str(out)], world, env, timeout=600)]
 
 
 def test_trainer_fsdp2_callback_logs_equal_one_unsharded_process(tmp_path) -> None:

@@ -8,14 +8,12 @@ the tests compare it with an unsharded single-process run on the full batch.
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from conftest import free_port, run_ranks
 from slo_torch import SLOptimizer
 
 pytestmark = pytest.mark.distributed
@@ -155,33 +153,14 @@ WORKER = COMMON + textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("slo_dist")
     script, out = tmp / "worker.py", tmp / "results.pt"
-    port = str(_free_port())
+    port = str(free_port())
     script.write_text(f"WRAPPERS = {WRAPPERS!r}\n" + WORKER)
-    procs = [
-        subprocess.Popen([sys.executable, str(script), str(rank), "2", port, str(out), repr(CONFIGS),
-                          repr(SPEEDS), str(STEPS)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=150)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("distributed workers timed out (hang)")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    run_ranks(lambda rank: [str(script), str(rank), "2", port, str(out), repr(CONFIGS), repr(SPEEDS), str(STEPS)],
+              timeout=150)
     return [torch.load(f"{out}.{rank}") for rank in range(2)]
 
 
