@@ -144,7 +144,32 @@ def attention_forward(
             "tensors (with a key_padding_mask) to measure it"
         )
     batched = query.dim() == 3
-    if m.batch_first and batched:  # keep the "is" relations between query, key and value, as nn.MultiheadAttention does
+    query, key, value, key_padding_mask = _sequence_first(m, query, key, value, key_padding_mask)
+    L, B, E = query.shape
+    key_padding_mask, attn_mask, is_causal = _masks(key_padding_mask, attn_mask, is_causal, need_weights, query.dtype)
+    record = partial(_record, names, recorder)
+    q, k, v = _in_projection(m, query, key, value)
+    q, k, v = record("q", query, q), record("k", key, k), record("v", value, v)
+    q, k, v, attn_mask = _heads(m, q, k, v, attn_mask, key_padding_mask)
+    a, weights = _attend(q, k, v, attn_mask, m.dropout if m.training else 0.0, is_causal, need_weights, (L, B, E))
+    if weights is not None and average_attn_weights:
+        weights = weights.mean(dim=1)
+    out = F.linear(a, m.out_proj.weight, m.out_proj.bias)
+    out = record("out_proj", a.view(L, B, E), out.view(L, B, out.size(1)))
+    if not batched:
+        out = out.squeeze(1)
+        weights = weights.squeeze(0) if weights is not None else None
+    if m.batch_first and batched:
+        out = out.transpose(1, 0)
+    return out, weights
+
+
+def _sequence_first(
+    m: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Query, key and value as ``(L, B, E)`` and the padding mask as ``(B, S)``, keeping the ``is``
+    relations between query, key and value, as ``nn.MultiheadAttention`` does."""
+    if m.batch_first and query.dim() == 3:
         if key is value:
             if query is key:
                 query = key = value = query.transpose(1, 0)
@@ -153,53 +178,65 @@ def attention_forward(
                 value = key
         else:
             query, key, value = (x.transpose(1, 0) for x in (query, key, value))
-    if not batched:
+    if query.dim() == 2:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
-    L, B, E = query.shape
-    H = m.num_heads
-    hd = E // H
+    return query, key, value, key_padding_mask
 
-    key_padding_mask = _float_mask(key_padding_mask, query.dtype)
+
+def _masks(
+    key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool, need_weights: bool, dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor | None, bool]:
+    """Both masks as additive float masks, and ``is_causal`` as ``F.multi_head_attention_forward`` uses it."""
+    key_padding_mask = _float_mask(key_padding_mask, dtype)
     if is_causal and attn_mask is None:
         raise RuntimeError("Need attn_mask if specifying the is_causal hint (nn.MultiheadAttention)")
     if is_causal and key_padding_mask is None and not need_weights:
-        attn_mask = None  # scaled_dot_product_attention applies the causal mask itself
-    else:
-        attn_mask = _float_mask(attn_mask, query.dtype)
-        if key_padding_mask is not None:
-            is_causal = False
+        return key_padding_mask, None, is_causal  # scaled_dot_product_attention applies the causal mask itself
+    attn_mask = _float_mask(attn_mask, dtype)
+    return key_padding_mask, attn_mask, is_causal and key_padding_mask is None
 
-    def project(role: str, x: Tensor, h: Tensor) -> Tensor:
-        """Record ``h`` as layer ``names[role]`` with input ``x``, both ``(L, B, *)``, batch-major."""
-        name = names.get(role)
-        if name is None or not recorder.is_recording:  # e.g. recomputed by checkpointing in a backward pass
-            return h
-        return recorder.record(name, h.transpose(0, 1), x.transpose(0, 1)).transpose(0, 1)
 
-    # in-projection: the same linear calls as F._in_projection_packed / F._in_projection
-    b = m.in_proj_bias
-    if m._qkv_same_embed_dim:
-        W = m.in_proj_weight
-        if key is value and query is key:
-            q, k, v = _split_packed(F.linear(query, W, b), 3, E)
-        elif key is value:
-            w_q, w_kv = W.split([E, E * 2])
-            b_q, b_kv = b.split([E, E * 2]) if b is not None else (None, None)
-            q = F.linear(query, w_q, b_q)
-            k, v = _split_packed(F.linear(key, w_kv, b_kv), 2, E)
-        else:
-            w_q, w_k, w_v = W.chunk(3)
-            b_q, b_k, b_v = b.chunk(3) if b is not None else (None, None, None)
-            q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
-    else:
+def _record(names: dict[str, str], recorder: Recorder, role: str, x: Tensor, h: Tensor) -> Tensor:
+    """Record ``h`` as layer ``names[role]`` with input ``x``, both ``(L, B, *)``, batch-major."""
+    name = names.get(role)
+    if name is None or not recorder.is_recording:  # e.g. recomputed by checkpointing in a backward pass
+        return h
+    return recorder.record(name, h.transpose(0, 1), x.transpose(0, 1)).transpose(0, 1)
+
+
+def _in_projection(
+    m: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``q, k, v``: the same linear calls as ``F._in_projection_packed`` / ``F._in_projection``."""
+    b, E = m.in_proj_bias, query.shape[-1]
+    if not m._qkv_same_embed_dim:
         b_q, b_k, b_v = b.chunk(3) if b is not None else (None, None, None)
         q = F.linear(query, m.q_proj_weight, b_q)
-        k = F.linear(key, m.k_proj_weight, b_k)
-        v = F.linear(value, m.v_proj_weight, b_v)
-    q, k, v = project("q", query, q), project("k", key, k), project("v", value, v)
+        return q, F.linear(key, m.k_proj_weight, b_k), F.linear(value, m.v_proj_weight, b_v)
+    W = m.in_proj_weight
+    if key is value and query is key:
+        q, k, v = _split_packed(F.linear(query, W, b), 3, E)
+        return q, k, v
+    if key is value:
+        w_q, w_kv = W.split([E, E * 2])
+        b_q, b_kv = b.split([E, E * 2]) if b is not None else (None, None)
+        k, v = _split_packed(F.linear(key, w_kv, b_kv), 2, E)
+        return F.linear(query, w_q, b_q), k, v
+    w_q, w_k, w_v = W.chunk(3)
+    b_q, b_k, b_v = b.chunk(3) if b is not None else (None, None, None)
+    return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
+
+def _heads(
+    m: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``q, k, v`` split into heads ``(B·H, L or S, hd)`` with ``bias_k``/``bias_v`` and the zero
+    attention position appended, and the padding mask merged into the ``(B·H, 1 or L, S)`` attention mask."""
+    L, B, E = q.shape
+    H = m.num_heads
+    hd = E // H
     if attn_mask is not None and attn_mask.dim() == 2:
         attn_mask = attn_mask.unsqueeze(0)
     if m.bias_k is not None and m.bias_v is not None:
@@ -219,8 +256,18 @@ def attention_forward(
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.view(B, 1, 1, S).expand(-1, H, -1, -1).reshape(B * H, 1, S)
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
-    dropout_p = m.dropout if m.training else 0.0
+    return q, k, v, attn_mask
 
+
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, is_causal: bool, need_weights: bool,
+    shape: tuple[int, int, int],
+) -> tuple[Tensor, Tensor | None]:
+    """The concatenated heads ``a = softmax(q k^T / sqrt(hd) + mask) v`` as ``(L·B, E)`` and, with
+    ``need_weights``, the attention weights ``(B, H, L, S)`` (PyTorch's two paths, op for op)."""
+    L, B, E = shape
+    BH, S, hd = k.shape
+    H = BH // B
     if need_weights:
         q_scaled = q * math.sqrt(1.0 / float(hd))
         if attn_mask is not None:
@@ -231,25 +278,13 @@ def attention_forward(
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
         a = torch.bmm(weights, v).transpose(0, 1).reshape(L * B, E)
-        weights = weights.view(B, H, L, S)
-        if average_attn_weights:
-            weights = weights.mean(dim=1)
-    else:
-        if attn_mask is not None:
-            if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
-                attn_mask = attn_mask.unsqueeze(0)
-            else:
-                attn_mask = attn_mask.view(B, H, -1, S)
-        a = F.scaled_dot_product_attention(
-            q.view(B, H, L, hd), k.view(B, H, S, hd), v.view(B, H, S, hd), attn_mask, dropout_p, is_causal
-        )
-        a = a.permute(2, 0, 1, 3).reshape(B * L, E)
-        weights = None
-    out = F.linear(a, m.out_proj.weight, m.out_proj.bias)
-    out = project("out_proj", a.view(L, B, E), out.view(L, B, out.size(1)))
-    if not batched:
-        out = out.squeeze(1)
-        weights = weights.squeeze(0) if weights is not None else None
-    if m.batch_first and batched:
-        out = out.transpose(1, 0)
-    return out, weights
+        return a, weights.view(B, H, L, S)
+    if attn_mask is not None:
+        if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
+        else:
+            attn_mask = attn_mask.view(B, H, -1, S)
+    a = F.scaled_dot_product_attention(
+        q.view(B, H, L, hd), k.view(B, H, S, hd), v.view(B, H, S, hd), attn_mask, dropout_p, is_causal
+    )
+    return a.permute(2, 0, 1, 3).reshape(B * L, E), None
