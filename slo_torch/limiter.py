@@ -82,10 +82,9 @@ class SpeedLimiter:
         """Install ``plan`` and forget what was derived from the previous one."""
         self._plan = plan
         self._lr_cache: tuple[tuple[Any, ...], Tensor] | None = None
-        self._foreach: bool | None = None  # verdict of _coefficient_buffer, once per plan
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_plan", "_snapshot", "_lr_cache", "_foreach")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_plan", "_snapshot", "_lr_cache")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -182,14 +181,14 @@ class SpeedLimiter:
 
     def _coefficient_buffer(self, tensors: list[Tensor], owners: list[int] | None) -> CoefficientBuffer | None:
         """The fast path of :func:`scale_layers_`, chosen here for both modes: every limited tensor is
-        present and they are dense, of one dtype and on the plan's device (checked once per plan)."""
-        if owners is not None:
+        present and they are dense, of one dtype and on the plan's device. Checked at every step (a few
+        attribute reads per tensor): a layer can change dtype or device between steps without a new plan."""
+        if owners is not None or not tensors:
             return None
         plan = self._current()
-        if self._foreach is None:
-            dtype = tensors[0].dtype if tensors else None
-            self._foreach = all(not t.is_sparse and t.device == plan.device and t.dtype == dtype for t in tensors)
-        return plan.coefficients if self._foreach else None
+        dtype = tensors[0].dtype
+        fast = all(not t.is_sparse and t.device == plan.device and t.dtype == dtype for t in tensors)
+        return plan.coefficients if fast else None
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

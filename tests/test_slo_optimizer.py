@@ -923,3 +923,37 @@ def test_update_mode_lbfgs_on_a_degenerate_loss_steps_like_lbfgs() -> None:
                 opt.step(closure)
         results[mode] = [bool(torch.isfinite(p).all()) for p in model.parameters()]
     assert results["update"] == results["plain"] == [False] * 4
+
+
+@pytest.mark.parametrize("mode", ["grad", "update"])
+def test_a_layer_that_changes_dtype_mid_run_leaves_the_one_dtype_fast_path(mode, monkeypatch) -> None:
+    """The fast path of the rescaling needs one dtype: after one layer turns bfloat16 between steps the
+    tensors are grouped by dtype, and each layer still moves by ``lr * C_l``."""
+    import slo_torch.limiter as limiter
+
+    paths: list[bool] = []
+    for name in ("scale_layers_", "rescale_updates_"):
+        real = getattr(limiter, name)
+
+        def spy(*args, _real=real, **kwargs):
+            paths.append(args[-1] is not None)  # a CoefficientBuffer: the one-dtype fast path
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(limiter, name, spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.Linear(8, 3, bias=False))
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds={"0": 1.0, "1": 0.5},
+                      mode=mode)
+    x = torch.randn(16, 4)
+    for step in range(2):
+        if step == 1:
+            model[1].to(torch.bfloat16)
+        before = [p.detach().double().clone() for p in model.parameters()]
+        opt.zero_grad()
+        h = model[0](x).to(model[1].weight.dtype)
+        model[1](h).float().square().mean().backward()
+        opt.step()
+        moved = [(p.detach().double() - b).norm().item() for p, b in zip(model.parameters(), before)]
+        bf16_rounding = 5e-2 if step == 1 else 1e-5  # the bfloat16 weights round the step they take
+        assert moved[0] == pytest.approx(0.1, rel=1e-5) and moved[1] == pytest.approx(0.05, rel=bf16_rounding)
+    assert paths == [True, False]
