@@ -31,7 +31,7 @@ import glob
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -54,7 +54,7 @@ from .io import load_snapshot
 from .monitor import NFAMonitor
 from .ptk import check_estimator
 
-__all__ = ["NFACallback", "nfa_rows_from_log_history", "SNAPSHOT_DIR"]
+__all__ = ["NFACallback", "NFAConsoleSummary", "nfa_rows_from_log_history", "SNAPSHOT_DIR"]
 
 #: Sub-directory of ``args.output_dir`` that receives the snapshots.
 SNAPSHOT_DIR = "nfa"
@@ -174,7 +174,7 @@ class NFACallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Order this callback before the reporters and start the monitor (``W_0`` snapshot)."""
-        self._ordered = _order_callbacks(self, self._console_line) or self._ordered
+        self._ordered = _order_callbacks(self, NFAConsoleSummary(self)) or self._ordered
         if not self._ordered:
             warnings.warn(
                 "NFACallback could not find the Trainer's callback list; reporters that run before it "
@@ -276,10 +276,21 @@ def _summarise(logs: dict[str, Any] | None, prefix: str, shown: set[str]) -> Non
         f"{min(values):.3g}/{sum(values) / len(values):.3g}/{max(values):.3g}")
 
 
-def _order_callbacks(callback: TrainerCallback, console: Callable[..., None]) -> bool:
+class NFAConsoleSummary(TrainerCallback):
+    """Put just before the console printer by ``owner`` (an :class:`NFACallback`); its ``on_log`` shortens
+    the NFA entries of the console line (``owner._console_line``)."""
+
+    def __init__(self, owner: NFACallback) -> None:
+        self.owner = owner
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self.owner._console_line(args, state, control, logs=logs, **kwargs)
+
+
+def _order_callbacks(callback: TrainerCallback, summary: NFAConsoleSummary) -> bool:
     """From an event of ``callback``: move it first in the Trainer's callbacks (``self.callbacks`` of the calling
-    ``CallbackHandler.call_event`` frame), ahead of the reporters, and once put a ``TrainerCallback`` whose ``on_log``
-    is ``console`` just before the console printer. False (nothing changed) outside a Trainer."""
+    ``CallbackHandler.call_event`` frame), ahead of the reporters, and once put ``summary`` just before the
+    console printer. False (nothing changed) outside a Trainer."""
     frame = sys._getframe(1)
     while frame is not None and not (
         isinstance(frame.f_locals.get("self"), CallbackHandler) and callback in frame.f_locals["self"].callbacks
@@ -290,8 +301,6 @@ def _order_callbacks(callback: TrainerCallback, console: Callable[..., None]) ->
     callbacks = frame.f_locals["self"].callbacks
     callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
     printers = [i for i, c in enumerate(callbacks) if isinstance(c, (PrinterCallback, ProgressCallback))]
-    if printers and not any(c.on_log == console for c in callbacks):
-        hook = TrainerCallback()
-        hook.on_log = console  # type: ignore[method-assign]
-        callbacks.insert(printers[0], hook)
+    if printers and not any(isinstance(c, NFAConsoleSummary) and c.owner is callback for c in callbacks):
+        callbacks.insert(printers[0], summary)
     return True

@@ -86,7 +86,7 @@ class SLOCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Run ahead of the reporters; warn once when ``max_grad_norm`` clipping meets grad-mode SLO."""
-        if not _order_callbacks(self, self._console_line):
+        if not _order_callbacks(self, ConsoleSummary(self, self.prefix, self._shown)):
             warnings.warn(
                 "SLOCallback could not find the Trainer's callback list; reporters that run before it "
                 "will not see the slo/* values (log_history still gets them). Put it first with "
@@ -146,14 +146,30 @@ class SLOCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
 
-    def _console_line(
+    def _shown(self, names: list[str], event_kwargs: dict[str, Any]) -> set[str]:
+        """The layers the console line shows one by one (see :func:`_console_names`)."""
+        return _console_names(self._slo(event_kwargs), self.console_layers, names)
+
+
+#: ``shown(layer names, event kwargs)``: the layers a console line shows one by one.
+ShownFn = Callable[[list[str], dict[str, Any]], "set[str]"]
+
+
+class ConsoleSummary(TrainerCallback):
+    """Put just before the console printer by ``owner`` (an :class:`SLOCallback`). ``on_log``: of the
+    ``logs`` entries ``<prefix><name>``, keeps those whose name is in ``shown(names, event_kwargs)`` and
+    replaces the others by one ``<prefix><n [other] layers> min/mean/max`` entry (the reporters and
+    ``log_history``, which run before it, get every layer)."""
+
+    def __init__(self, owner: TrainerCallback, prefix: str, shown: ShownFn) -> None:
+        self.owner, self.prefix, self.shown = owner, prefix, shown
+
+    def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         logs: dict[str, Any] | None = None, **kwargs: Any,
     ) -> None:
-        """``on_log`` just before the console printer: per-layer norms of :func:`_console_names`, the rest
-        as one ``min/mean/max`` entry (the reporters and ``log_history`` have seen every layer)."""
         names = [k[len(self.prefix):] for k in logs or {} if k.startswith(self.prefix)]
-        _summarise(logs, self.prefix, _console_names(self._slo(kwargs), self.console_layers, names))
+        _summarise(logs, self.prefix, self.shown(names, kwargs))
 
 
 def _console_names(slo: Any, patterns: Sequence[str] | None, names: Sequence[str]) -> set[str]:
@@ -190,10 +206,10 @@ def _trainer_callbacks(callback: TrainerCallback) -> list[TrainerCallback] | Non
     return None
 
 
-def _order_callbacks(callback: TrainerCallback, console: Callable[..., None]) -> bool:
+def _order_callbacks(callback: TrainerCallback, summary: ConsoleSummary) -> bool:
     """From an event of ``callback``: move it to the front of the Trainer's callbacks (ahead of the ``report_to``
-    reporters, which then see what its ``on_log`` adds) and, once, put a ``TrainerCallback`` whose ``on_log`` is
-    ``console`` just before the console printer / progress bar. False (nothing changed) outside a Trainer.
+    reporters, which then see what its ``on_log`` adds) and, once, put ``summary`` just before the console
+    printer / progress bar. False (nothing changed) outside a Trainer.
 
     Moving the element at index ``i`` to ``0`` while the handler iterates at ``i`` keeps every later index,
     so no callback is skipped or called twice."""
@@ -201,10 +217,8 @@ def _order_callbacks(callback: TrainerCallback, console: Callable[..., None]) ->
     if callbacks is None:
         return False
     callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
-    if not any(c.on_log == console for c in callbacks):
-        hook = TrainerCallback()
-        hook.on_log = console  # type: ignore[method-assign]
-        _insert_before_printer(callbacks, hook)
+    if not any(isinstance(c, ConsoleSummary) and c.owner is callback for c in callbacks):
+        _insert_before_printer(callbacks, summary)
     return True
 
 
@@ -217,7 +231,6 @@ def _insert_before_printer(callbacks: list[TrainerCallback], hook: TrainerCallba
 
 
 # ------------------------------------------------------------------------------ deprecated
-ShownFn = Callable[[list[str], dict[str, Any]], "set[str]"]
 
 
 def _deprecated(name: str) -> None:
@@ -235,23 +248,6 @@ def run_before_reporters(callback: TrainerCallback) -> bool:
     return callbacks is not None
 
 
-class ConsoleSummary(TrainerCallback):
-    """Deprecated. ``on_log``: of the ``logs`` entries ``<prefix><name>``, keeps those whose name is in
-    ``shown(names, event_kwargs)`` and replaces the others by one ``<prefix><n [other] layers> min/mean/max``
-    entry."""
-
-    def __init__(self, owner: TrainerCallback, prefix: str, shown: ShownFn) -> None:
-        _deprecated("ConsoleSummary")
-        self.owner, self.prefix, self.shown = owner, prefix, shown
-
-    def on_log(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-        logs: dict[str, Any] | None = None, **kwargs: Any,
-    ) -> None:
-        names = [k[len(self.prefix):] for k in logs or {} if k.startswith(self.prefix)]
-        _summarise(logs, self.prefix, self.shown(names, kwargs))
-
-
 def install_console_summary(owner: TrainerCallback, prefix: str, shown: ShownFn) -> bool:
     """Deprecated. From one of ``owner``'s events, put a :class:`ConsoleSummary` just before the Trainer's
     console printer, once per ``(owner, prefix)``; False if the callback list or the printer is not found."""
@@ -261,7 +257,4 @@ def install_console_summary(owner: TrainerCallback, prefix: str, shown: ShownFn)
         return False
     if any(getattr(c, "owner", None) is owner and getattr(c, "prefix", None) == prefix for c in callbacks):
         return True
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        summary = ConsoleSummary(owner, prefix, shown)
-    return _insert_before_printer(callbacks, summary)
+    return _insert_before_printer(callbacks, ConsoleSummary(owner, prefix, shown))

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from diagnostics import NFAMonitor, load_snapshot  # noqa: E402
-from diagnostics.hf import NFACallback, nfa_rows_from_log_history  # noqa: E402
+from diagnostics.hf import NFACallback, NFAConsoleSummary, nfa_rows_from_log_history  # noqa: E402
 
 from conftest import SEQ, char_ids, load_example, tiny_gpt2  # noqa: E402
 
@@ -59,7 +59,10 @@ def test_values_reach_log_history_and_reporters_registered_before_it(tmp_path: P
     # The recorder is registered before the callback, as the Trainer registers report_to reporters.
     trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, max_steps=5), train_dataset=train, callbacks=[rec, cb])
     trainer.train()
-    assert trainer.callback_handler.callbacks[0] is cb
+    callbacks = trainer.callback_handler.callbacks
+    assert callbacks[0] is cb
+    summaries = [c for c in callbacks if isinstance(c, NFAConsoleSummary)]  # one, just before the printer
+    assert len(summaries) == 1 and summaries[0].owner is cb and callbacks[-2] is summaries[0]
     entries = nfa_entries(trainer.state.log_history)
     assert [e["step"] for e in entries] == [2, 4, 5]  # cadence, plus the last step
     layers = cb.monitor.layer_names

@@ -166,6 +166,12 @@ def test_callback_warns_on_clipping_and_runs_before_reporters(tmp_path: Path, tr
     clipping = [w for w in caught if "max_grad_norm" in str(w.message)]
     assert len(clipping) == (1 if clip > 0 else 0)
     assert any(k.startswith("slo/grad_norm/") for k in recorder.logs[0])  # the reporter saw the values
+    assert not any(issubclass(w.category, DeprecationWarning) and "slo_torch" in str(w.message) for w in caught)
+    from slo_torch.hf import ConsoleSummary
+
+    callbacks = trainer.callback_handler.callbacks
+    summaries = [c for c in callbacks if isinstance(c, ConsoleSummary)]  # one, just before the printer
+    assert len(summaries) == 1 and summaries[0].owner is callbacks[0] and callbacks[-2] is summaries[0]
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["AdamW", "fused AdamW"])
