@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from .common import eval_mode
+from .common import eval_mode, moved_names
 from .hooks import LayerHooks
 from .probe import (
     Chunk,
@@ -132,7 +132,7 @@ def for_each_chunk(
                 part_mask = None if mask is None else mask[start : start + n].to(f.device)
                 if adaptive:
                     chunk_size = chunk_samples(f, hooks.outputs, n)
-                fn(Chunk(f, dict(hooks.outputs), dict(hooks.inputs), mask=part_mask, start=start,
+                fn(Chunk(f=f, outputs=dict(hooks.outputs), inputs=dict(hooks.inputs), mask=part_mask, start=start,
                          returned=dict(hooks.returned)))
                 del out, f
 
@@ -179,3 +179,10 @@ def chunk_samples(f: Tensor, outputs: Mapping[str, list[Tensor]], n: int, budget
     numel = f.numel() + sum(h.numel() for hs in outputs.values() for h in hs)
     per_sample = max(1, numel * f.element_size() // max(n, 1))
     return max(1, min(DEFAULT_CHUNK_SIZE, budget // per_sample))
+
+
+#: Names this module used to provide, now read from the modules that hold them (deprecated).
+__getattr__ = moved_names(__name__, {
+    "BATCHED_VJP": "diagnostics.vjps",
+    "LayerAdapter": "diagnostics.layers",
+})

@@ -25,6 +25,7 @@ from torch import Tensor
 from .files import atomic_write
 from .nfa import NORM_KEYS
 from .records import LayerRecord
+from .common import moved_names
 
 __all__ = ["Snapshot", "write_snapshot", "save_snapshot", "load_snapshot"]
 
@@ -117,3 +118,9 @@ def load_snapshot(path: str | os.PathLike) -> Snapshot:
         matrices=matrices,
         rows=json.loads(meta["records"]),
     )
+
+
+#: Names this module used to provide, now read from the modules that hold them (deprecated).
+__getattr__ = moved_names(__name__, {
+    "full_weight": "diagnostics.sharded",
+})

@@ -127,8 +127,9 @@ class LayerAdapter:
 
     @property
     def kind(self) -> str:
-        """Deprecated: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"attention"``; test the adapter's class instead."""
-        warnings.warn("LayerAdapter.kind is deprecated; use isinstance(adapter, ...)", DeprecationWarning, stacklevel=2)
+        """Deprecated: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"attention"``; test the layer's module instead."""
+        warnings.warn("LayerAdapter.kind is deprecated; test the layer's module, e.g. "
+                      "isinstance(adapter.module, nn.Linear)", DeprecationWarning, stacklevel=2)
         return next((_KINDS[c.__name__] for c in type(self).__mro__ if c.__name__ in _KINDS), "linear")
 
 

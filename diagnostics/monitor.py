@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .blocks import BlockSpec, resolve_blocks
-from .common import check_choice
+from .common import check_choice, moved_names
 from .hooks import LayerHooks
 from .io import Snapshot, write_snapshot
 from .kernel import covariance_from_sums, work_dtype
@@ -285,3 +285,9 @@ class NFAMonitor:
             f"NFAMonitor(layers={self.layer_names}, correlation={self.correlation!r}, "
             f"agop_power={self.agop_power}, measurements={len(self.history)}, attached={self.attached})"
         )
+
+
+#: Names this module used to provide, now read from the modules that hold them (deprecated).
+__getattr__ = moved_names(__name__, {
+    "check_estimator": "diagnostics.settings",
+})

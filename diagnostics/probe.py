@@ -154,7 +154,7 @@ def resolve_sample_mask(inputs: Any, sample_mask: SampleMask = None) -> Tensor |
     return mask
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Chunk:
     """One forward pass: outputs ``f`` (B, ...) and per layer the recorded outputs/inputs; ``mask``
     (B, T) marks the real tokens (``None``: every row is a sample)."""

@@ -29,6 +29,7 @@ from .output_layer import model_output_layers
 from .probe import Chunk, OutputFn, SampleMask
 from .settings import ESTIMATORS, EstimatorSettings, check_estimator, legacy_settings
 from .vjps import VJPPlan, basis_cotangents, block_size, random_cotangents, vjp
+from .common import moved_names
 
 __all__ = [
     "ptk_covariance",
@@ -273,3 +274,12 @@ def layer_jacobians(
         sample_mask=sample_mask,
     )
     return {n: (torch.cat(xs[n], dim=0), torch.cat(gs[n], dim=1)) for n in adapters}
+
+
+#: Names this module used to provide, now read from the modules that hold them (deprecated).
+__getattr__ = moved_names(__name__, {
+    "ADD_BLOCK": "diagnostics.kernel",
+    "LayerAdapter": "diagnostics.layers",
+    "format_bytes": "diagnostics.layers",
+    "summary_memory": "diagnostics.nfa",
+})

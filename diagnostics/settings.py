@@ -55,7 +55,9 @@ def legacy_settings(
 ) -> tuple[EstimatorSettings, dict[str, Any]]:
     """``(settings, other options)`` of a call that may still pass the options one by one (deprecated):
     ``settings`` is then the first of them (``order`` names the positional ones, starting with it)."""
-    if isinstance(settings, EstimatorSettings) and not args and not kwargs:
+    if isinstance(settings, EstimatorSettings):
+        if args or kwargs:
+            raise TypeError(f"{where}() takes an EstimatorSettings or the options one by one, not both")
         return settings, {}
     if settings is None and not args and not kwargs:
         return EstimatorSettings(), {}
@@ -64,7 +66,15 @@ def legacy_settings(
         DeprecationWarning,
         stacklevel=3,
     )
-    given = dict(zip(order, (settings, *args))) if settings is not None else {}
+    positional = (settings, *args) if settings is not None or args else ()
+    if len(positional) > len(order):
+        raise TypeError(f"{where}() takes at most {len(order)} estimator options by position, got {len(positional)}")
+    given = dict(zip(order, positional))
+    for key in kwargs:
+        if key not in order:
+            raise TypeError(f"{where}() got an unexpected keyword argument {key!r}")
+        if key in given:
+            raise TypeError(f"{where}() got multiple values for argument {key!r}")
     given.update(kwargs)
     options = {k: v for k, v in given.items() if k in _NAMES}
     return EstimatorSettings(**options), {k: v for k, v in given.items() if k not in _NAMES}

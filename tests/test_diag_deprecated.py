@@ -48,3 +48,45 @@ def test_estimator_options_one_by_one() -> None:
     with pytest.warns(DeprecationWarning, match="EstimatorSettings"):
         ranks, _ = ptk_sums_all_ranks(model, hooks, x, "sketch", 3, 1, None, 2, "rademacher", None)
     assert counts == old_counts and all(torch.equal(ref[n], old[n]) and torch.equal(ref[n], ranks[n]) for n in ref)
+
+
+def test_estimator_options_one_by_one_are_checked_like_arguments() -> None:
+    model, x = model_and_probe()
+    hooks = LayerHooks(find_linear_layers(model))
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="unexpected keyword argument 'estimatr'"):
+        ptk_sums(model, hooks, x, estimatr="sketch")
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="at most 8 estimator options"):
+        ptk_sums(model, hooks, x, "exact", 8, None, None, None, "rademacher", False, None, "extra")
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="multiple values for argument 'm'"):
+        ptk_sums(model, hooks, x, "sketch", 3, m=4)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="unknown estimator None"):
+        ptk_sums(model, hooks, x, None, 3)
+    with pytest.raises(TypeError, match="not both"):
+        ptk_sums(model, hooks, x, EstimatorSettings(), chunk_size=2)
+
+
+@pytest.mark.parametrize(("module", "name", "home"), [
+    ("diagnostics.engine", "BATCHED_VJP", "diagnostics.vjps"),
+    ("diagnostics.engine", "LayerAdapter", "diagnostics.layers"),
+    ("diagnostics.ptk", "ADD_BLOCK", "diagnostics.kernel"),
+    ("diagnostics.ptk", "format_bytes", "diagnostics.layers"),
+    ("diagnostics.ptk", "summary_memory", "diagnostics.nfa"),
+    ("diagnostics.io", "full_weight", "diagnostics.sharded"),
+    ("diagnostics.monitor", "check_estimator", "diagnostics.settings"),
+    ("diagnostics.output_layer", "psd_power", "diagnostics.nfa"),
+])
+def test_moved_names_still_import_and_warn(module: str, name: str, home: str) -> None:
+    import importlib
+
+    with pytest.warns(DeprecationWarning, match=f"{module}.{name} is deprecated; import it from {home}"):
+        value = getattr(importlib.import_module(module), name)
+    assert value is getattr(importlib.import_module(home), name)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        importlib.import_module(module).no_such_name  # noqa: B018
+
+
+def test_chunk_fields_are_keyword_only() -> None:
+    from diagnostics.engine import Chunk
+
+    with pytest.raises(TypeError):
+        Chunk(torch.zeros(2, 3), 2, {})  # the fields of the old positional order (f, n, outputs) are refused
