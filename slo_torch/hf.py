@@ -108,6 +108,7 @@ class SLOCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Add the per-layer ``||g_l||`` of a step that was taken to the sums of the logging interval."""
         slo = self._slo(kwargs)
         if slo is None:
             return
@@ -130,6 +131,7 @@ class SLOCallback(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
+        """Log the interval's mean ``||g_l||`` per layer and ``slo/nonfinite_steps`` (world process zero)."""
         slo = self._slo(kwargs)
         if slo is None or logs is None or (not self._count and "loss" not in logs):
             return

@@ -205,6 +205,7 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The base optimizer's ``zero_grad`` (the parameters and their gradients are its own)."""
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -2,9 +2,11 @@
 
 Every optimized tensor gets a *bin*: the index of its speed-limited layer, or one extra bin for all
 other parameters (their norms are only checked for non-finite values). Limited tensors come first,
-in layer order. A plan is immutable; it is rebuilt (:func:`build_plan`) when the param groups,
-their speeds or the parameters' device change, and re-derived (:meth:`Plan.with_dtype`) when the
-gradients' dtype changes.
+in layer order. A plan's fields are never reassigned; it is rebuilt (:func:`build_plan`) when the
+param groups, their speeds or the parameters' device change, and re-derived (:meth:`Plan.with_dtype`)
+when the gradients' dtype changes. Its buffers are reused in place from step to step: the fast
+path's coefficients and, in update mode, the snapshots of ``p_old`` (filled on first use and shared
+with a plan re-derived by ``with_dtype``, since the parameters are the same).
 """
 
 from __future__ import annotations
