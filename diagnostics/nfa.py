@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .common import accumulation_dtype, check_choice
+from .gram import gram_space_memory, gram_space_summary
 
 __all__ = [
     "CORRELATIONS",
@@ -171,8 +172,15 @@ def nfa_summary(
     The terms are formed one after another and each is freed once its scalars are taken (the
     centred ``dW^T dW`` and ``dW^T K dW`` are shared by the C-NFA and the decomposition); all scalars
     reach the host in one transfer. :func:`diagnostics.layers.measure_memory` accounts for what
-    this allocates."""
+    this allocates.
+
+    A layer with fewer outputs than inputs (``k < d``), AGOP power 1 and no kept matrices is measured
+    from its ``k x k`` Gram matrices instead (:func:`diagnostics.gram.gram_space_summary`: the same
+    values to rounding, without any ``d x d`` term)."""
     W0 = W0.to(W)
+    if _gram_space(W.shape, power, keep_matrices):
+        corrs, norms = gram_space_summary(W, W0, K, method)
+        return summary_record(corrs, W, W - W0, norms, None, None)
     F, G = nfm(W), agop(W, K)
     uc = nfm_agop_correlation(F, G, method, power)  # the UC-NFA
     if not keep_matrices:
@@ -206,12 +214,19 @@ def summary_record(
     }
 
 
+def _gram_space(shape: tuple[int, ...], power: float, keep_matrices: bool) -> bool:
+    """Whether :func:`nfa_summary` takes the ``k x k`` route for a ``(k, d)`` weight."""
+    return power == 1 and not keep_matrices and shape[0] < shape[1]
+
+
 def summary_memory(k: int, d: int, itemsize: int, power: float = 1.0, keep_matrices: bool = False) -> int:
     """Peak bytes of the temporaries :func:`nfa_summary` allocates for a ``(k, d)`` weight in a dtype of
     ``itemsize`` bytes (``K``, ``W`` and ``W0`` themselves not included): the largest of its stages,
     ``max(2d² + kd, k², 2kd + 2d² (+ 4.25d² for power != 1), 3kd + d²)`` entries, plus the kept
     ``nfm``/``agop`` (``2d²``) with ``keep_matrices``, plus the float64 blocks of the correlations.
     Checked against the allocations the profiler records."""
+    if _gram_space((k, d), power, keep_matrices):
+        return gram_space_memory(k, d, itemsize)
     eigh = 4.25 * d * d if power != 1 else 0.0  # symmetrised copy, eigenvectors, workspace, product
     stages = (2 * d * d + k * d, k * k, 2 * k * d + 2 * d * d + eigh, 3 * k * d + d * d)
     kept = 2 * d * d if keep_matrices else 0

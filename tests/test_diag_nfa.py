@@ -111,3 +111,34 @@ def test_uc_and_c_nfa_are_the_nfa_correlation_of_w_and_dw(method: str, power: fl
     assert torch.isnan(c_nfa(W, W.clone(), K, method, power))
     assert math.isclose(float(relative_change(W, W - W0)), float((W - W0).norm() / W.norm()), rel_tol=1e-15)
     assert torch.isnan(relative_change(torch.zeros_like(W), D))
+
+
+@pytest.mark.parametrize("method", ["pearson", "cosine"])
+def test_gram_space_route_gives_the_d_by_d_values(method: str) -> None:
+    """A layer with k < d is summarised from k x k Gram matrices: the values of the d x d route (float64),
+    and from float32 weights as close to a float64 reference as the d x d route is."""
+    from diagnostics.nfa import nfa_summary
+
+    torch.manual_seed(0)
+    k, d = 48, 200
+    W0 = torch.randn(k, d, dtype=torch.float64) / d**0.5
+    W = W0 + 0.3 * torch.randn(k, d, dtype=torch.float64) / d**0.5 + 0.05  # a large mean entry: Pearson's centring
+    J = torch.randn(k, 2 * k, dtype=torch.float64)
+    K = J @ J.t() / (2 * k)
+    keys = ("uc_nfa", "c_nfa", "kernel_alignment", "rel_change")
+    truth = nfa_summary(W, W0, K, method, keep_matrices=True)  # keeping the matrices takes the d x d route
+    got = nfa_summary(W, W0, K, method, keep_matrices=False)
+    assert got["nfm"] is None and got["agop"] is None
+    for key in keys:
+        assert got[key] == pytest.approx(truth[key], abs=1e-12), key
+    for key, value in truth["norms"].items():
+        assert got["norms"][key] == pytest.approx(value, rel=1e-12), key
+    f32 = [t.float() for t in (W, W0, K)]
+    d_by_d, gram = nfa_summary(*f32, method, keep_matrices=True), nfa_summary(*f32, method, keep_matrices=False)
+    for key in keys:
+        assert abs(gram[key] - truth[key]) <= max(3e-8, abs(d_by_d[key] - truth[key])), key
+    for key, value in truth["norms"].items():
+        assert abs(gram["norms"][key] - value) <= max(1e-7 * value, abs(d_by_d["norms"][key] - value)), key
+    same = nfa_summary(W, W, K, method, keep_matrices=False)  # dW = 0: no C-NFA, as on the d x d route
+    assert math.isnan(same["c_nfa"]) and math.isnan(nfa_summary(W, W, K, method, keep_matrices=True)["c_nfa"])
+    assert same["norms"]["nfm_cross"] == 0 and same["norms"]["agop_centered"] == 0

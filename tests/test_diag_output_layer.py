@@ -76,7 +76,7 @@ def test_vocab_larger_than_max_k_never_forms_k_by_k() -> None:
     assert_record_matches(head, W, mon.W0["lm_head"], K, "pearson", 1.0)
     # the sketch of the other layers is unaffected by leaving the head out of the VJPs
     others = NFAMonitor(model, layers=["transformer.h.*"], W0=mon.W0).measure(
-        ids, estimator="sketch", m=4, generator=0
+        ids, estimator="sketch", m=4, generator=0, keep_matrices=True  # the same summary route as above
     )
     for name, r in others.items():
         assert r.uc_nfa == rec[name].uc_nfa and r.c_nfa == rec[name].c_nfa
