@@ -49,7 +49,7 @@ def measure_memory(
             convert.append(acc[-1] + own)
             temps = 0
             if summary:
-                temps = summary_memory(a.k, a.d, item, agop_power, keep_matrices)
+                temps = summary_memory(a.k, a.d, item, agop_power, keep_matrices, w.device)
                 if w.dtype != dtype:  # W and W0 copied to the working dtype
                     temps += 2 * item * a.k * a.d
             sizes_b = (blocks or {}).get(n, [])

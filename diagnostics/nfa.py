@@ -178,7 +178,7 @@ def nfa_summary(
     from its ``k x k`` Gram matrices instead (:func:`diagnostics.gram.gram_space_summary`: the same
     values to rounding, without any ``d x d`` term)."""
     W0 = W0.to(W)
-    if _gram_space(W.shape, power, keep_matrices):
+    if _gram_space(W.shape, power, keep_matrices, W.device):
         corrs, norms = gram_space_summary(W, W0, K, method)
         return summary_record(corrs, W, W - W0, norms, None, None)
     F, G = nfm(W), agop(W, K)
@@ -214,18 +214,23 @@ def summary_record(
     }
 
 
-def _gram_space(shape: tuple[int, ...], power: float, keep_matrices: bool) -> bool:
-    """Whether :func:`nfa_summary` takes the ``k x k`` route for a ``(k, d)`` weight."""
-    return power == 1 and not keep_matrices and shape[0] < shape[1]
+def _gram_space(shape: tuple[int, ...], power: float, keep_matrices: bool, device: torch.device | None) -> bool:
+    """Whether :func:`nfa_summary` takes the ``k x k`` route for a ``(k, d)`` weight on ``device`` (not on
+    MPS, whose float32 sums would leave that route's Pearson centring inexact)."""
+    on_mps = device is not None and torch.device(device).type == "mps"
+    return power == 1 and not keep_matrices and shape[0] < shape[1] and not on_mps
 
 
-def summary_memory(k: int, d: int, itemsize: int, power: float = 1.0, keep_matrices: bool = False) -> int:
+def summary_memory(
+    k: int, d: int, itemsize: int, power: float = 1.0, keep_matrices: bool = False, device: torch.device | None = None
+) -> int:
     """Peak bytes of the temporaries :func:`nfa_summary` allocates for a ``(k, d)`` weight in a dtype of
     ``itemsize`` bytes (``K``, ``W`` and ``W0`` themselves not included): the largest of its stages,
     ``max(2d² + kd, k², 2kd + 2d² (+ 4.25d² for power != 1), 3kd + d²)`` entries, plus the kept
-    ``nfm``/``agop`` (``2d²``) with ``keep_matrices``, plus the float64 blocks of the correlations.
+    ``nfm``/``agop`` (``2d²``) with ``keep_matrices``, plus the float64 blocks of the correlations; on the
+    ``k x k`` route (``k < d``, see :func:`nfa_summary`) :func:`diagnostics.gram.gram_space_memory`.
     Checked against the allocations the profiler records."""
-    if _gram_space((k, d), power, keep_matrices):
+    if _gram_space((k, d), power, keep_matrices, device):
         return gram_space_memory(k, d, itemsize)
     eigh = 4.25 * d * d if power != 1 else 0.0  # symmetrised copy, eigenvectors, workspace, product
     stages = (2 * d * d + k * d, k * k, 2 * k * d + 2 * d * d + eigh, 3 * k * d + d * d)
