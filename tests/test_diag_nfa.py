@@ -142,3 +142,17 @@ def test_gram_space_route_gives_the_d_by_d_values(method: str) -> None:
     same = nfa_summary(W, W, K, method, keep_matrices=False)  # dW = 0: no C-NFA, as on the d x d route
     assert math.isnan(same["c_nfa"]) and math.isnan(nfa_summary(W, W, K, method, keep_matrices=True)["c_nfa"])
     assert same["norms"]["nfm_cross"] == 0 and same["norms"]["agop_centered"] == 0
+
+
+def test_memory_estimate_follows_the_summary_route() -> None:
+    from diagnostics.gram import gram_space_memory
+    from diagnostics.nfa import summary_memory
+
+    k, d = 64, 512
+    assert summary_memory(k, d, 4, device=torch.device("cpu")) == gram_space_memory(k, d, 4)
+    # kept matrices, another AGOP power, k >= d or MPS (float32 sums): the d x d route
+    d_by_d = summary_memory(k, d, 4, device=torch.device("mps"))
+    assert d_by_d > gram_space_memory(k, d, 4) and d_by_d >= 4 * 2 * d * d
+    assert summary_memory(k, d, 4, keep_matrices=True) > d_by_d
+    assert summary_memory(k, d, 4, power=0.5) > d_by_d
+    assert summary_memory(d, k, 4) != gram_space_memory(d, k, 4)
