@@ -440,6 +440,18 @@ def _fwd_bwd(info: Any, opt: Any, w: torch.Tensor, b: torch.Tensor, i: torch.Ten
     return loss
 
 
+def _stepped(info: Any, form: str, kwargs: dict[str, Any], params: list[Any], inpt: torch.Tensor, steps: int,
+             named: bool = False) -> tuple[Any, Callable[[], torch.Tensor]]:
+    """The optimizer over ``params = [weight, bias]`` (named ``name0``, ``name1`` if ``named``) after ``steps``
+    steps on ``_fwd_bwd``, and its closure."""
+    weight, bias = params
+    opt = build(form, info, [(f"name{i}", p) for i, p in enumerate(params)] if named else params, kwargs)
+    closure = functools.partial(_fwd_bwd, info, opt, weight, bias, inpt)
+    for _ in range(steps):
+        step(opt, form, closure, info.step_requires_closure)
+    return opt, closure
+
+
 def _without_param_names(state_dict: dict[str, Any]) -> dict[str, Any]:
     state_dict = copy.deepcopy(state_dict)
     for group in state_dict["param_groups"]:
@@ -455,15 +467,10 @@ def test_state_dict_deterministic(info: Any, form: str, full: bool, named: bool)
     bias = Parameter(torch.randn(2))
     inpt = torch.randn(3)
     for optim_input in all_inputs(info, full, skip=("differentiable",)):
-        params = [(f"name{i}", p) for i, p in enumerate([weight, bias])] if named else [weight, bias]
-        opt = build(form, info, params, optim_input.kwargs)
-        closure = functools.partial(_fwd_bwd, info, opt, weight, bias, inpt)
-        for _ in range(10):
-            step(opt, form, closure, info.step_requires_closure)
+        opt, closure = _stepped(info, form, optim_input.kwargs, [weight, bias], inpt, 10, named)
         with torch.no_grad():
             weight_c, bias_c = Parameter(weight.clone()), Parameter(bias.clone())
-        opt_c = build(form, info, [weight_c, bias_c], optim_input.kwargs)
-        closure_c = functools.partial(_fwd_bwd, info, opt_c, weight_c, bias_c, inpt)
+        opt_c, closure_c = _stepped(info, form, optim_input.kwargs, [weight_c, bias_c], inpt, 0)
         saved = copy.deepcopy(opt.state_dict())
         opt_c.load_state_dict(copy.deepcopy(saved))
         for _ in range(10):
@@ -514,11 +521,7 @@ def test_save_load_equality_with_weights_only(info: Any, form: str, full: bool, 
     bias = Parameter(torch.randn(2))
     inpt = torch.randn(3)
     for optim_input in all_inputs(info, full, skip=("differentiable",)):
-        params = [(f"name{i}", p) for i, p in enumerate([weight, bias])] if named else [weight, bias]
-        opt = build(form, info, params, optim_input.kwargs)
-        closure = functools.partial(_fwd_bwd, info, opt, weight, bias, inpt)
-        for _ in range(3):
-            step(opt, form, closure, info.step_requires_closure)
+        opt, _ = _stepped(info, form, optim_input.kwargs, [weight, bias], inpt, 3, named)
         sd = opt.state_dict()
         buffer = io.BytesIO()
         torch.save(sd, buffer)
