@@ -14,7 +14,6 @@ from torch import nn
 from .layers import SpeedSpec
 from .limiter import SpeedLimiter
 from .readouts import LimiterReadouts
-from .wrapping import deprecated_eps
 
 __all__ = ["attach", "SLOHandle"]
 
@@ -69,15 +68,12 @@ def attach(
     slo_eps: float = 0.0,
     per_tensor: bool = False,
     on_nonfinite: str = "skip",
-    *,
-    eps: float | None = None,
 ) -> SLOHandle:
     """Speed-limit ``optimizer`` in place: ``g_l <- C_l g_l / (||g_l||_F + slo_eps)`` before each step.
 
-    Same arguments and maths as :class:`SLOptimizer` (``mode="grad"`` rescales ``p.grad`` in place;
-    ``eps=`` is the deprecated name of ``slo_eps``). A non-finite gradient sets every gradient to
-    ``None`` so the step changes neither parameters nor (for ``torch.optim`` optimizers) their state.
-    Closures are not supported. Returns a handle; ``handle.remove()`` restores plain steps.
+    Same arguments and maths as :class:`SLOptimizer` (``mode="grad"`` rescales ``p.grad`` in place).
+    A non-finite gradient sets every gradient to ``None`` so the step changes neither parameters nor
+    (for ``torch.optim`` optimizers) their state. Closures are not supported. Returns a handle; ``handle.remove()`` restores plain steps.
     """
     from .optimizer import SLOptimizer
 
@@ -92,7 +88,5 @@ def attach(
             "This optimizer is wrapped by an SLOptimizer, which speed-limits it already; step the "
             "SLOptimizer, or attach() to a plain optimizer"
         )
-    if eps is not None:
-        slo_eps = deprecated_eps(eps, slo_eps, "attach(..., eps=) is deprecated; use slo_eps=")
     limiter = SpeedLimiter(optimizer, model, speeds, mode, slo_eps, per_tensor, on_nonfinite)
     return SLOHandle(optimizer, limiter)

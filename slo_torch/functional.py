@@ -13,7 +13,6 @@ per-layer quantities stay on the device: norms come from ``torch._foreach_norm``
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -22,7 +21,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
     "layer_sq_norms", "slo_coefficients", "scale_layers_", "rescale_updates_", "slo_rescale_", "CoefficientBuffer",
-    "accumulate_dtype", "add_scaled_layers_",
+    "accumulate_dtype",
 ]
 
 
@@ -179,23 +178,6 @@ def rescale_updates_(
     scale_layers_(deltas, layer_index, coefficients, buffer)
     if deltas:
         torch._foreach_add_(list(deltas), list(old))
-
-
-def add_scaled_layers_(
-    targets: Sequence[Tensor], sources: Sequence[Tensor], layer_index: Tensor, coefficients: Tensor
-) -> None:
-    """Deprecated: in place ``t_i <- t_i + c_{layer_index[i]} * s_i``. Use :func:`rescale_updates_`."""
-    warnings.warn("slo_torch.functional.add_scaled_layers_ is deprecated (SLO does not use it); for the "
-                  "update-mode rule use slo_torch.functional.rescale_updates_", DeprecationWarning, stacklevel=2)
-    if not targets:
-        return
-    per_tensor = coefficients[layer_index]
-    grouped = _group_tensors_by_device_and_dtype([list(targets), list(sources)], with_indices=True)  # type: ignore[arg-type]
-    single = len(grouped) == 1
-    for (dev, _dt), ((group_t, group_s), indices) in grouped.items():
-        coef = per_tensor if single else per_tensor[index_tensor(indices, per_tensor.device)]
-        coef = to_device(coef, dev)
-        torch._foreach_addcmul_(group_t, group_s, coef.unbind(0))
 
 
 def slo_rescale_(

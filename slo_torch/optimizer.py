@@ -16,7 +16,6 @@ objects, as timm's Lookahead does), so LR schedulers, ``GradScaler``, accelerate
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,15 +27,11 @@ from .functional import tensor_list
 from .layers import SpeedSpec
 from .limiter import SpeedLimiter
 from .readouts import LimiterReadouts
-from .wrapping import base_step, check_unambiguous, deprecated_eps, replay_first
+from .wrapping import base_step, check_unambiguous, replay_first
 
 __all__ = ["SLOptimizer"]
 
 _NOT_FORWARDED = frozenset({"grad_scale", "found_inf"})
-_EPS_DEPRECATION = (
-    "SLOptimizer(optimizer, eps=...) is deprecated; SLO's own eps is now slo_eps= (eps= is reserved "
-    "for the base optimizer's keyword in the SLOptimizer(params, base_optimizer=..., eps=...) form)"
-)
 _HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                "_optimizer_load_state_dict_post_hooks")
@@ -61,7 +56,7 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         per_tensor: every parameter tensor is its own layer (named by its parameter name).
         on_nonfinite: ``"skip"`` (skip the step, warn, count in ``nonfinite_steps``) or ``"raise"``.
         **base_kwargs: every keyword of ``base_optimizer``, passed on unchanged (``lr=...``,
-            ``eps=...``). When wrapping an instance, ``eps=`` is the deprecated name of ``slo_eps``.
+            ``eps=...``).
     """
 
     def __init__(
@@ -82,8 +77,6 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
             # "model" from the kwargs and passes it in place of the parameters (its LOMO convention).
             model = params if model is None else model
             params = [p for p in params.parameters() if p.requires_grad]
-        if isinstance(params, torch.optim.Optimizer) and "eps" in base_kwargs:
-            slo_eps = deprecated_eps(base_kwargs.pop("eps"), slo_eps, _EPS_DEPRECATION)
         check_unambiguous(base_optimizer, base_kwargs, dict(
             model=model, speeds=speeds, mode=mode, slo_eps=slo_eps, per_tensor=per_tensor, on_nonfinite=on_nonfinite))
         base = _build_base(params, base_optimizer, base_kwargs)
@@ -150,12 +143,6 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
     @property
     def slo_eps(self) -> float:
         """``slo_eps`` of ``C / (||g|| + slo_eps)``."""
-        return self._limiter.eps
-
-    @property
-    def eps(self) -> float:
-        """Deprecated name of :attr:`slo_eps`."""
-        warnings.warn("SLOptimizer.eps is deprecated; use SLOptimizer.slo_eps", DeprecationWarning, stacklevel=2)
         return self._limiter.eps
 
     @property

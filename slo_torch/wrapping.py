@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["SLO_DEFAULTS", "deprecated_eps", "check_unambiguous", "base_step", "replay_first"]
+__all__ = ["SLO_DEFAULTS", "check_unambiguous", "base_step", "replay_first"]
 
 SLO_DEFAULTS = {"model": None, "speeds": None, "mode": "grad", "slo_eps": 0.0, "per_tensor": False,
                 "on_nonfinite": "skip"}
-
-
-def deprecated_eps(eps: Any, slo_eps: float, message: str) -> Any:
-    """``eps=``, the deprecated name of ``slo_eps``: warn with ``message`` (pointing at the caller's caller)
-    and return it; ``TypeError`` if ``slo_eps`` was given too."""
-    if slo_eps != SLO_DEFAULTS["slo_eps"]:
-        raise TypeError("Pass slo_eps= only (eps= is its deprecated name); got both eps= and slo_eps=")
-    warnings.warn(message, DeprecationWarning, stacklevel=3)
-    return eps
 
 
 def check_unambiguous(

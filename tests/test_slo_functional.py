@@ -111,11 +111,3 @@ def test_rescale_updates_moves_each_layer_by_its_step_size() -> None:
     assert float(moved[2].norm()) == pytest.approx(2.0, rel=1e-12)
     torch.testing.assert_close(params[2], old[2] + k[1] * (new[2] - old[2]), rtol=0, atol=0)
 
-
-def test_add_scaled_layers_is_deprecated_and_still_adds() -> None:
-    from slo_torch.functional import add_scaled_layers_
-
-    t, s = [torch.ones(3), torch.ones(2)], [torch.full((3,), 2.0), torch.full((2,), 3.0)]
-    with pytest.warns(DeprecationWarning, match="add_scaled_layers_"):
-        add_scaled_layers_(t, s, torch.tensor([0, 1]), torch.tensor([0.5, 2.0]))
-    assert t[0].tolist() == [2.0] * 3 and t[1].tolist() == [7.0] * 2

@@ -848,15 +848,12 @@ def test_eps_of_the_base_reaches_it_and_slo_eps_is_slo_s() -> None:
     opt = SLOptimizer(model.parameters(), base_optimizer=torch.optim.AdamW, model=model, speeds=SPEEDS,
                       lr=1e-3, eps=1e-6, slo_eps=0.5)
     assert opt.param_groups[0]["eps"] == 1e-6 and opt.defaults["eps"] == 1e-6 and opt.slo_eps == 0.5
-    with pytest.warns(DeprecationWarning, match="slo_eps"):
-        old = SLOptimizer(torch.optim.AdamW(model.parameters()), model=model, speeds=SPEEDS, eps=0.25)
-    assert old.slo_eps == 0.25 and old.param_groups[0]["eps"] == 1e-8
-    with pytest.warns(DeprecationWarning, match="slo_eps"):
-        assert attach(torch.optim.SGD(model.parameters(), lr=0.1), model, SPEEDS, eps=0.25).limiter.eps == 0.25
+    with pytest.raises(TypeError, match=r"not both.*kwargs=\['eps'\]"):  # an instance takes no base keywords
+        SLOptimizer(torch.optim.AdamW(model.parameters()), model=model, speeds=SPEEDS, eps=0.25)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'eps'"):
+        attach(torch.optim.SGD(model.parameters(), lr=0.1), model, SPEEDS, eps=0.25)
     with pytest.raises(TypeError, match="SGD takes no eps; SLO's own eps is slo_eps="):
         SLOptimizer(model.parameters(), base_optimizer=torch.optim.SGD, model=model, speeds=SPEEDS, lr=0.1, eps=0.1)
-    with pytest.raises(TypeError, match="eps= is its deprecated name"):
-        SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=SPEEDS, eps=0.1, slo_eps=0.2)
 
     class WithMode(torch.optim.SGD):  # a base optimizer with a keyword of SLO's own
         def __init__(self, params, lr: float = 0.1, mode: str = "fast") -> None:
