@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from diagnostics import NFAMonitor
-from diagnostics.ptk import measure_memory
+from diagnostics.memory import measure_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # sibling modules, also when this file is loaded by path rather than run

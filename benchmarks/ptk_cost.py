@@ -46,7 +46,9 @@ from torch import nn
 from torch.func import jacrev, vmap
 
 from diagnostics import ptk_covariance
-from diagnostics.engine import LayerHooks, for_each_chunk, vjp
+from diagnostics import LayerHooks
+from diagnostics.engine import for_each_chunk
+from diagnostics.vjps import vjp
 from diagnostics.experiments import bias_free_mlp
 from diagnostics.layers import find_linear_layers
 

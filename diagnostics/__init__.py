@@ -7,8 +7,9 @@ Per linear layer ``h = W x (+ b)``: the PTK feature covariance ``K`` (exact or s
 from .attention import AttentionProjectionAdapter
 from .hooks import LayerHooks
 from .io import Snapshot, load_snapshot, write_snapshot
+from .blocks import resolve_blocks
 from .layers import LayerAdapter, find_linear_layers, register_adapter
-from .monitor import LayerRecord, NFAMonitor, resolve_blocks
+from .monitor import NFAMonitor
 from .nfa import (
     agop,
     c_nfa,
@@ -22,6 +23,7 @@ from .nfa import (
     uc_nfa,
 )
 from .ptk import layer_jacobians, ptk_covariance
+from .records import LayerRecord
 from .plots import plot_matrices, plot_nfa_curves, plot_scalar_curves
 from .theory import early_cnfa_prediction, egop, feature_quality, randomize_kernel
 

@@ -1,16 +1,14 @@
-"""Helpers shared across the package: argument-choice checks, the dtype of running sums, eval mode, and\nthe deprecated names of modules whose contents moved."""
+"""Helpers shared across the package: argument-choice checks, the dtype of running sums, eval mode."""
 
 from __future__ import annotations
 
-import importlib
-import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["check_choice", "accumulation_dtype", "eval_mode", "moved_names"]
+__all__ = ["check_choice", "accumulation_dtype", "eval_mode"]
 
 
 def _alternatives(choices: Sequence[str]) -> str:
@@ -45,15 +43,3 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         for m, training in modes:
             m.training = training
 
-
-def moved_names(module: str, moved: dict[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for names that moved: reading ``<module>.<name>`` with ``name`` in ``moved``
-    warns (``DeprecationWarning``) and returns ``name`` from the module ``moved[name]``, imported then."""
-
-    def __getattr__(name: str) -> Any:
-        if name not in moved:
-            raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        warnings.warn(f"{module}.{name} is deprecated; import it from {moved[name]}", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(moved[name]), name)
-
-    return __getattr__

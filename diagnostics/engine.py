@@ -19,41 +19,25 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from .common import eval_mode, moved_names
+from .common import eval_mode
 from .hooks import LayerHooks
 from .probe import (
     Chunk,
     OutputFn,
     SampleMask,
-    _call,
-    _map,
-    _resolve_output,
-    _tensors,
+    call_on_probe,
+    map_probe,
+    resolve_output,
+    probe_tensors,
     default_output,
     describe_probe,
     probe_batch_size,
     resolve_sample_mask,
     split_probe,
 )
-from .vjps import VJP_BUDGET_BYTES, VJPPlan, basis_cotangents, block_size, random_cotangents, vjp
+from .vjps import VJP_BUDGET_BYTES, VJPPlan, basis_cotangents, random_cotangents, vjp
 
-__all__ = [
-    "LayerHooks",
-    "Chunk",
-    "for_each_chunk",
-    "vjp",
-    "basis_cotangents",
-    "random_cotangents",
-    "probe_batch_size",
-    "split_probe",
-    "eval_mode",
-    "default_output",
-    "VJP_BUDGET_BYTES",
-    "VJPPlan",
-    "resolve_sample_mask",
-    "CHUNK_BUDGET_BYTES",
-    "FIRST_CHUNK_SAMPLES",
-]
+__all__ = ["for_each_chunk", "CHUNK_BUDGET_BYTES", "FIRST_CHUNK_SAMPLES"]
 
 #: Most samples per forward pass when ``chunk_size=None``.
 DEFAULT_CHUNK_SIZE = 256
@@ -66,7 +50,7 @@ FIRST_CHUNK_SAMPLES = 8
 
 
 def _cuda_devices(model: nn.Module, inputs: Any) -> list[int]:
-    tensors = [*model.parameters(), *model.buffers(), *_tensors(inputs)]
+    tensors = [*model.parameters(), *model.buffers(), *probe_tensors(inputs)]
     return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
@@ -122,12 +106,12 @@ def for_each_chunk(
                 # shape check transposed; one sample less makes that layout a shape error
                 stop -= 1
             part = split_probe(inputs, start, stop)
-            part = _map(part, lambda t: t.clone() if t.is_inference() else t)
+            part = map_probe(part, lambda t: t.clone() if t.is_inference() else t)
             n = stop - start
             with hooks.recording(keep_inputs):
                 out = _forward(runner, hooks, part, inputs)
                 hooks.forward_done()
-                f = _resolve_output(out, output_fn, n)
+                f = resolve_output(out, output_fn, n)
                 _check_recorded(hooks, f)
                 part_mask = None if mask is None else mask[start : start + n].to(f.device)
                 if adaptive:
@@ -140,7 +124,7 @@ def for_each_chunk(
 def _forward(runner: nn.Module, hooks: LayerHooks, part: Any, inputs: Any) -> Any:
     """``runner(part)``; an error is re-raised naming the layer it came from and the probe's shapes."""
     try:
-        return _call(runner, part)
+        return call_on_probe(runner, part)
     except Exception as err:
         layer, done = hooks.current, hooks.last_done
         if layer is not None:
@@ -179,10 +163,3 @@ def chunk_samples(f: Tensor, outputs: Mapping[str, list[Tensor]], n: int, budget
     numel = f.numel() + sum(h.numel() for hs in outputs.values() for h in hs)
     per_sample = max(1, numel * f.element_size() // max(n, 1))
     return max(1, min(DEFAULT_CHUNK_SIZE, budget // per_sample))
-
-
-#: Names this module used to provide, now read from the modules that hold them (deprecated).
-__getattr__ = moved_names(__name__, {
-    "BATCHED_VJP": "diagnostics.vjps",
-    "LayerAdapter": "diagnostics.layers",
-})

@@ -47,12 +47,11 @@ except ImportError as exc:
     raise ModuleNotFoundError(f"diagnostics.hf: {install_hint(exc.name or 'transformers')}", name=exc.name) from exc
 
 from . import distributed
-from .common import check_choice, moved_names
-from .engine import OutputFn, probe_batch_size, split_probe
-from .probe import move_probe
+from .common import check_choice
+from .probe import OutputFn, move_probe, probe_batch_size, split_probe
 from .io import load_snapshot
 from .monitor import NFAMonitor
-from .ptk import check_estimator
+from .settings import check_estimator
 
 __all__ = ["NFACallback", "NFAConsoleSummary", "nfa_rows_from_log_history", "SNAPSHOT_DIR"]
 
@@ -304,10 +303,3 @@ def _order_callbacks(callback: TrainerCallback, summary: NFAConsoleSummary) -> b
     if printers and not any(isinstance(c, NFAConsoleSummary) and c.owner is callback for c in callbacks):
         callbacks.insert(printers[0], summary)
     return True
-
-
-#: Names this module used to provide, now read from the modules that hold them (deprecated).
-__getattr__ = moved_names(__name__, {
-    "run_before_reporters": "slo_torch.hf",
-    "install_console_summary": "slo_torch.hf",
-})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +24,8 @@ from torch import Tensor
 from .files import atomic_write
 from .nfa import NORM_KEYS
 from .records import LayerRecord
-from .common import moved_names
 
-__all__ = ["Snapshot", "write_snapshot", "save_snapshot", "load_snapshot"]
+__all__ = ["Snapshot", "write_snapshot", "load_snapshot"]
 
 FORMAT = "nfa-snapshot/1"
 
@@ -85,18 +83,6 @@ def write_snapshot(path: str | os.PathLike, snapshot: Snapshot) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata))
 
 
-def save_snapshot(monitor: Any, path: str | os.PathLike, write: bool = True) -> None:
-    """Deprecated: use ``monitor.save(path)``, or ``write_snapshot(path, monitor.snapshot())``."""
-    warnings.warn(
-        "save_snapshot(monitor, path) is deprecated; use monitor.save(path) or write_snapshot(path, monitor.snapshot())",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    snapshot = monitor.snapshot()  # every rank takes part in the gathers of sharded weights
-    if write:
-        write_snapshot(path, snapshot)
-
-
 def load_snapshot(path: str | os.PathLike) -> Snapshot:
     """Read a file written by ``NFAMonitor.save`` (safetensors + JSON metadata, no pickle)."""
     path = os.fspath(path)
@@ -118,9 +104,3 @@ def load_snapshot(path: str | os.PathLike) -> Snapshot:
         matrices=matrices,
         rows=json.loads(meta["records"]),
     )
-
-
-#: Names this module used to provide, now read from the modules that hold them (deprecated).
-__getattr__ = moved_names(__name__, {
-    "full_weight": "diagnostics.sharded",
-})

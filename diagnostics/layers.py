@@ -24,7 +24,6 @@ the engine never branches on layer types.
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Protocol, Sequence
 
@@ -44,7 +43,7 @@ __all__ = [
 ]
 
 #: Largest layer dimension (``k`` for ``K``, ``d`` for the NFM/AGOP) accepted by default. Measuring
-#: one float32 layer with k = d = 8192 allocates about 1.3 GiB (see ``diagnostics.ptk.measure_memory``).
+#: one float32 layer with k = d = 8192 allocates about 1.3 GiB (see ``diagnostics.memory.measure_memory``).
 DEFAULT_MAX_K = 8192
 
 
@@ -125,13 +124,6 @@ class LayerAdapter:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, k={self.k}, d={self.d})"
 
-    @property
-    def kind(self) -> str:
-        """Deprecated: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"attention"``; test the layer's module instead."""
-        warnings.warn("LayerAdapter.kind is deprecated; test the layer's module, e.g. "
-                      "isinstance(adapter.module, nn.Linear)", DeprecationWarning, stacklevel=2)
-        return next((_KINDS[c.__name__] for c in type(self).__mro__ if c.__name__ in _KINDS), "linear")
-
 
 class Conv1DAdapter(LayerAdapter):
     """GPT-2 style ``Conv1D``: ``weight`` is ``(in, out)``, so ``W = weight^T``."""
@@ -164,17 +156,6 @@ class Conv2dAdapter(LayerAdapter):
             x = x.unsqueeze(0)
         patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
-
-#: ``LayerAdapter.kind`` (deprecated) per adapter class.
-_KINDS = {"Conv1DAdapter": "conv1d", "Conv2dAdapter": "conv2d", "AttentionProjectionAdapter": "attention"}
-
-
-def __getattr__(name: str) -> Any:
-    if name == "LinearAdapter":  # the nn.Linear adapter is LayerAdapter itself
-        warnings.warn("diagnostics.layers.LinearAdapter is deprecated; use LayerAdapter", DeprecationWarning, stacklevel=2)
-        return LayerAdapter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 AdapterRule = Callable[[str, nn.Module], "list[LayerAdapter]"]
@@ -312,7 +293,7 @@ def check_layer_sizes(
 ) -> None:
     """Raise ``ValueError`` before any computation if a layer's ``K`` (k x k) or NFM (d x d) would be
     larger than ``max_k`` x ``max_k`` (``max_k=None`` disables the check); ``memory`` (bytes per layer
-    and ``"total"``, from :func:`diagnostics.ptk.measure_memory`) is quoted in the message."""
+    and ``"total"``, from :func:`diagnostics.memory.measure_memory`) is quoted in the message."""
     if max_k is None:
         return
     if not isinstance(max_k, int) or max_k < 1:
@@ -325,5 +306,5 @@ def check_layer_sizes(
         raise ValueError(
             f"layers too large for k x k / d x d matrices with max_k={max_k}: {desc}.{total} "
             "Exclude them with layers=[...] (names or globs of the layers to keep), "
-            "or raise the limit with max_k=... (see diagnostics.ptk.measure_memory for the memory needed)"
+            "or raise the limit with max_k=... (see diagnostics.memory.measure_memory for the memory needed)"
         )

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .blocks import BlockSpec, resolve_blocks
-from .common import check_choice, moved_names
+from .common import check_choice
 from .hooks import LayerHooks
 from .io import Snapshot, write_snapshot
 from .kernel import covariance_from_sums, work_dtype
@@ -29,7 +29,7 @@ from .records import LayerRecord
 from .settings import EstimatorSettings
 from .sharded import check_lockstep, check_supported, full_weight, is_sharded
 
-__all__ = ["NFAMonitor", "LayerRecord", "resolve_blocks"]
+__all__ = ["NFAMonitor"]
 
 
 
@@ -82,7 +82,7 @@ class NFAMonitor:
     Under ``torch.distributed`` every rank must call ``measure()`` with its own probe shard. FSDP2
     (``fully_shard``) models are supported (see :mod:`diagnostics.sharded`), FSDP1 ones refused.
     Layers with ``k`` or ``d`` above ``max_k``, or an estimated total (``memory_estimate``, see
-    :func:`diagnostics.ptk.measure_memory`) above ``max_memory`` bytes, are refused up front.
+    :func:`diagnostics.memory.measure_memory`) above ``max_memory`` bytes, are refused up front.
     """
 
     def __init__(
@@ -110,7 +110,7 @@ class NFAMonitor:
         self.max_k = max_k
         wide = {n: a for n, a in self.adapters.items() if _maybe_output_layer(a, max_k) and n not in self.blocks}
         #: Bytes of the k x k / d x d matrices one ``measure()`` allocates, per layer and ``"total"``
-        #: (with ``keep_matrices=True``; see :func:`diagnostics.ptk.measure_memory`).
+        #: (with ``keep_matrices=True``; see :func:`diagnostics.memory.measure_memory`).
         self.memory_estimate = check_memory(
             {n: a for n, a in self.adapters.items() if n not in wide}, max_k, max_memory,
             analytic={n: output_layer_memory(a.k, a.d, work_dtype(a).itemsize, agop_power, True) for n, a in wide.items()},
@@ -285,9 +285,3 @@ class NFAMonitor:
             f"NFAMonitor(layers={self.layer_names}, correlation={self.correlation!r}, "
             f"agop_power={self.agop_power}, measurements={len(self.history)}, attached={self.attached})"
         )
-
-
-#: Names this module used to provide, now read from the modules that hold them (deprecated).
-__getattr__ = moved_names(__name__, {
-    "check_estimator": "diagnostics.settings",
-})

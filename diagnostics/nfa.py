@@ -131,7 +131,7 @@ def kernel_alignment(W: Tensor, K: Tensor, method: str = "pearson") -> Tensor:
 NORM_KEYS = ("nfm_init", "nfm_cross", "nfm_centered", "agop_init", "agop_cross", "agop_centered")
 
 
-def _sym_norm(X: Tensor) -> Tensor:
+def sym_norm(X: Tensor) -> Tensor:
     """``|X + X^T|_F``."""
     return (X + X.t()).norm()
 
@@ -141,9 +141,9 @@ def _decomposition_norms(W0: Tensor, D: Tensor, K: Tensor, KD: Tensor, centered:
     ``KD = K dW`` and the norms of the centred terms ``(|dW^T dW|, |dW^T K dW|)``. Every d x d term is
     freed as soon as its norm is taken."""
     nfm_init = nfm(W0).norm()
-    nfm_cross = _sym_norm(W0.t() @ D)
+    nfm_cross = sym_norm(W0.t() @ D)
     agop_init = agop(W0, K).norm()
-    agop_cross = _sym_norm(W0.t() @ KD)  # W0^T K dW
+    agop_cross = sym_norm(W0.t() @ KD)  # W0^T K dW
     return torch.stack([nfm_init, nfm_cross, centered[0], agop_init, agop_cross, centered[1]])
 
 

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from .probe import Chunk
-from .common import accumulation_dtype, check_choice, moved_names
-from .nfa import CORRELATIONS, _sym_norm, nfm, nfm_agop_correlation, summary_record
+from .common import accumulation_dtype, check_choice
+from .nfa import CORRELATIONS, sym_norm, nfm, nfm_agop_correlation, summary_record
 
 __all__ = ["model_output_layers", "identity_kernel_alignment", "output_layer_summary", "output_layer_memory", "ESTIMATOR"]
 
@@ -80,14 +80,7 @@ def output_layer_summary(
         nfm_agop_correlation(FD, FD, method, power),
         identity_kernel_alignment(W, method).to(W.device),
     ])
-    init, cross_n, centred = nfm(W0).norm(), _sym_norm(cross), FD.norm()
+    init, cross_n, centred = nfm(W0).norm(), sym_norm(cross), FD.norm()
     norms = torch.stack([init, cross_n, centred, init, cross_n, centred])
     kept = F if keep_matrices else None
     return summary_record(corrs, W, D, norms, kept, kept)
-
-
-#: Names this module used to provide, now read from the modules that hold them (deprecated).
-__getattr__ = moved_names(__name__, {
-    "matrix_correlation": "diagnostics.nfa",
-    "psd_power": "diagnostics.nfa",
-})

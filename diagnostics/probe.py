@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -18,6 +17,10 @@ __all__ = [
     "probe_batch_size",
     "split_probe",
     "describe_probe",
+    "probe_tensors",
+    "map_probe",
+    "call_on_probe",
+    "resolve_output",
     "move_probe",
     "default_output",
     "resolve_sample_mask",
@@ -41,19 +44,20 @@ def _entries(inputs: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
     )
 
 
-def _tensors(inputs: Any) -> list[Tensor]:
+def probe_tensors(inputs: Any) -> list[Tensor]:
+    """The tensors among the probe's top-level entries, in order."""
     return [v for v in _entries(inputs)[0] if isinstance(v, Tensor)]
 
 
 def probe_batch_size(inputs: Any) -> int:
     """Number of samples in the probe: the leading dimension of its first tensor."""
-    tensors = _tensors(inputs)
+    tensors = probe_tensors(inputs)
     if not tensors or tensors[0].dim() == 0:
         raise ValueError("probe inputs must contain a tensor with a leading batch dimension")
     return tensors[0].shape[0]
 
 
-def _map(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+def map_probe(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     """The probe with ``fn`` applied to each of its tensors."""
     values, rebuild = _entries(inputs)
     return rebuild([fn(v) if isinstance(v, Tensor) else v for v in values])
@@ -61,13 +65,13 @@ def _map(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 def move_probe(inputs: Any, device: torch.device | str) -> Any:
     """The probe with each of its tensors moved to ``device``."""
-    return _map(inputs, lambda t: t.to(device))
+    return map_probe(inputs, lambda t: t.to(device))
 
 
 def split_probe(inputs: Any, start: int, stop: int) -> Any:
     """Samples ``start:stop`` of every probe tensor whose leading dimension is the batch size."""
     n = probe_batch_size(inputs)
-    return _map(inputs, lambda t: t[start:stop] if t.dim() > 0 and t.shape[0] == n else t)
+    return map_probe(inputs, lambda t: t[start:stop] if t.dim() > 0 and t.shape[0] == n else t)
 
 
 def describe_probe(inputs: Any) -> str:
@@ -81,7 +85,8 @@ def describe_probe(inputs: Any) -> str:
     return "(" + ", ".join(shown) + ")"
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
+def call_on_probe(model: nn.Module, inputs: Any) -> Any:
+    """``model(x)``, ``model(**kwargs)`` or ``model(*args)`` for a tensor, dict or tuple probe."""
     if isinstance(inputs, Tensor):
         return model(inputs)
     if isinstance(inputs, Mapping):
@@ -100,7 +105,9 @@ def default_output(out: Any) -> Any:
     return out
 
 
-def _resolve_output(out: Any, output_fn: OutputFn | None, n: int) -> Tensor:
+def resolve_output(out: Any, output_fn: OutputFn | None, n: int) -> Tensor:
+    """The outputs ``f = output_fn(out)`` (default :func:`default_output`) of a chunk of ``n`` samples;
+    an error unless ``f`` is a floating-point tensor with ``n`` leading rows."""
     f = output_fn(out) if output_fn is not None else default_output(out)
     if not isinstance(f, Tensor):
         where = "output_fn" if output_fn is not None else "the model (which has no .logits)"
@@ -166,12 +173,6 @@ class Chunk:
     start: int = 0  # index of the chunk's first sample in the probe
     #: per layer and call: (weak reference to the tensor the layer handed on, its version then)
     returned: dict[str, list[tuple[weakref.ref, int]]] = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        """Deprecated: the number of samples, ``f.shape[0]``."""
-        warnings.warn("Chunk.n is deprecated; use chunk.f.shape[0]", DeprecationWarning, stacklevel=2)
-        return self.f.shape[0]
 
     @property
     def num_outputs(self) -> int:

@@ -27,22 +27,14 @@ from .layers import DEFAULT_MAX_K, check_layer_sizes, find_linear_layers
 from .memory import check_memory, measure_memory
 from .output_layer import model_output_layers
 from .probe import Chunk, OutputFn, SampleMask
-from .settings import ESTIMATORS, EstimatorSettings, check_estimator, legacy_settings
+from .settings import ESTIMATORS, EstimatorSettings, check_estimator
 from .vjps import VJPPlan, basis_cotangents, block_size, random_cotangents, vjp
-from .common import moved_names
 
 __all__ = [
     "ptk_covariance",
     "ptk_sums",
     "ptk_sums_all_ranks",
     "layer_jacobians",
-    "ESTIMATORS",
-    "EstimatorSettings",
-    "check_estimator",
-    "work_dtype",
-    "covariance_from_sums",
-    "measure_memory",
-    "check_memory",
     "DEFAULT_SKETCH_SEED",
 ]
 
@@ -62,10 +54,6 @@ def _as_generator(generator: torch.Generator | int | None, device: torch.device)
         return torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(generator)
     raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
 
-
-#: The positional options of the former signatures of :func:`ptk_sums` and :func:`ptk_sums_all_ranks`.
-_SUMS_ORDER = ("estimator", "m", "generator", "output_fn", "chunk_size", "sketch", "allow_unused", "sample_mask")
-_ALL_RANKS_ORDER = (*_SUMS_ORDER[:6], "process_group", *_SUMS_ORDER[6:])
 
 
 def _cotangent_blocks(
@@ -90,21 +78,24 @@ def ptk_sums(
     hooks: LayerHooks,
     probe_inputs: Any,
     settings: EstimatorSettings | None = None,
-    *legacy_args: Any,
+    *,
     analytic_outputs: bool = False,
     max_k: int | None = None,
-    **legacy_options: Any,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """Unnormalised ``K_unnorm`` per layer (float64 running sums; float32 on MPS) and the number of
     rows ``N`` per layer (real tokens only under a sample mask), on this process's probe, with the
-    options of ``settings`` (default ``EstimatorSettings()``; passing them one by one is deprecated).
+    options of ``settings`` (default ``EstimatorSettings()``).
 
     With ``analytic_outputs=True`` a layer whose output is the model output ``f`` itself (see
     :mod:`diagnostics.output_layer`) gets no sum (``K = I`` exactly; only its rows are counted) and
     takes no part in the VJPs; the sums are allocated after the first forward pass, once those layers
     are known, and the other layers are then checked against ``max_k``. Layers missing from the
     returned sums but present in the counts are those; with no sample at all, the sums are empty."""
-    settings, _ = legacy_settings("ptk_sums", settings, legacy_args, legacy_options, _SUMS_ORDER)
+    if settings is None:
+        settings = EstimatorSettings()
+    if not isinstance(settings, EstimatorSettings):
+        raise TypeError(f"settings must be an EstimatorSettings, e.g. EstimatorSettings(estimator='sketch', m=8), "
+                        f"got {type(settings).__name__}")
     settings.check()
     adapters = hooks.adapters
     generator = _as_generator(settings.generator, next(iter(adapters.values())).weight_matrix().device)
@@ -155,19 +146,16 @@ def ptk_sums_all_ranks(
     hooks: LayerHooks,
     probe_inputs: Any,
     settings: EstimatorSettings | None = None,
-    *legacy_args: Any,
+    *,
     process_group: Any = None,
     analytic_outputs: bool = False,
     max_k: int | None = None,
-    **legacy_options: Any,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """:func:`ptk_sums` on this rank's shard, summed over the ranks of ``process_group``.
 
     If this rank's measurement raises, it still joins the collective (flagging the failure, so the
     other ranks raise instead of waiting) and then re-raises its own error. Raises ``ValueError``
     when no rank had a sample."""
-    settings, rest = legacy_settings("ptk_sums_all_ranks", settings, legacy_args, legacy_options, _ALL_RANKS_ORDER)
-    process_group = rest.get("process_group", process_group)
     try:
         sums, counts = ptk_sums(
             model, hooks, probe_inputs, settings, analytic_outputs=analytic_outputs, max_k=max_k
@@ -274,12 +262,3 @@ def layer_jacobians(
         sample_mask=sample_mask,
     )
     return {n: (torch.cat(xs[n], dim=0), torch.cat(gs[n], dim=1)) for n in adapters}
-
-
-#: Names this module used to provide, now read from the modules that hold them (deprecated).
-__getattr__ = moved_names(__name__, {
-    "ADD_BLOCK": "diagnostics.kernel",
-    "LayerAdapter": "diagnostics.layers",
-    "format_bytes": "diagnostics.layers",
-    "summary_memory": "diagnostics.nfa",
-})

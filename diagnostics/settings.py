@@ -3,16 +3,14 @@ down to the sums."""
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .common import check_choice
 from .probe import OutputFn, SampleMask
 
-__all__ = ["EstimatorSettings", "ESTIMATORS", "check_estimator", "legacy_settings"]
+__all__ = ["EstimatorSettings", "ESTIMATORS", "check_estimator"]
 
 ESTIMATORS = ("exact", "sketch")
 
@@ -46,35 +44,3 @@ class EstimatorSettings:
         """Raise ``ValueError`` for an unknown ``estimator`` or a bad ``m``."""
         check_estimator(self.estimator, self.m)
 
-
-_NAMES = {f.name for f in fields(EstimatorSettings)}
-
-
-def legacy_settings(
-    where: str, settings: Any, args: Sequence[Any], kwargs: dict[str, Any], order: Sequence[str]
-) -> tuple[EstimatorSettings, dict[str, Any]]:
-    """``(settings, other options)`` of a call that may still pass the options one by one (deprecated):
-    ``settings`` is then the first of them (``order`` names the positional ones, starting with it)."""
-    if isinstance(settings, EstimatorSettings):
-        if args or kwargs:
-            raise TypeError(f"{where}() takes an EstimatorSettings or the options one by one, not both")
-        return settings, {}
-    if settings is None and not args and not kwargs:
-        return EstimatorSettings(), {}
-    warnings.warn(
-        f"passing the estimator options to {where} one by one is deprecated; pass an EstimatorSettings",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    positional = (settings, *args) if settings is not None or args else ()
-    if len(positional) > len(order):
-        raise TypeError(f"{where}() takes at most {len(order)} estimator options by position, got {len(positional)}")
-    given = dict(zip(order, positional))
-    for key in kwargs:
-        if key not in order:
-            raise TypeError(f"{where}() got an unexpected keyword argument {key!r}")
-        if key in given:
-            raise TypeError(f"{where}() got multiple values for argument {key!r}")
-    given.update(kwargs)
-    options = {k: v for k, v in given.items() if k in _NAMES}
-    return EstimatorSettings(**options), {k: v for k, v in given.items() if k not in _NAMES}

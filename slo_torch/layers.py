@@ -31,7 +31,7 @@ from torch.nn.utils.parametrize import is_parametrized
 
 from .checks import check_model, check_speed
 
-__all__ = ["Layer", "resolve_layers", "promote", "promote_lowest", "pattern_specificity", "check_speed",
+__all__ = ["Layer", "resolve_layers", "promote", "promote_lowest", "pattern_specificity",
            "normalize_speeds", "unwrap_model"]
 
 _WILDCARDS = "*?["

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from diagnostics import LayerRecord, NFAMonitor, load_snapshot, nfa_correlation, ptk_covariance, write_snapshot
-from diagnostics.io import save_snapshot
 
 
 def net() -> nn.Sequential:
@@ -177,9 +176,6 @@ def test_snapshot_is_plain_data_written_as_saved(tmp_path) -> None:
     for layer, mats in snap.matrices.items():
         assert mats.keys() == a.matrices[layer].keys() == b.matrices[layer].keys()
         assert all(torch.equal(t, a.matrices[layer][kind]) for kind, t in mats.items())
-    with pytest.warns(DeprecationWarning, match="save_snapshot"):
-        save_snapshot(mon, tmp_path / "c.safetensors")
-    assert json.dumps(load_snapshot(tmp_path / "c.safetensors").rows) == json.dumps(b.rows)
 
 
 def test_bad_inputs() -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from diagnostics import NFAMonitor, matrix_correlation, ptk_covariance
-from diagnostics import engine
+from diagnostics import LayerHooks, engine
 from diagnostics.nfa import nfa_summary
 from diagnostics.output_layer import identity_kernel_alignment, output_layer_summary
 
@@ -165,7 +165,7 @@ def test_default_chunks_bound_outputs_by_tokens(monkeypatch) -> None:
     monkeypatch.setattr(engine, "CHUNK_BUDGET_BYTES", 3 * per_sample)
     monkeypatch.setattr(engine, "FIRST_CHUNK_SAMPLES", 1)
     sizes: list[int] = []
-    hooks = engine.LayerHooks(adapters)
+    hooks = LayerHooks(adapters)
     engine.for_each_chunk(model, hooks, ids, lambda chunk: sizes.append(chunk.f.shape[0]))
     assert sizes == [1, 3, 3]
     for chunk_size in (None, 7):

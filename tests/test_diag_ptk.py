@@ -180,3 +180,21 @@ def test_looped_and_batched_vjps_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     for n in batched:
         assert rel_err(looped[n], batched[n]) < 1e-12
     assert jac["2"][1].shape == (4, 11, 7)
+
+
+def test_ptk_sums_take_one_estimator_settings() -> None:
+    from diagnostics import LayerHooks
+    from diagnostics.ptk import ptk_sums, ptk_sums_all_ranks
+    from diagnostics.settings import EstimatorSettings
+
+    model, x = mlp(), torch.randn(6, 5, dtype=torch.float64)
+    hooks = LayerHooks(find_linear_layers(model))
+    sums, counts = ptk_sums(model, hooks, x, EstimatorSettings(chunk_size=4))
+    all_sums, _ = ptk_sums_all_ranks(model, hooks, x, EstimatorSettings(chunk_size=4))
+    K = ptk_covariance(model, x)
+    assert counts == {n: 6 for n in K}
+    assert all(rel_err(sums[n] / 6, K[n]) < 1e-12 and torch.equal(sums[n], all_sums[n]) for n in K)
+    with pytest.raises(TypeError, match="settings must be an EstimatorSettings, e.g. EstimatorSettings"):
+        ptk_sums(model, hooks, x, "sketch")
+    with pytest.raises(TypeError):
+        ptk_sums(model, hooks, x, EstimatorSettings(), 8)  # the options go inside the settings

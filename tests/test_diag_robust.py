@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 import diagnostics.vjps as vjps
 from diagnostics import NFAMonitor, ptk_covariance
-from diagnostics.ptk import measure_memory
+from diagnostics.memory import measure_memory
 
 from test_diag_ptk import reference_K, rel_err
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..optional import require
 from .core import DataError, ImageData, ImageSplit, check_limit, require_dir
 
-__all__ = ["CELEBA_URL", "load_celeba"]
+__all__ = ["CELEBA_URL", "load_celeba", "celeba_help"]
 
 CELEBA_URL = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
 CELEBA_IMAGES = "img_align_celeba"
@@ -20,7 +20,8 @@ CELEBA_PARTITION = "list_eval_partition.txt"
 CELEBA_SPLITS = {"train": 0, "valid": 1, "test": 2}
 
 
-def _celeba_help(data_dir: Path) -> str:
+def celeba_help(data_dir: Path) -> str:
+    """Where CelebA's files go under ``data_dir`` and where they are published (for error messages)."""
     return (f"CelebA needs {data_dir / CELEBA_IMAGES}/ (the aligned-and-cropped JPEGs 000001.jpg ...), "
             f"{data_dir / CELEBA_ATTR} and {data_dir / CELEBA_PARTITION} (from the 'Anno' and 'Eval' folders), "
             f"published at {CELEBA_URL}")
@@ -33,22 +34,22 @@ def _read_attributes(path: Path, data_dir: Path) -> tuple[list[str], list[str], 
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     if len(lines) < 2:
         raise DataError(f"{bad}: need a count line, a line of attribute names, then one line per image. "
-                        f"{_celeba_help(data_dir)}.")
+                        f"{celeba_help(data_dir)}.")
     try:
         count = int(lines[0].strip())
     except ValueError:
         raise DataError(f"{bad}: line 1 must be the number of images, got {lines[0][:60]!r}. "
-                        f"{_celeba_help(data_dir)}.") from None
+                        f"{celeba_help(data_dir)}.") from None
     names = lines[1].split()
     rows = [line.split() for line in lines[2:] if line.strip()]
     if not names or len(rows) != count:
         raise DataError(f"{bad}: line 1 says {count} images, found {len(rows)} image lines and {len(names)} "
-                        f"attribute names. {_celeba_help(data_dir)}.")
+                        f"attribute names. {celeba_help(data_dir)}.")
     files, values = [], []
     for lineno, parts in enumerate(rows, start=3):
         if len(parts) != len(names) + 1 or any(v not in ("1", "-1") for v in parts[1:]):
             raise DataError(f"{bad}: line {lineno} must be a file name and {len(names)} values -1/1, got "
-                            f"{' '.join(parts)[:80]!r}. {_celeba_help(data_dir)}.")
+                            f"{' '.join(parts)[:80]!r}. {celeba_help(data_dir)}.")
         files.append(parts[0])
         values.append([int(v) for v in parts[1:]])
     return names, files, torch.tensor(values, dtype=torch.int8).reshape(len(files), len(names))
@@ -63,7 +64,7 @@ def _read_partition(path: Path, data_dir: Path) -> dict[str, int]:
             continue
         if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
             raise DataError(f"{path} is not in CelebA's list_eval_partition.txt layout: line {lineno} must be "
-                            f"'<file>.jpg 0|1|2', got {line[:80]!r}. {_celeba_help(data_dir)}.")
+                            f"'<file>.jpg 0|1|2', got {line[:80]!r}. {celeba_help(data_dir)}.")
         out[parts[0]] = int(parts[1])
     return out
 
@@ -83,9 +84,9 @@ def _read_face(path: Path, size: int, data_dir: Path) -> Tensor:
             im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
-        raise DataError(f"missing image {path} (listed in {CELEBA_ATTR}). {_celeba_help(data_dir)}.") from None
+        raise DataError(f"missing image {path} (listed in {CELEBA_ATTR}). {celeba_help(data_dir)}.") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path} is not a readable JPEG ({exc}). {_celeba_help(data_dir)}.") from exc
+        raise DataError(f"{path} is not a readable JPEG ({exc}). {celeba_help(data_dir)}.") from exc
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
@@ -115,11 +116,11 @@ def load_celeba(
     check_limit("max_test", max_test)
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int (32 or 96), got {size!r}")
-    root = require_dir(data_dir, _celeba_help)
+    root = require_dir(data_dir, celeba_help)
     expected = [root / CELEBA_IMAGES, root / CELEBA_ATTR, root / CELEBA_PARTITION]
     missing = [p for p in expected if not (p.is_dir() if p.name == CELEBA_IMAGES else p.is_file())]
     if missing:
-        raise DataError(f"missing {', '.join(map(str, missing))}. {_celeba_help(root)}.")
+        raise DataError(f"missing {', '.join(map(str, missing))}. {celeba_help(root)}.")
     names, files, values = _read_attributes(root / CELEBA_ATTR, root)
     if attribute not in names:
         raise DataError(f"attribute {attribute!r} is not in {root / CELEBA_ATTR}; choose one of: {', '.join(names)}")
@@ -127,7 +128,7 @@ def load_celeba(
     unlisted = [f for f in files if f not in partition]
     if unlisted:
         raise DataError(f"{root / CELEBA_PARTITION} has no split for {len(unlisted)} image(s) of {CELEBA_ATTR}, "
-                        f"e.g. {unlisted[0]}. {_celeba_help(root)}.")
+                        f"e.g. {unlisted[0]}. {celeba_help(root)}.")
     split_of = torch.tensor([partition[f] for f in files])
     labels = (values[:, names.index(attribute)] == 1).long()
     g = torch.Generator().manual_seed(seed)

@@ -9,12 +9,13 @@ from torch import Tensor
 
 from .core import DataError, ImageData, check_limit, image_split, label_names, read_bytes, require_dir
 
-__all__ = ["CIFAR_URL", "load_cifar"]
+__all__ = ["CIFAR_URL", "load_cifar", "cifar_help"]
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
-def _cifar_help(data_dir: Path, num_classes: int) -> str:
+def cifar_help(data_dir: Path, num_classes: int) -> str:
+    """Where CIFAR-10/100's batches go under ``data_dir`` and where they are published (for error messages)."""
     if num_classes == 10:
         py, binary = data_dir / "cifar-10-batches-py", data_dir / "cifar-10-batches-bin"
         files = f"{py}/data_batch_1 ... data_batch_5 and {py}/test_batch, or {binary}/data_batch_1.bin ... " \
@@ -104,8 +105,8 @@ def load_cifar(
     check_limit("max_test", max_test)
     if num_classes not in (10, 100):
         raise ValueError(f"num_classes must be 10 (CIFAR-10) or 100 (CIFAR-100), got {num_classes!r}")
-    root = require_dir(data_dir, lambda p: _cifar_help(p, num_classes))
-    help_text = _cifar_help(root, num_classes)
+    root = require_dir(data_dir, lambda p: cifar_help(p, num_classes))
+    help_text = cifar_help(root, num_classes)
     if num_classes == 10:
         py, binary = root / "cifar-10-batches-py", root / "cifar-10-batches-bin"
         train_names, test_names = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]

@@ -11,13 +11,14 @@ from torch import Tensor
 from ..optional import require
 from .core import DataError, ImageData, ImageSplit, check_limit, random_subset, require_dir
 
-__all__ = ["GTSRB_URL", "load_gtsrb"]
+__all__ = ["GTSRB_URL", "load_gtsrb", "gtsrb_help"]
 
 GTSRB_URL = ("https://benchmark.ini.rub.de/gtsrb_dataset.html (or torchvision.datasets.GTSRB(root, "
              "download=True))")
 
 
-def _gtsrb_help(data_dir: Path) -> str:
+def gtsrb_help(data_dir: Path) -> str:
+    """Where GTSRB's files go under ``data_dir`` and where they are published (for error messages)."""
     base = data_dir / "gtsrb"
     return (f"GTSRB needs {base}/GTSRB/Training/<class>/*.ppm (class folders 00000 ... 00042), "
             f"{base}/GTSRB/Final_Test/Images/*.ppm and {base}/GT-final_test.csv (torchvision's layout; the "
@@ -52,8 +53,8 @@ def load_gtsrb(
 
     check_limit("max_train", max_train)
     check_limit("max_test", max_test)
-    root = require_dir(data_dir, _gtsrb_help)
-    help_text = _gtsrb_help(root)
+    root = require_dir(data_dir, gtsrb_help)
+    help_text = gtsrb_help(root)
     base = root / "gtsrb"
     train_dir, test_dir, test_csv = base / "GTSRB" / "Training", base / "GTSRB" / "Final_Test" / "Images", \
         base / "GT-final_test.csv"

@@ -9,14 +9,15 @@ from torch import Tensor
 
 from .core import DataError, ImageData, check_limit, image_split, read_bytes, require_dir
 
-__all__ = ["MNIST_URL", "MNIST_FILES", "load_mnist"]
+__all__ = ["MNIST_URL", "MNIST_FILES", "load_mnist", "mnist_help"]
 
 MNIST_URL = "https://yann.lecun.com/exdb/mnist/ (or torchvision.datasets.MNIST(root, download=True))"
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
-def _mnist_help(data_dir: Path) -> str:
+def mnist_help(data_dir: Path) -> str:
+    """Where MNIST's IDX files go under ``data_dir`` and where they are published (for error messages)."""
     raw = data_dir / "MNIST" / "raw"
     names = ", ".join(n for pair in MNIST_FILES.values() for n in pair)
     return (f"MNIST needs the four idx files {names} (plain or .gz) in {raw} (torchvision's layout) or in "
@@ -48,8 +49,8 @@ def load_mnist(
     """MNIST from its idx files (``DIR/MNIST/raw/`` or ``DIR/``, each plain or ``.gz``): 28x28, one channel."""
     check_limit("max_train", max_train)
     check_limit("max_test", max_test)
-    root = require_dir(data_dir, _mnist_help)
-    help_text = _mnist_help(root)
+    root = require_dir(data_dir, mnist_help)
+    help_text = mnist_help(root)
 
     def find(name: str) -> Path:
         for folder in (root / "MNIST" / "raw", root):

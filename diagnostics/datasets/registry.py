@@ -5,21 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .celeba import _celeba_help, load_celeba
-from .cifar import _cifar_help, load_cifar
+from .celeba import load_celeba, celeba_help
+from .cifar import load_cifar, cifar_help
 from .core import DataError, ImageData
 from .digits import load_digits
-from .gtsrb import _gtsrb_help, load_gtsrb
-from .mnist import _mnist_help, load_mnist
-from .stl10 import _stl10_help, load_stl10
-from .svhn import _svhn_help, load_svhn
+from .gtsrb import load_gtsrb, gtsrb_help
+from .mnist import load_mnist, mnist_help
+from .stl10 import load_stl10, stl10_help
+from .svhn import load_svhn, svhn_help
 
 __all__ = ["DATASETS", "NATIVE_SIZE", "DATASET_MODULES", "load_dataset"]
 
 #: Data sets :func:`load_dataset` knows, and whether they need ``data_dir``.
 DATASETS = ("svhn", "celeba", "cifar10", "cifar100", "mnist", "stl10", "gtsrb", "digits")
-_HELP = {"svhn": _svhn_help, "celeba": _celeba_help, "cifar10": lambda p: _cifar_help(p, 10),
-         "cifar100": lambda p: _cifar_help(p, 100), "mnist": _mnist_help, "stl10": _stl10_help, "gtsrb": _gtsrb_help}
+_HELP = {"svhn": svhn_help, "celeba": celeba_help, "cifar10": lambda p: cifar_help(p, 10),
+         "cifar100": lambda p: cifar_help(p, 100), "mnist": mnist_help, "stl10": stl10_help, "gtsrb": gtsrb_help}
 #: Image side length of each data set as loaded (CelebA and digits take ``image_size``).
 NATIVE_SIZE = {"svhn": 32, "cifar10": 32, "cifar100": 32, "mnist": 28, "stl10": 32, "gtsrb": 32}
 #: The optional package each data set's loader needs (``examples`` extra); the others need only numpy.

@@ -8,12 +8,13 @@ import torch
 
 from .core import DataError, ImageData, check_limit, image_split, label_names, read_bytes, require_dir
 
-__all__ = ["STL10_URL", "load_stl10"]
+__all__ = ["STL10_URL", "load_stl10", "stl10_help"]
 
 STL10_URL = "https://cs.stanford.edu/~acoates/stl10/"
 
 
-def _stl10_help(data_dir: Path) -> str:
+def stl10_help(data_dir: Path) -> str:
+    """Where STL-10's binary files go under ``data_dir`` and where they are published (for error messages)."""
     folder = data_dir / "stl10_binary"
     return (f"STL-10 needs {folder}/train_X.bin, train_y.bin, test_X.bin and test_y.bin (the binary archive "
             f"stl10_binary.tar.gz unpacked in --data-dir), published at {STL10_URL}")
@@ -26,8 +27,8 @@ def load_stl10(
     used), 96x96 RGB stored column-major, resized to 32x32 (bilinear, antialiased)."""
     check_limit("max_train", max_train)
     check_limit("max_test", max_test)
-    root = require_dir(data_dir, _stl10_help)
-    help_text = _stl10_help(root)
+    root = require_dir(data_dir, stl10_help)
+    help_text = stl10_help(root)
     folder = root / "stl10_binary"
     g = torch.Generator().manual_seed(seed)
     splits = []
