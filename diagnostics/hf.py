@@ -8,11 +8,12 @@ Trainer's logs as ``nfa/uc/<layer>`` and ``nfa/c/<layer>``. From there they reac
 ``report_to`` (TensorBoard, W&B, ...).
 
 How the values get into the logs: ``Trainer.log`` appends a copy of the logs to ``log_history`` and
-then calls every callback's ``on_log`` in order. The callback measures in ``on_step_end``, sets
-``control.should_log`` so the Trainer logs at that step, and in ``on_log`` adds the values to both the
-``logs`` dict (seen by the callbacks that run after it) and the matching ``log_history`` entry. So
-that the reporters run after it, the callback moves itself to the front of the Trainer's callback list
-at ``on_train_begin``; its console summary runs just before the Trainer's printer.
+then calls every callback's ``on_log`` in the order of the Trainer's callback list. The callback
+measures in ``on_step_end``, sets ``control.should_log`` so the Trainer logs at that step, and in
+``on_log`` adds the values to both the ``logs`` dict (seen by the callbacks that run after it) and the
+matching ``log_history`` entry. The Trainer registers the ``report_to`` reporters before the callbacks
+passed to it, so ``NFACallback(...).add_to(trainer)`` puts the callback first (the reporters then
+receive its values) and its console summary just before the Trainer's printer.
 
 Distributed (DDP launched by ``accelerate``/``torchrun``): every rank measures its contiguous shard
 of the probe and the ``K`` sums are all-reduced (one collective per measurement), so the values equal
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
@@ -42,7 +42,7 @@ from .optional import install_hint
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-    from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 except ImportError as exc:
     raise ModuleNotFoundError(f"diagnostics.hf: {install_hint(exc.name or 'transformers')}", name=exc.name) from exc
 
@@ -51,6 +51,7 @@ from .common import check_choice
 from .probe import OutputFn, move_probe, probe_batch_size, split_probe
 from .io import load_snapshot
 from .monitor import NFAMonitor
+from .output_layer import ESTIMATOR as ANALYTIC
 from .settings import check_estimator
 
 __all__ = ["NFACallback", "NFAConsoleSummary", "nfa_rows_from_log_history", "SNAPSHOT_DIR"]
@@ -92,8 +93,12 @@ class NFACallback(TrainerCallback):
             :class:`~diagnostics.NFAMonitor`).
         console_layers: globs of the layers whose values the console line (the Trainer's printer or
             progress bar) shows one by one; the others appear as one ``min/mean/max`` entry per kind
-            (``None``, the default: every layer summarised; ``"*"``: every layer). ``log_history`` and
-            the reporters always get every layer.
+            (``None``, the default: every layer summarised; ``"*"``: every layer), leaving out the
+            layers whose values are 1 by construction (``K`` is ``I`` or ``1 x 1``: the output layer).
+            ``log_history`` and the reporters always get every layer.
+
+    Add it with :meth:`add_to` so the ``report_to`` reporters receive its values (``Trainer(callbacks=
+    [...])`` runs it after them, which is refused when there are any).
 
     The :class:`~diagnostics.NFAMonitor` of the current run is ``callback.monitor`` (its
     ``history`` / ``to_rows()`` hold every measurement).
@@ -138,15 +143,16 @@ class NFACallback(TrainerCallback):
         self.console_layers = [console_layers] if isinstance(console_layers, str) else list(console_layers or [])
         self.monitor: NFAMonitor | None = None
         self._pending: dict[str, float] = {}
-        self._ordered = False
+        #: Layers of the last measurement whose NFA is 1 by construction (``K = I`` analytically, or ``1 x 1``).
+        self.constant_layers: set[str] = set()
+        #: Set by :meth:`add_to`: the callback runs ahead of the ``report_to`` reporters.
+        self.before_reporters = False
 
-    def _console_line(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-        """``on_log`` just before the console printer: per kind, the layers matching ``console_layers`` one
-        by one and the others as one ``min/mean/max`` entry (reporters and ``log_history`` saw every layer)."""
-        for kind in _KINDS:
-            prefix = f"nfa/{kind}/"
-            names = [k[len(prefix):] for k in logs or {} if k.startswith(prefix)]
-            _summarise(logs, prefix, {n for n in names if any(fnmatchcase(n, p) for p in self.console_layers)})
+    def add_to(self, trainer: Any) -> None:
+        """Put this callback first in ``trainer``'s callbacks, ahead of the ``report_to`` reporters (which
+        then receive ``nfa/*``), and its :class:`NFAConsoleSummary` just before the Trainer's printer."""
+        _put_first(trainer, self, NFAConsoleSummary(self))
+        self.before_reporters = True
 
     def _snapshot_dir(self, args: TrainingArguments) -> str:
         return os.path.join(args.output_dir, SNAPSHOT_DIR)
@@ -172,14 +178,11 @@ class NFACallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        """Order this callback before the reporters and start the monitor (``W_0`` snapshot)."""
-        self._ordered = _order_callbacks(self, NFAConsoleSummary(self)) or self._ordered
-        if not self._ordered:
-            warnings.warn(
-                "NFACallback could not find the Trainer's callback list; reporters that run before it "
-                "will not see the nfa/* values (log_history still gets them). Put it first with "
-                "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback)).",
-                stacklevel=2,
+        """Refuse to run after ``report_to`` reporters; start the monitor (``W_0`` snapshot)."""
+        if not self.before_reporters and _reporters(args):
+            raise ValueError(
+                f"NFACallback runs after the report_to reporters {_reporters(args)}, which would not receive "
+                "nfa/*: add it with NFACallback(...).add_to(trainer) instead of Trainer(callbacks=[...])"
             )
         if model is None:
             raise ValueError("NFACallback needs the model; use it through transformers.Trainer(callbacks=[...])")
@@ -214,6 +217,11 @@ class NFACallback(TrainerCallback):
             if state.is_world_process_zero:
                 os.makedirs(self._snapshot_dir(args), exist_ok=True)
             self.monitor.save(os.path.join(self._snapshot_dir(args), f"step_{state.global_step:07d}.safetensors"))
+        adapters = self.monitor.adapters
+        self.constant_layers = {
+            name for name, rec in records.items()
+            if rec.estimator == ANALYTIC or (name in adapters and adapters[name].k == 1)
+        }
         return {
             f"nfa/{kind}/{name}": float(getattr(rec, field))
             for kind, field in _KINDS.items()
@@ -276,30 +284,43 @@ def _summarise(logs: dict[str, Any] | None, prefix: str, shown: set[str]) -> Non
 
 
 class NFAConsoleSummary(TrainerCallback):
-    """Put just before the console printer by ``owner`` (an :class:`NFACallback`); its ``on_log`` shortens
-    the NFA entries of the console line (``owner._console_line``)."""
+    """Put just before the console printer by :meth:`NFACallback.add_to`. ``on_log``: per kind, keeps the
+    layers matching the owner's ``console_layers``, drops the other layers whose value is 1 by
+    construction (``owner.constant_layers``) and replaces the rest by one ``min/mean/max`` entry (the
+    reporters and ``log_history``, which run before it, get every layer)."""
 
     def __init__(self, owner: NFACallback) -> None:
         self.owner = owner
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self.owner._console_line(args, state, control, logs=logs, **kwargs)
+        if logs is None:
+            return
+        for kind in _KINDS:
+            prefix = f"nfa/{kind}/"
+            names = [k[len(prefix):] for k in logs if k.startswith(prefix)]
+            shown = {n for n in names if any(fnmatchcase(n, p) for p in self.owner.console_layers)}
+            for name in self.owner.constant_layers - shown:
+                logs.pop(prefix + name, None)
+            _summarise(logs, prefix, shown)
 
 
-def _order_callbacks(callback: TrainerCallback, summary: NFAConsoleSummary) -> bool:
-    """From an event of ``callback``: move it first in the Trainer's callbacks (``self.callbacks`` of the calling
-    ``CallbackHandler.call_event`` frame), ahead of the reporters, and once put ``summary`` just before the
-    console printer. False (nothing changed) outside a Trainer."""
-    frame = sys._getframe(1)
-    while frame is not None and not (
-        isinstance(frame.f_locals.get("self"), CallbackHandler) and callback in frame.f_locals["self"].callbacks
-    ):
-        frame = frame.f_back
-    if frame is None:
-        return False
-    callbacks = frame.f_locals["self"].callbacks
-    callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
+def _reporters(args: TrainingArguments) -> list[str]:
+    """The ``report_to`` integrations of ``args`` (``[]`` for ``"none"``)."""
+    report_to = args.report_to or []
+    return [r for r in ([report_to] if isinstance(report_to, str) else report_to) if r != "none"]
+
+
+def _put_first(trainer: Any, callback: TrainerCallback, summary: TrainerCallback) -> None:
+    """Move ``callback`` to the front of ``trainer.callback_handler.callbacks`` (the list the Trainer's
+    events run through, in order) and, once per owner, insert ``summary`` just before the first console
+    printer / progress bar (at the end when there is none)."""
+    handler = getattr(trainer, "callback_handler", None)
+    if not isinstance(getattr(handler, "callbacks", None), list):
+        raise TypeError(f"add_to() needs a transformers.Trainer, got {type(trainer).__name__}")
+    callbacks = handler.callbacks
+    trainer.pop_callback(callback)
+    callbacks.insert(0, callback)
+    if any(getattr(c, "owner", None) is callback for c in callbacks):
+        return
     printers = [i for i, c in enumerate(callbacks) if isinstance(c, (PrinterCallback, ProgressCallback))]
-    if printers and not any(isinstance(c, NFAConsoleSummary) and c.owner is callback for c in callbacks):
-        callbacks.insert(printers[0], summary)
-    return True
+    callbacks.insert(printers[0] if printers else len(callbacks), summary)

@@ -230,11 +230,12 @@ def main(argv: list[str] | None = None) -> Trainer | None:
     )
     print(f"world_size={args.world_size} process_index={args.process_index} device={args.device} "
           f"torch_threads={torch.get_num_threads()}", flush=True)
-    callbacks = [NFACallback(probe, every_n_steps=a.nfa_every, layers=a.nfa_layers, estimator=a.estimator,
-                             m=8, save_snapshots=True)]
+    trainer = Trainer(model=model, args=args, train_dataset=train, **trainer_kwargs)
+    # add_to: ahead of the report_to reporters, which then receive nfa/* and slo/*
+    NFACallback(probe, every_n_steps=a.nfa_every, layers=a.nfa_layers, estimator=a.estimator, m=8,
+                save_snapshots=True).add_to(trainer)
     if a.optimizer == "slo":
-        callbacks.append(SLOCallback())  # warns if --max-grad-norm > 0 makes the clipping moot
-    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=callbacks, **trainer_kwargs)
+        SLOCallback().add_to(trainer)  # warns if --max-grad-norm > 0 makes the clipping moot
     trainer.train(resume_from_checkpoint=a.resume)
     trainer.save_state()
     if trainer.is_world_process_zero():

@@ -2,20 +2,23 @@
 
     trainer = Trainer(model, args, ..., optimizer_cls_and_kwargs=(SLOptimizer, dict(
         base_optimizer=torch.optim.AdamW, model=model, speeds=promote(model, "layer", 10.0),
-        mode="update", lr=3e-4)), callbacks=[SLOCallback()])
+        mode="update", lr=3e-4)))
+
+    SLOCallback().add_to(trainer)
 
 Logged at every logging step, averaged over the optimizer steps taken since the previous log
 (a step skipped for a non-finite gradient or a GradScaler overflow adds nothing):
 ``slo/grad_norm/<layer>`` (``||g_l||_F`` before normalisation) and ``slo/nonfinite_steps``.
-At ``on_train_begin`` the callback moves itself ahead of the ``report_to`` reporters (so TensorBoard,
-W&B, ... receive its values), puts its console summary just before the Trainer's printer, and warns
-once if the Trainer clips gradients (``max_grad_norm > 0``) while SLO runs in ``mode="grad"``: the
-per-layer normalisation undoes the common clipping factor. ``transformers`` is imported only here.
+The Trainer calls each callback's ``on_log`` in the order of its callback list and registers the
+``report_to`` reporters before the callbacks passed to it; :meth:`SLOCallback.add_to` puts the
+callback first, so TensorBoard, W&B, ... receive its values, and its console summary just before
+the Trainer's printer. The callback warns once if the Trainer clips gradients (``max_grad_norm > 0``)
+while SLO runs in ``mode="grad"``: the per-layer normalisation undoes the common clipping factor.
+``transformers`` is imported only here.
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
@@ -26,7 +29,7 @@ from torch import Tensor
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-    from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 except ImportError as exc:
     raise ModuleNotFoundError(
         f"slo_torch.hf needs the optional package {exc.name or 'transformers'!r}; install it with: "
@@ -34,7 +37,7 @@ except ImportError as exc:
         name=exc.name,
     ) from exc
 
-__all__ = ["SLOCallback", "find_slo", "run_before_reporters", "install_console_summary", "ConsoleSummary"]
+__all__ = ["SLOCallback", "find_slo", "ConsoleSummary"]
 
 
 def find_slo(optimizer: Any) -> Any | None:
@@ -58,7 +61,9 @@ class SLOCallback(TrainerCallback):
     Finds the :class:`~slo_torch.SLOptimizer` in the Trainer's optimizer, or uses ``source`` (an
     ``SLOptimizer`` or the handle returned by :func:`~slo_torch.attach`). Norms stay on the device
     between logs (one host transfer per log). Values are written into the ``logs`` of ``on_log`` and
-    into ``state.log_history``; callbacks that report ``logs`` see them if they run after this one.
+    into ``state.log_history``; callbacks that report ``logs`` see them if they run after this one:
+    add it with :meth:`add_to` (``Trainer(callbacks=[...])`` runs it after the ``report_to`` reporters,
+    which is refused when there are any).
 
     The console line (the Trainer's printer or progress bar) keeps the per-layer norms of the layers
     matching ``console_layers`` (globs; default: the layers whose speed differs from the most common
@@ -78,6 +83,14 @@ class SLOCallback(TrainerCallback):
         self._sums: dict[str, Tensor] = {}
         self._count = 0
         self._seen_steps: int | None = None  # taken_steps of the optimizer at the last on_step_end
+        #: Set by :meth:`add_to`: the callback runs ahead of the ``report_to`` reporters.
+        self.before_reporters = False
+
+    def add_to(self, trainer: Any) -> None:
+        """Put this callback first in ``trainer``'s callbacks, ahead of the ``report_to`` reporters (which
+        then receive ``slo/*``), and its :class:`ConsoleSummary` just before the Trainer's printer."""
+        _put_first(trainer, self, ConsoleSummary(self, self.prefix, self._shown))
+        self.before_reporters = True
 
     def _slo(self, kwargs: dict[str, Any]) -> Any | None:
         return self.source if self.source is not None else find_slo(kwargs.get("optimizer"))
@@ -85,13 +98,12 @@ class SLOCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Run ahead of the reporters; warn once when ``max_grad_norm`` clipping meets grad-mode SLO."""
-        if not _order_callbacks(self, ConsoleSummary(self, self.prefix, self._shown)):
-            warnings.warn(
-                "SLOCallback could not find the Trainer's callback list; reporters that run before it "
-                "will not see the slo/* values (log_history still gets them). Put it first with "
-                "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback)).",
-                stacklevel=2,
+        """Refuse to run after ``report_to`` reporters; warn once when ``max_grad_norm`` clipping meets
+        grad-mode SLO."""
+        if not self.before_reporters and _reporters(args):
+            raise ValueError(
+                f"SLOCallback runs after the report_to reporters {_reporters(args)}, which would not receive "
+                "slo/*: add it with SLOCallback(...).add_to(trainer) instead of Trainer(callbacks=[...])"
             )
         slo = self._slo(kwargs)
         self._seen_steps = None if slo is None else slo.taken_steps
@@ -196,67 +208,23 @@ def _summarise(logs: dict[str, Any] | None, prefix: str, shown: set[str]) -> Non
         f"{min(values):.3g}/{sum(values) / len(values):.3g}/{max(values):.3g}")
 
 
-def _trainer_callbacks(callback: TrainerCallback) -> list[TrainerCallback] | None:
-    """The running Trainer's callback list, from an event of ``callback``: ``self.callbacks`` of the calling
-    ``CallbackHandler.call_event`` frame (callbacks get no other reference to it); ``None`` outside a Trainer."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        handler = frame.f_locals.get("self")
-        if isinstance(handler, CallbackHandler) and callback in handler.callbacks:
-            return handler.callbacks
-        frame = frame.f_back
-    return None
+def _reporters(args: TrainingArguments) -> list[str]:
+    """The ``report_to`` integrations of ``args`` (``[]`` for ``"none"``)."""
+    report_to = args.report_to or []
+    return [r for r in ([report_to] if isinstance(report_to, str) else report_to) if r != "none"]
 
 
-def _order_callbacks(callback: TrainerCallback, summary: ConsoleSummary) -> bool:
-    """From an event of ``callback``: move it to the front of the Trainer's callbacks (ahead of the ``report_to``
-    reporters, which then see what its ``on_log`` adds) and, once, put ``summary`` just before the console
-    printer / progress bar. False (nothing changed) outside a Trainer.
-
-    Moving the element at index ``i`` to ``0`` while the handler iterates at ``i`` keeps every later index,
-    so no callback is skipped or called twice."""
-    callbacks = _trainer_callbacks(callback)
-    if callbacks is None:
-        return False
-    callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
-    if not any(isinstance(c, ConsoleSummary) and c.owner is callback for c in callbacks):
-        _insert_before_printer(callbacks, summary)
-    return True
-
-
-def _insert_before_printer(callbacks: list[TrainerCallback], hook: TrainerCallback) -> bool:
-    """Insert ``hook`` just before the first console printer / progress bar; False if there is none."""
+def _put_first(trainer: Any, callback: TrainerCallback, summary: TrainerCallback) -> None:
+    """Move ``callback`` to the front of ``trainer.callback_handler.callbacks`` (the list the Trainer's
+    events run through, in order) and, once per owner, insert ``summary`` just before the first console
+    printer / progress bar (at the end when there is none)."""
+    handler = getattr(trainer, "callback_handler", None)
+    if not isinstance(getattr(handler, "callbacks", None), list):
+        raise TypeError(f"add_to() needs a transformers.Trainer, got {type(trainer).__name__}")
+    callbacks = handler.callbacks
+    trainer.pop_callback(callback)
+    callbacks.insert(0, callback)
+    if any(getattr(c, "owner", None) is callback for c in callbacks):
+        return
     printers = [i for i, c in enumerate(callbacks) if isinstance(c, (PrinterCallback, ProgressCallback))]
-    if printers:
-        callbacks.insert(printers[0], hook)
-    return bool(printers)
-
-
-# ------------------------------------------------------------------------------ deprecated
-
-
-def _deprecated(name: str) -> None:
-    warnings.warn(f"slo_torch.hf.{name} is deprecated: SLOCallback orders itself and summarises its console "
-                  "line on its own", DeprecationWarning, stacklevel=3)
-
-
-def run_before_reporters(callback: TrainerCallback) -> bool:
-    """Deprecated. From one of ``callback``'s events, move it to the front of the Trainer's callback list;
-    False (and nothing changed) outside a Trainer."""
-    _deprecated("run_before_reporters")
-    callbacks = _trainer_callbacks(callback)
-    if callbacks is not None:
-        callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
-    return callbacks is not None
-
-
-def install_console_summary(owner: TrainerCallback, prefix: str, shown: ShownFn) -> bool:
-    """Deprecated. From one of ``owner``'s events, put a :class:`ConsoleSummary` just before the Trainer's
-    console printer, once per ``(owner, prefix)``; False if the callback list or the printer is not found."""
-    _deprecated("install_console_summary")
-    callbacks = _trainer_callbacks(owner)
-    if callbacks is None:
-        return False
-    if any(getattr(c, "owner", None) is owner and getattr(c, "prefix", None) == prefix for c in callbacks):
-        return True
-    return _insert_before_printer(callbacks, ConsoleSummary(owner, prefix, shown))
+    callbacks.insert(printers[0] if printers else len(callbacks), summary)

@@ -57,10 +57,12 @@ def test_values_reach_log_history_and_reporters_registered_before_it(tmp_path: P
     rec = Recorder()
     cb = NFACallback(probe, every_n_steps=2, estimator="exact")
     # The recorder is registered before the callback, as the Trainer registers report_to reporters.
-    trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, max_steps=5), train_dataset=train, callbacks=[rec, cb])
+    trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, max_steps=5), train_dataset=train, callbacks=[rec])
+    cb.add_to(trainer)
+    cb.add_to(trainer)  # a second call changes nothing
     trainer.train()
     callbacks = trainer.callback_handler.callbacks
-    assert callbacks[0] is cb
+    assert callbacks[0] is cb and callbacks.count(cb) == 1
     summaries = [c for c in callbacks if isinstance(c, NFAConsoleSummary)]  # one, just before the printer
     assert len(summaries) == 1 and summaries[0].owner is cb and callbacks[-2] is summaries[0]
     entries = nfa_entries(trainer.state.log_history)
@@ -83,17 +85,20 @@ def test_console_line_summarises_the_layers(
 ) -> None:
     train, probe = data
     cb = NFACallback(probe, every_n_steps=2, estimator="exact", console_layers=console_layers)
-    trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, max_steps=2, logging_steps=2), train_dataset=train,
-                      callbacks=[cb])
+    trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, max_steps=2, logging_steps=2), train_dataset=train)
+    cb.add_to(trainer)
     trainer.train()
     printed = [line for line in capsys.readouterr().out.splitlines() if "'loss'" in line]
     assert len(printed) == 1
     line, layers = printed[0], cb.monitor.layer_names
     logged = nfa_entries(trainer.state.log_history)[0]  # every layer still reaches log_history
     shown = [n for n in layers if console_layers and n.startswith("transformer.h.0.mlp.")]
+    assert cb.constant_layers == {"lm_head"}  # the output layer: K = I, its UC- and C-NFA are 1 by construction
     for kind in ("uc", "c"):
         assert {k for k in logged if k.startswith(f"nfa/{kind}/")} == {f"nfa/{kind}/{n}" for n in layers}
-        rest = [logged[f"nfa/{kind}/{n}"] for n in layers if n not in shown]
+        assert logged[f"nfa/{kind}/lm_head"] == pytest.approx(1.0, abs=1e-12) and "lm_head" not in line
+        rest = [logged[f"nfa/{kind}/{n}"] for n in layers if n not in shown and n != "lm_head"]
+        assert max(rest) < 1.0 - 1e-3  # the summary is over values that carry information
         entry = f"'nfa/{kind}/<{len(rest)} {'other layers' if shown else 'layers'}> min/mean/max': '"
         assert entry in line
         lo, mean, hi = (float(v) for v in line.split(entry)[1].split("'")[0].split("/"))
@@ -193,14 +198,18 @@ def test_bad_probe() -> None:
         NFACallback("not a tensor")
 
 
-def test_outside_a_trainer_it_says_how_to_order_it(tmp_path: Path) -> None:
+def test_after_the_reporters_it_refuses_and_says_how_to_add_it(tmp_path: Path, data: Any) -> None:
     cb = NFACallback(torch.zeros(2, SEQ, dtype=torch.long), every_n_steps=1)
-    args = args_for(tmp_path)
     state = transformers.TrainerState()
     with pytest.raises(RuntimeError, match="on_train_begin"):
-        cb.measure(args, state, tiny_gpt2(ex))
-    with pytest.warns(UserWarning, match="callbacks.insert"):
-        cb.on_train_begin(args, state, transformers.TrainerControl(), model=tiny_gpt2(ex))
+        cb.measure(args_for(tmp_path), state, tiny_gpt2(ex))
+    trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, report_to="tensorboard"), train_dataset=data[0],
+                      callbacks=[cb])
+    with pytest.raises(ValueError, match=r"after the report_to reporters \['tensorboard'\].*\.add_to\(trainer\)"):
+        trainer.train()
+    with pytest.raises(TypeError, match="needs a transformers.Trainer"):
+        cb.add_to(object())
+    cb.on_train_begin(args_for(tmp_path), state, transformers.TrainerControl(), model=tiny_gpt2(ex))  # no reporter
     assert cb.monitor is not None and "transformer.h.0.mlp.c_fc" in cb.monitor.layer_names
 
 

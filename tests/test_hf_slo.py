@@ -157,7 +157,8 @@ def test_callback_warns_on_clipping_and_runs_before_reporters(tmp_path: Path, tr
     recorder = Recorder()
     opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model=model, speeds=SPEEDS)
     trainer = Trainer(model, args_for(tmp_path, max_steps=2, max_grad_norm=clip), train_dataset=train,
-                      optimizers=(opt, None), callbacks=[recorder, SLOCallback()])
+                      optimizers=(opt, None), callbacks=[recorder])
+    SLOCallback().add_to(trainer)
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
@@ -166,7 +167,6 @@ def test_callback_warns_on_clipping_and_runs_before_reporters(tmp_path: Path, tr
     clipping = [w for w in caught if "max_grad_norm" in str(w.message)]
     assert len(clipping) == (1 if clip > 0 else 0)
     assert any(k.startswith("slo/grad_norm/") for k in recorder.logs[0])  # the reporter saw the values
-    assert not any(issubclass(w.category, DeprecationWarning) and "slo_torch" in str(w.message) for w in caught)
     from slo_torch.hf import ConsoleSummary
 
     callbacks = trainer.callback_handler.callbacks
@@ -233,7 +233,8 @@ def test_console_line_shows_the_promoted_layer_and_summarises_the_rest(
     model = tiny_gpt2(ex)
     opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model=model, speeds=SPEEDS)
     trainer = Trainer(model, args_for(tmp_path, max_steps=2, logging_steps=2, max_grad_norm=0.0),
-                      train_dataset=train, optimizers=(opt, None), callbacks=[SLOCallback()])
+                      train_dataset=train, optimizers=(opt, None))
+    SLOCallback().add_to(trainer)
     trainer.train()
     printed = [line for line in capsys.readouterr().out.splitlines() if "'loss'" in line]
     assert len(printed) == 1
@@ -251,22 +252,19 @@ def test_console_line_shows_the_promoted_layer_and_summarises_the_rest(
     assert mean == pytest.approx(sum(rest) / len(rest), rel=1e-2)
 
 
-def test_deprecated_ordering_helpers_still_work(tmp_path: Path, train: Any) -> None:
-    from slo_torch.hf import ConsoleSummary, install_console_summary, run_before_reporters
+def test_console_summary_keeps_the_shown_layers_and_summarises_the_rest() -> None:
+    from slo_torch.hf import ConsoleSummary
 
-    class Ordered(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            self.first = run_before_reporters(self)
-            self.summary = install_console_summary(self, "x/", lambda names, kw: set())
+    summary = ConsoleSummary(SLOCallback(), "x/", lambda names, kw: {"b"})
+    logs = {"x/a": 1.0, "x/b": 2.0, "x/c": 6.0, "x/d": 2.0, "loss": 0.5}
+    summary.on_log(None, None, None, logs=logs)
+    assert logs == {"x/b": 2.0, "loss": 0.5, "x/<3 other layers> min/mean/max": "1/3/6"}
 
-    recorder, ordered = Recorder(), Ordered()
-    trainer = Trainer(tiny_gpt2(ex), args_for(tmp_path, max_steps=1), train_dataset=train,
-                      callbacks=[recorder, ordered])
-    with pytest.warns(DeprecationWarning, match="deprecated"):
+
+def test_after_the_reporters_it_refuses_and_says_how_to_add_it(tmp_path: Path, train: Any) -> None:
+    model = tiny_gpt2(ex)
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model=model, speeds=SPEEDS)
+    trainer = Trainer(model, args_for(tmp_path, max_steps=1, report_to="tensorboard"), train_dataset=train,
+                      optimizers=(opt, None), callbacks=[SLOCallback()])
+    with pytest.raises(ValueError, match=r"after the report_to reporters \['tensorboard'\].*\.add_to\(trainer\)"):
         trainer.train()
-    callbacks = trainer.callback_handler.callbacks
-    assert ordered.first and ordered.summary and callbacks[0] is ordered
-    assert isinstance(callbacks[-2], ConsoleSummary) and callbacks[-2].owner is ordered
-    logs = {"x/a": 1.0, "x/b": 2.0, "x/c": 6.0, "loss": 0.5}
-    callbacks[-2].on_log(None, None, None, logs=logs)
-    assert logs == {"loss": 0.5, "x/<3 layers> min/mean/max": "1/3/6"}
