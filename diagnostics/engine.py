@@ -26,16 +26,14 @@ from .probe import (
     OutputFn,
     SampleMask,
     call_on_probe,
-    map_probe,
-    resolve_output,
-    probe_tensors,
-    default_output,
     describe_probe,
+    map_probe,
     probe_batch_size,
+    probe_tensors,
+    resolve_output,
     resolve_sample_mask,
     split_probe,
 )
-from .vjps import VJP_BUDGET_BYTES, VJPPlan, basis_cotangents, random_cotangents, vjp
 
 __all__ = ["for_each_chunk", "CHUNK_BUDGET_BYTES", "FIRST_CHUNK_SAMPLES"]
 

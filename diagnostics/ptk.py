@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from . import distributed
 from .engine import for_each_chunk
 from .hooks import LayerHooks
-from .kernel import add_gram, covariance_from_sums, gram_scratch, work_dtype, zero_sums
+from .kernel import add_gram, covariance_from_sums, gram_scratch, zero_sums
 from .layers import DEFAULT_MAX_K, check_layer_sizes, find_linear_layers
 from .memory import check_memory, measure_memory
 from .output_layer import model_output_layers
 from .probe import Chunk, OutputFn, SampleMask
-from .settings import ESTIMATORS, EstimatorSettings, check_estimator
+from .settings import EstimatorSettings
 from .vjps import VJPPlan, basis_cotangents, block_size, random_cotangents, vjp
 
 __all__ = [

@@ -73,7 +73,8 @@ def attach(
 
     Same arguments and maths as :class:`SLOptimizer` (``mode="grad"`` rescales ``p.grad`` in place).
     A non-finite gradient sets every gradient to ``None`` so the step changes neither parameters nor
-    (for ``torch.optim`` optimizers) their state. Closures are not supported. Returns a handle; ``handle.remove()`` restores plain steps.
+    (for ``torch.optim`` optimizers) their state.
+    Closures are not supported. Returns a handle; ``handle.remove()`` restores plain steps.
     """
     from .optimizer import SLOptimizer
 

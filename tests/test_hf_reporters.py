@@ -5,7 +5,6 @@ every layer and logged step, equal to ``log_history``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
