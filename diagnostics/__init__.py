@@ -8,12 +8,12 @@ from .attention import AttentionProjectionAdapter
 from .hooks import LayerHooks
 from .io import Snapshot, load_snapshot, write_snapshot
 from .layers import LayerAdapter, find_linear_layers, register_adapter
+from .correlation import matrix_correlation
 from .monitor import LayerRecord, NFAMonitor, resolve_blocks
 from .nfa import (
     agop,
     c_nfa,
     kernel_alignment,
-    matrix_correlation,
     nfa_correlation,
     nfa_decomposition,
     nfm,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .common import accumulation_dtype
+from .correlation import matrix_correlation
 
 __all__ = ["gram_space_summary", "gram_space_memory"]
 
@@ -56,8 +57,6 @@ def _cross_norm(gram_0: Tensor, gram_d: Tensor, M: Tensor) -> Tensor:
 def gram_space_summary(W: Tensor, W0: Tensor, K: Tensor, method: str = "pearson") -> tuple[Tensor, Tensor]:
     """``([UC-NFA, C-NFA, kernel alignment], the six NORM_KEYS norms)`` of :func:`diagnostics.nfa.nfa_summary`
     (AGOP power 1) from ``k x k`` products only; ``W``, ``W0`` are ``(k, d)``, ``K`` is ``k x k``."""
-    from .nfa import matrix_correlation  # one correlation function for the kernel alignment
-
     n = W.shape[1] ** 2
     dtype = accumulation_dtype(W.device)
     W, W0, K = W.to(dtype), W0.to(dtype), K.to(dtype)

@@ -16,12 +16,13 @@ from torch import Tensor, nn
 from . import distributed
 from .blocks import BlockSpec, resolve_blocks
 from .common import check_choice, moved_names
+from .correlation import CORRELATIONS
 from .hooks import LayerHooks
 from .io import Snapshot, write_snapshot
 from .kernel import covariance_from_sums, work_dtype
 from .layers import DEFAULT_MAX_K, LayerAdapter, find_linear_layers
 from .memory import check_memory
-from .nfa import CORRELATIONS, nfa_summary
+from .nfa import nfa_summary
 from .output_layer import ESTIMATOR as ANALYTIC, output_layer_memory, output_layer_summary
 from .probe import OutputFn
 from .ptk import ptk_sums_all_ranks

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .probe import Chunk
 from .common import accumulation_dtype, check_choice, moved_names
-from .nfa import CORRELATIONS, _sym_norm, nfm, nfm_agop_correlation, summary_record
+from .correlation import CORRELATIONS
+from .nfa import _sym_norm, nfm, nfm_agop_correlation, summary_record
 
 __all__ = ["model_output_layers", "identity_kernel_alignment", "output_layer_summary", "output_layer_memory", "ESTIMATOR"]
 
@@ -88,6 +89,6 @@ def output_layer_summary(
 
 #: Names this module used to provide, now read from the modules that hold them (deprecated).
 __getattr__ = moved_names(__name__, {
-    "matrix_correlation": "diagnostics.nfa",
+    "matrix_correlation": "diagnostics.correlation",
     "psd_power": "diagnostics.nfa",
 })

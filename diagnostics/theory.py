@@ -17,11 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from .common import accumulation_dtype, eval_mode
+from .correlation import matrix_correlation
 from .engine import for_each_chunk
 from .hooks import LayerHooks
 from .kernel import work_dtype
 from .layers import find_linear_layers
-from .nfa import matrix_correlation, nfa_correlation
+from .nfa import nfa_correlation
 from .probe import Chunk, default_output
 from .ptk import ptk_sums
 from .settings import EstimatorSettings

@@ -345,9 +345,11 @@ def test_memory_estimate_bounds_what_measure_allocates(
     monkeypatch: pytest.MonkeyPatch, widths: tuple[int, ...], dtype: torch.dtype, power: float, keep: bool,
     blocks: dict | None,
 ) -> None:
+    import diagnostics.correlation as correlation
     import diagnostics.nfa as nfa
 
-    monkeypatch.setattr(nfa, "_CORR_BLOCK", 1024)  # small float64 blocks: the matrices dominate
+    for module in (correlation, nfa):  # small float64 blocks: the matrices dominate
+        monkeypatch.setattr(module, "CORR_BLOCK", 1024)
     torch.manual_seed(0)
     mods: list[nn.Module] = [nn.Linear(8, 64), nn.Tanh()]
     for a, b in zip((64, *widths), (*widths, 64)):
