@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .common import accumulation_dtype, check_choice
 
-__all__ = ["CORRELATIONS", "matrix_correlation"]
+__all__ = ["CORRELATIONS", "matrix_correlation", "correlation_from_sums"]
 
 CORRELATIONS = ("pearson", "cosine")
 
@@ -44,5 +44,12 @@ def matrix_correlation(A: Tensor, B: Tensor, method: str = "pearson") -> Tensor:
     for i, j in blocks:
         x, y = a[i:j].to(dtype) - mean_a, b[i:j].to(dtype) - mean_b
         dot, sq_a, sq_b = dot + x @ y, sq_a + x @ x, sq_b + y @ y
+    return correlation_from_sums(dot, sq_a, sq_b)
+
+
+def correlation_from_sums(dot: Tensor, sq_a: Tensor, sq_b: Tensor) -> Tensor:
+    """``dot / (sqrt(sq_a) sqrt(sq_b))`` clamped to ``[-1, 1]`` (rounding can leave it by an ulp), NaN where
+    ``sq_a`` or ``sq_b`` is 0: the one place every correlation of the library is formed, from ``<a, b>``,
+    ``|a|²`` and ``|b|²`` of the (centred, for Pearson) entries."""
     denom = sq_a.sqrt() * sq_b.sqrt()
-    return torch.where(denom > 0, dot / denom, torch.full_like(denom, float("nan")))
+    return torch.where(denom > 0, (dot / denom).clamp(-1.0, 1.0), torch.full_like(denom, float("nan")))

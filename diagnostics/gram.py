@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .common import accumulation_dtype
-from .correlation import matrix_correlation
+from .correlation import correlation_from_sums, matrix_correlation
 
 __all__ = ["gram_space_summary", "gram_space_memory"]
 
@@ -45,8 +45,7 @@ def _correlation(moments: Tensor, n: int, method: str) -> Tensor:
     fg, ff, gg, sf, sg = moments.unbind(0)
     if method == "pearson":
         fg, ff, gg = fg - sf * sg / n, (ff - sf * sf / n).clamp_min(0), (gg - sg * sg / n).clamp_min(0)
-    denom = ff.sqrt() * gg.sqrt()
-    return torch.where(denom > 0, fg / denom, torch.full_like(denom, float("nan")))
+    return correlation_from_sums(fg, ff, gg)
 
 
 def _cross_norm(gram_0: Tensor, gram_d: Tensor, M: Tensor) -> Tensor:

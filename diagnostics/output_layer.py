@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .probe import Chunk
 from .common import accumulation_dtype, check_choice, moved_names
-from .correlation import CORRELATIONS
+from .correlation import CORRELATIONS, correlation_from_sums
 from .nfa import _sym_norm, nfm, nfm_agop_correlation, summary_record
 
 __all__ = ["model_output_layers", "identity_kernel_alignment", "output_layer_summary", "output_layer_memory", "ESTIMATOR"]
@@ -51,12 +51,9 @@ def identity_kernel_alignment(W: Tensor, method: str = "pearson") -> Tensor:
     k = W.shape[0]
     trace, frob2 = W.pow(2).sum(), nfm(W).pow(2).sum()
     if method == "cosine":
-        num, den2 = trace, frob2 * k
-    else:
-        total = W.sum(dim=0).pow(2).sum()
-        num, den2 = trace - total / k, (frob2 - (total / k) ** 2).clamp_min(0) * (k - 1)
-    den = den2.sqrt()
-    return torch.where(den > 0, num / den, torch.full_like(den, float("nan")))
+        return correlation_from_sums(trace, frob2, trace.new_tensor(float(k)))
+    total = W.sum(dim=0).pow(2).sum()
+    return correlation_from_sums(trace - total / k, (frob2 - (total / k) ** 2).clamp_min(0), trace.new_tensor(k - 1.0))
 
 
 def output_layer_memory(k: int, d: int, itemsize: int, power: float = 1.0, keep_matrices: bool = False) -> int:

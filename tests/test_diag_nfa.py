@@ -156,3 +156,29 @@ def test_memory_estimate_follows_the_summary_route() -> None:
     assert summary_memory(k, d, 4, keep_matrices=True) > d_by_d
     assert summary_memory(k, d, 4, power=0.5) > d_by_d
     assert summary_memory(d, k, 4) != gram_space_memory(d, k, 4)
+
+
+@pytest.mark.parametrize("method", ["pearson", "cosine"])
+def test_every_correlation_lies_in_minus_one_one(method: str) -> None:
+    """Perfectly (anti-)correlated matrices give correlations of magnitude 1 up to rounding; what the library
+    reports never leaves [-1, 1] (d x d and k x k routes, the analytic output-layer record)."""
+    from diagnostics.nfa import nfa_summary
+    from diagnostics.output_layer import identity_kernel_alignment, output_layer_summary
+
+    values = []
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        A = torch.randn(7, 5, generator=g, dtype=torch.float64)
+        values += [matrix_correlation(A, A, method), matrix_correlation(A, -3 * A, method)]
+        W, W0 = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g, dtype=torch.float64)
+        eye = torch.eye(3, dtype=torch.float64)  # K = I: AGOP = NFM, UC-NFA = C-NFA = 1
+        for keep in (True, False):
+            record = nfa_summary(W, W0, eye, method, keep_matrices=keep)
+            values += [torch.tensor(record["uc_nfa"]), torch.tensor(record["c_nfa"])]
+        record = output_layer_summary(W, W0, method)
+        values += [torch.tensor(record["uc_nfa"]), torch.tensor(record["c_nfa"])]
+        Q, _ = torch.linalg.qr(torch.randn(6, 3, generator=g, dtype=torch.float64))
+        values.append(identity_kernel_alignment(2.5 * Q.t(), method))  # W W^T = 6.25 I
+    values = torch.stack([v.reshape(()) for v in values])
+    assert values.abs().max() <= 1.0
+    assert (values.abs() - 1).abs().max() < 1e-12  # all of them are +-1 up to rounding
