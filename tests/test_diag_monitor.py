@@ -66,7 +66,7 @@ def test_measure_leaves_grads_modes_and_graph_alone() -> None:
     with NFAMonitor(model) as mon:
         with torch.no_grad():  # grad is enabled inside measure()
             res = mon.measure(x, keep_matrices=True)
-        res2 = mon.measure(x)  # eval mode: dropout off, so measurements are deterministic
+        res2 = mon.measure(x, keep_matrices=True)  # eval mode: dropout off, so measurements are deterministic
     assert model.training and not model[2].training and model[1].training
     assert model[0].bias.grad is None
     for n, p in model.named_parameters():

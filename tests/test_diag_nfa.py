@@ -182,3 +182,53 @@ def test_every_correlation_lies_in_minus_one_one(method: str) -> None:
     values = torch.stack([v.reshape(()) for v in values])
     assert values.abs().max() <= 1.0
     assert (values.abs() - 1).abs().max() < 1e-12  # all of them are +-1 up to rounding
+
+
+def _exact_pearson(F: list, G: list) -> float:
+    """Pearson correlation of two matrices of Fractions, exact up to the final square root."""
+    from fractions import Fraction
+
+    n = len(F) * len(F[0])
+    f = [x for row in F for x in row]
+    g = [x for row in G for x in row]
+    mf, mg = sum(f, Fraction(0)) / n, sum(g, Fraction(0)) / n
+    fg = sum((a - mf) * (b - mg) for a, b in zip(f, g))
+    ff, gg = sum((a - mf) ** 2 for a in f), sum((b - mg) ** 2 for b in g)
+    return float(fg) / math.sqrt(float(ff) * float(gg))
+
+
+def test_gram_space_route_centres_without_cancellation() -> None:
+    """A weight whose entries' mean dwarfs their spread: the k x k route agrees with the d x d route to 1e-9
+    relative and with exact rational arithmetic to 1e-12; a constant weight gives NaN on both routes."""
+    from fractions import Fraction
+
+    from diagnostics.nfa import nfa_summary
+
+    keys = ("uc_nfa", "c_nfa", "kernel_alignment")
+    J = torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for value in (0.1, 1 / 3, 1.1):
+        W = torch.full((4, 6), value, dtype=torch.float64)  # a constant W: a constant NFM, no Pearson correlation
+        assert math.isnan(nfa_summary(W, torch.zeros_like(W), J @ J.t())["uc_nfa"])
+        assert math.isnan(nfa_summary(W, torch.zeros_like(W), J @ J.t(), keep_matrices=False)["uc_nfa"]), value
+    for sigma in (1e-6, 1e-7):
+        g = torch.Generator().manual_seed(1)
+        k, d = 8, 32
+        W = 1 + sigma * torch.randn(k, d, generator=g, dtype=torch.float64)
+        W0 = 1 + sigma * torch.randn(k, d, generator=g, dtype=torch.float64)
+        J = torch.randn(k, k, generator=g, dtype=torch.float64)
+        K = J @ J.t() / k
+        d_by_d, gram = nfa_summary(W, W0, K, keep_matrices=True), nfa_summary(W, W0, K, keep_matrices=False)
+        for key in keys:
+            assert gram[key] == pytest.approx(d_by_d[key], rel=1e-9, abs=0), (sigma, key)
+    g = torch.Generator().manual_seed(2)
+    k, d = 3, 7
+    W = 1 + 1e-8 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    J = torch.randn(k, k, generator=g, dtype=torch.float64)
+    K = J @ J.t()
+    Wf = [[Fraction(x) for x in row] for row in W.tolist()]
+    Kf = [[Fraction(x) for x in row] for row in K.tolist()]
+    KW = [[sum(Kf[i][m] * Wf[m][j] for m in range(k)) for j in range(d)] for i in range(k)]
+    F = [[sum(Wf[m][i] * Wf[m][j] for m in range(k)) for j in range(d)] for i in range(d)]
+    G = [[sum(Wf[m][i] * KW[m][j] for m in range(k)) for j in range(d)] for i in range(d)]
+    exact = _exact_pearson(F, G)
+    assert nfa_summary(W, torch.zeros_like(W), K, keep_matrices=False)["uc_nfa"] == pytest.approx(exact, rel=1e-12)
