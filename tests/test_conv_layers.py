@@ -105,3 +105,13 @@ def test_slo_treats_each_conv_module_as_one_layer() -> None:
         after = torch.cat([p.detach().flatten() for p in layer.params])
         expected = -lr * layer.speed * grads[n] / grads[n].norm()  # weight and bias normalised jointly
         torch.testing.assert_close(after - before[n], expected, rtol=1e-9, atol=1e-15)
+
+
+def test_unsupported_conv_names_what_is_unsupported() -> None:
+    import pytest
+
+    for kwargs, says in [({"padding_mode": "reflect"}, "padding_mode='reflect'"),
+                         ({"padding_mode": "circular"}, "padding_mode='circular'"), ({"groups": 2}, "groups=2")]:
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, **kwargs), nn.Flatten(), nn.LazyLinear(2))
+        with pytest.raises(ValueError, match=f"layer '0' is a Conv2d.*: it has {says}"):
+            find_linear_layers(model, ["0"])

@@ -163,6 +163,28 @@ def test_save_load_round_trip(tmp_path) -> None:
         load_snapshot(bad)
 
 
+def test_edited_snapshot_metadata_names_the_file_and_field(tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    mon = NFAMonitor(net())
+    mon.measure(x_probe(), step=3)
+    path = tmp_path / "nfa.safetensors"
+    mon.save(path)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    for edit in ({"records": meta["records"][:-1]}, {"agop_power": "one"}):
+        edited = tmp_path / "edited.safetensors"
+        save_file(tensors, str(edited), metadata={**meta, **edit})
+        (field,) = edit
+        with pytest.raises(ValueError, match=f"edited.safetensors.*field '{field}' is not valid JSON"):
+            load_snapshot(edited)
+    save_file(tensors, str(edited), metadata={k: v for k, v in meta.items() if k != "m"})
+    with pytest.raises(ValueError, match="edited.safetensors.*no field 'm'"):
+        load_snapshot(edited)
+
+
 def test_snapshot_is_plain_data_written_as_saved(tmp_path) -> None:
     model = net()
     mon = NFAMonitor(model, blocks={"3": 2})
