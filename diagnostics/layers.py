@@ -148,8 +148,8 @@ class Conv2dAdapter(LayerAdapter):
         return w.reshape(w.shape[0], -1)
 
     def out_rows(self, h: Tensor, lead: int = 0) -> Tensor:
-        # (*L, B, C_out, H, W) -> (*L, B*H*W, C_out)
-        h = h.movedim(lead + 1, -1)
+        # (*L, B, C_out, H, W) -> (*L, B*H*W, C_out); an unbatched call's (*L, C_out, H, W) -> (*L, H*W, C_out)
+        h = h.movedim(-3, -1)
         return h.reshape(*h.shape[:lead], -1, h.shape[-1])
 
     def in_rows(self, x: Tensor) -> Tensor:
