@@ -68,11 +68,12 @@ def early_weight_change(
     dtype = work_dtype(adapter)
     R = Y.to(device=f.device, dtype=f.dtype) - f
     dW = torch.zeros(adapter.k, adapter.d, dtype=accumulation_dtype(f.device), device=adapter.weight_matrix().device)
-    plan = VJPPlan([layer])
+    plan = VJPPlan()
 
     def visit(chunk: Chunk) -> None:
         v = R[chunk.start : chunk.start + chunk.f.shape[0]].to(chunk.f.dtype).unsqueeze(0)
         (hs,), (xs,) = chunk.outputs.values(), chunk.inputs.values()
+        plan.names = [layer] * len(hs)  # one target per call of the layer
         for grads in vjp(chunk.f, hs, v, plan):
             for g, x in zip(grads, xs):  # one (gradient, input) pair per call of the layer
                 rows_g = adapter.out_rows(g, lead=1)[0].to(dW.dtype)

@@ -97,6 +97,36 @@ def test_layer_that_does_not_reach_the_outputs_is_an_error_unless_allowed() -> N
         ptk_covariance(TwoHeads(detach=True).double(), x, layers=["body", "main"], output_fn=main_only)
 
 
+class SharedEncoder(nn.Module):
+    """``enc`` is called twice, once per branch; ``output_fn`` keeps the ``main`` branch only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.head, self.other = nn.Linear(5, 6), nn.Linear(6, 2), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"main": self.head(torch.tanh(self.enc(x))), "aux": self.other(torch.tanh(self.enc(2 * x)))}
+
+
+def test_layer_called_twice_with_one_call_reaching_the_outputs_is_measured() -> None:
+    """K of ``enc``: the first call's per-sample Jacobian Grams (torch.func.jacrev) over N = 2B rows (the
+    second call's rows have zero gradient); the same with allow_unused=True."""
+    from torch.func import jacrev
+
+    model, x = SharedEncoder().double(), probe()
+    main_only = lambda out: out["main"]  # noqa: E731
+    with torch.no_grad():
+        h = model.enc(x)
+    J = torch.stack([jacrev(lambda r: model.head(torch.tanh(r)))(row) for row in h])  # (B, 2, 6)
+    expected = torch.einsum("bci,bcj->ij", J, J) / (2 * x.shape[0])
+    for allow in (False, True):
+        K = ptk_covariance(model, x, layers=["enc", "head"], output_fn=main_only, allow_unused=allow)
+        assert rel_err(K["enc"], expected) < 1e-12
+    with pytest.raises(ValueError, match=r"layers \['other'\]"):
+        ptk_covariance(model, x, layers=["enc", "other"], output_fn=main_only)
+
+
 # ----------------------------------------------------------------------------- checkpointing
 
 
