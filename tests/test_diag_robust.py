@@ -302,6 +302,41 @@ def test_right_padded_gpt2_equals_unpadded_sequences() -> None:
     assert all(rel_err(K[n], ref[n]) < 1e-9 for n in names)
 
 
+class ValueHead(nn.Module):
+    """A causal token model with one scalar output per token ``(B, T, 1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.body, self.value = nn.Embedding(11, 5), nn.Linear(5, 6), nn.Linear(6, 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.tanh(self.body(self.emb(input_ids)))
+        h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[:, None]  # position t sees tokens <= t
+        return self.value(h)
+
+
+def test_per_token_scalar_outputs_under_a_mask() -> None:
+    """``(B, T, 1)`` outputs are masked per token (K of the sequences alone, jacrev); ``(B, T)`` outputs,
+    the mask's own shape, are refused with an error naming the ways out."""
+    model = ValueHead().double()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 11, (n,), generator=g) for n in (4, 2, 3)]
+    ids, mask = torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    refs = [reference_K(model, s[None], ["body"]) for s in seqs]
+    ref = sum(len(s) * r["body"] for s, r in zip(seqs, refs)) / 9
+    probe_ = {"input_ids": ids, "attention_mask": mask}
+    assert rel_err(ptk_covariance(model, probe_, layers=["body"])["body"], ref) < 1e-10
+    with pytest.raises(ValueError, match=r"shape \(3, 4\), the shape of the sample mask.*\(batch, tokens, 1\).*sample_mask=False"):
+        ptk_covariance(model, probe_, layers=["body"], output_fn=lambda out: out[..., 0])
+    with NFAMonitor(model, layers=["body"]) as mon, pytest.raises(ValueError, match="sample_mask=False"):
+        mon.measure(probe_, output_fn=lambda out: out[..., 0], estimator="sketch")
+    unmasked = ptk_covariance(model, probe_, layers=["body"], output_fn=lambda out: out[..., 0], sample_mask=False)
+    assert rel_err(unmasked["body"], ref) > 1e-3  # every position counts, as asked
+
+
 def test_sample_mask_checks() -> None:
     model, x = mlp(), probe(4)
     seq = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).double()
