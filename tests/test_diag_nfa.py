@@ -232,3 +232,21 @@ def test_gram_space_route_centres_without_cancellation() -> None:
     G = [[sum(Wf[m][i] * KW[m][j] for m in range(k)) for j in range(d)] for i in range(d)]
     exact = _exact_pearson(F, G)
     assert nfa_summary(W, torch.zeros_like(W), K, keep_matrices=False)["uc_nfa"] == pytest.approx(exact, rel=1e-12)
+
+
+def test_identity_kernel_alignment_centres_without_cancellation() -> None:
+    """rho(W W^T, I) of the analytic output-layer record for a weight whose entries' mean dwarfs their
+    spread: within 1e-9 of exact rational arithmetic; NaN for a constant weight."""
+    from fractions import Fraction
+
+    from diagnostics.output_layer import identity_kernel_alignment
+
+    for value in (0.1, 1 / 3):
+        assert math.isnan(identity_kernel_alignment(torch.full((12, 5), value, dtype=torch.float64)))
+    k, d = 12, 5
+    for sigma in (1e-6, 1e-7):
+        W = 1 + sigma * torch.randn(k, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        Wf = [[Fraction(x) for x in row] for row in W.tolist()]
+        A = [[sum(a * b for a, b in zip(Wf[i], Wf[j])) for j in range(k)] for i in range(k)]
+        eye = [[Fraction(int(i == j)) for j in range(k)] for i in range(k)]
+        assert float(identity_kernel_alignment(W)) == pytest.approx(_exact_pearson(A, eye), rel=1e-9), sigma
