@@ -9,12 +9,12 @@ from .hooks import LayerHooks
 from .io import Snapshot, load_snapshot, write_snapshot
 from .blocks import resolve_blocks
 from .layers import LayerAdapter, find_linear_layers, register_adapter
+from .correlation import matrix_correlation
 from .monitor import NFAMonitor
 from .nfa import (
     agop,
     c_nfa,
     kernel_alignment,
-    matrix_correlation,
     nfa_correlation,
     nfa_decomposition,
     nfm,

@@ -33,13 +33,16 @@ def accumulation_dtype(device: torch.device) -> torch.dtype:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` for the block; afterwards (also on error) every submodule gets back its own
-    previous ``training`` flag (``model.train(was_training)`` would not restore mixed modes)."""
+    """``model.eval()`` for the block; afterwards (also on error) every submodule is given back its own
+    previous mode through ``train(mode)`` calls, parents before children (``model.train(was_training)``
+    alone would not restore mixed modes), so that modules whose ``train()`` does work (merging adapters,
+    clearing caches built in eval mode) run it: their state afterwards is the state before."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, training in modes:  # pre-order: a parent's call sets its subtree, children then differ
+            if m is model or m.training != training:
+                m.train(training)
 

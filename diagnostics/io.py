@@ -94,13 +94,30 @@ def load_snapshot(path: str | os.PathLike) -> Snapshot:
     for key, t in load_file(path).items():
         kind, _, layer = key.partition("/")
         matrices.setdefault(layer, {})[kind] = t
+    fields = {key: _metadata_field(path, meta, key) for key in ("step", "layers", "estimator", "m", "agop_power", "records")}
+    if "correlation" not in meta:
+        raise ValueError(f"{path!r}: the snapshot metadata has no field 'correlation' (the file was edited or damaged)")
     return Snapshot(
-        step=json.loads(meta["step"]),
-        layers=json.loads(meta["layers"]),
-        estimator=json.loads(meta["estimator"]),
-        m=json.loads(meta["m"]),
+        step=fields["step"],
+        layers=fields["layers"],
+        estimator=fields["estimator"],
+        m=fields["m"],
         correlation=meta["correlation"],
-        agop_power=json.loads(meta["agop_power"]),
+        agop_power=fields["agop_power"],
         matrices=matrices,
-        rows=json.loads(meta["records"]),
+        rows=fields["records"],
     )
+
+
+def _metadata_field(path: str, meta: dict[str, str], key: str) -> Any:
+    """The JSON value of the metadata field ``key`` of the snapshot at ``path``; a missing field or one that
+    is not JSON raises ``ValueError`` naming the file and the field."""
+    if key not in meta:
+        raise ValueError(f"{path!r}: the snapshot metadata has no field {key!r} (the file was edited or damaged)")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path!r}: the snapshot metadata field {key!r} is not valid JSON ({err}); the file was edited or damaged"
+        ) from None
+

@@ -35,6 +35,11 @@ def add_gram(
     if keep is not None:
         rows = rows[:, keep]
     rows = rows.reshape(-1, rows.shape[-1]).to(buf.dtype)
+    if rows.shape[1] != buf.shape[0]:  # never let out= resize a scratch that other layers share
+        raise RuntimeError(
+            f"layer {adapter.name!r}: its output rows have {rows.shape[1]} features, expected k={buf.shape[0]} "
+            f"(output gradient of shape {tuple(grads.shape[1:])})"
+        )
     torch.mm(rows.t(), rows, out=buf)
     if acc.dtype == buf.dtype:
         acc.add_(buf, alpha=scale)

@@ -140,8 +140,8 @@ class Conv2dAdapter(LayerAdapter):
         return w.reshape(w.shape[0], -1)
 
     def out_rows(self, h: Tensor, lead: int = 0) -> Tensor:
-        # (*L, B, C_out, H, W) -> (*L, B*H*W, C_out)
-        h = h.movedim(lead + 1, -1)
+        # (*L, B, C_out, H, W) -> (*L, B*H*W, C_out); an unbatched call's (*L, C_out, H, W) -> (*L, H*W, C_out)
+        h = h.movedim(-3, -1)
         return h.reshape(*h.shape[:lead], -1, h.shape[-1])
 
     def in_rows(self, x: Tensor) -> Tensor:
@@ -204,11 +204,20 @@ def _conv1d(name: str, module: nn.Module) -> list[LayerAdapter]:
     return [Conv1DAdapter(name, module)]
 
 
+def _conv2d_limit(module: nn.Module) -> str:
+    """Why an ``nn.Conv2d`` is not measured (``""`` when it is, and for other modules)."""
+    if not isinstance(module, nn.Conv2d):
+        return ""
+    if module.groups != 1:
+        return f"it has groups={module.groups} (only groups=1 is supported)"
+    if module.padding_mode != "zeros":
+        return f"it has padding_mode={module.padding_mode!r} (only zero padding, padding_mode='zeros', is supported)"
+    return ""
+
+
 @register_adapter(nn.Conv2d, explicit_only=True)
 def _conv2d(name: str, module: nn.Module) -> list[LayerAdapter]:
-    if module.groups != 1 or module.padding_mode != "zeros":
-        return []
-    return [Conv2dAdapter(name, module)]
+    return [] if _conv2d_limit(module) else [Conv2dAdapter(name, module)]
 
 
 def _adapters_for(name: str, module: nn.Module, explicit: bool) -> list[LayerAdapter]:
@@ -270,10 +279,11 @@ def find_linear_layers(
         ]
         if not hits:
             if pattern in modules:
+                limit = _conv2d_limit(modules[pattern])
                 raise ValueError(
                     f"layer {pattern!r} is a {type(modules[pattern]).__name__}, not a supported linear "
-                    "layer (nn.Linear, Conv1D, nn.Conv2d with groups=1, nn.MultiheadAttention); "
-                    f"available: {list(found)}"
+                    "layer (nn.Linear, Conv1D, nn.Conv2d with groups=1 and zero padding, nn.MultiheadAttention)"
+                    f"{': ' + limit if limit else ''}; available: {list(found)}"
                 )
             raise ValueError(f"no linear layer matches {pattern!r}; available layers: {list(found)}")
         chosen.update(hits)

@@ -16,12 +16,13 @@ from torch import Tensor, nn
 from . import distributed
 from .blocks import BlockSpec, resolve_blocks
 from .common import check_choice
+from .correlation import CORRELATIONS
 from .hooks import LayerHooks
 from .io import Snapshot, write_snapshot
 from .kernel import covariance_from_sums, work_dtype
 from .layers import DEFAULT_MAX_K, LayerAdapter, find_linear_layers
 from .memory import check_memory
-from .nfa import CORRELATIONS, nfa_summary
+from .nfa import nfa_summary
 from .output_layer import ESTIMATOR as ANALYTIC, output_layer_memory, output_layer_summary
 from .probe import OutputFn
 from .ptk import ptk_sums_all_ranks
@@ -154,7 +155,10 @@ class NFAMonitor:
         compiled, ``.grad`` and the global RNG state untouched) and one :class:`LayerRecord` per layer;
         appended to ``history``. ``step`` defaults to the number of earlier ``measure()`` calls. See
         :func:`diagnostics.ptk_covariance` for the estimators, the sketch seed, ``allow_unused`` and
-        padding: with the probe's ``attention_mask`` (or ``sample_mask=``) only real tokens are samples."""
+        padding: with the probe's ``attention_mask`` (or ``sample_mask=``) only real tokens are samples.
+        Sketch projections across measurements: with ``generator=None`` (or the same int seed) every
+        measurement draws the same ones (``DEFAULT_SKETCH_SEED``); one ``torch.Generator`` passed to every
+        call draws independent ones."""
         settings = EstimatorSettings(estimator, m, generator, sketch, output_fn, chunk_size, allow_unused, sample_mask)
         settings.check()
         if self._closed:

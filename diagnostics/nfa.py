@@ -4,8 +4,7 @@ Weights are in ``(k, d)`` = ``(out, in)`` layout, ``K`` is ``k x k``. Nothing he
 models or hooks.
 
 - NFM ``F = W^T W``; AGOP ``G = W^T K W``.
-- ``rho(A, B)``: Pearson correlation of the flattened matrices (each matrix's mean entry removed,
-  then cosine; the default, as in the authors' code) or plain cosine ``<A,B>_F / (|A|_F |B|_F)``.
+- ``rho(A, B)``: :func:`diagnostics.correlation.matrix_correlation` (Pearson or cosine).
 - UC-NFA ``rho(W^T W, (W^T K W)^s)``; C-NFA the same with ``dW = W - W_0``;
   kernel alignment ``rho(W W^T, K)``; relative change ``|dW|_F / |W|_F``.
 
@@ -20,15 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .common import accumulation_dtype, check_choice
+from .correlation import CORR_BLOCK, matrix_correlation
 from .gram import gram_space_memory, gram_space_summary
 
 __all__ = [
-    "CORRELATIONS",
     "nfm",
     "agop",
     "psd_power",
-    "matrix_correlation",
     "nfa_correlation",
     "uc_nfa",
     "c_nfa",
@@ -39,8 +36,6 @@ __all__ = [
     "summary_memory",
     "NORM_KEYS",
 ]
-
-CORRELATIONS = ("pearson", "cosine")
 
 
 def nfm(W: Tensor) -> Tensor:
@@ -62,39 +57,6 @@ def psd_power(A: Tensor, power: float) -> Tensor:
     A = 0.5 * (A + A.t())
     evals, evecs = torch.linalg.eigh(A)
     return (evecs * evals.clamp_min(0).pow(power)) @ evecs.t()
-
-
-#: Entries converted to the correlation dtype at a time (no full float64 copy of a large matrix).
-_CORR_BLOCK = 1 << 18
-
-
-def matrix_correlation(A: Tensor, B: Tensor, method: str = "pearson") -> Tensor:
-    """``rho(A, B)`` of the flattened matrices, as a 0-dim float64 tensor (float32 on MPS).
-
-    pearson: ``<A - mean(A), B - mean(B)>_F / (|A - mean(A)|_F |B - mean(B)|_F)``;
-    cosine: ``<A, B>_F / (|A|_F |B|_F)``. NaN when a (centred) matrix is zero. The sums are taken over
-    blocks of entries in float64, so no full-size copy of ``A`` or ``B`` is made.
-    """
-    check_choice("correlation", method, CORRELATIONS)
-    if A.shape != B.shape:
-        raise ValueError(f"matrix_correlation needs equal shapes, got {tuple(A.shape)} and {tuple(B.shape)}")
-    dtype = accumulation_dtype(A.device)
-    a = A.detach().reshape(-1)
-    b = B.detach().reshape(-1).to(device=a.device)
-    blocks = [(i, min(i + _CORR_BLOCK, a.numel())) for i in range(0, a.numel(), _CORR_BLOCK)]
-    zero = torch.zeros((), dtype=dtype, device=a.device)
-    mean_a = mean_b = zero
-    if method == "pearson":
-        for i, j in blocks:
-            mean_a = mean_a + a[i:j].to(dtype).sum()
-            mean_b = mean_b + b[i:j].to(dtype).sum()
-        mean_a, mean_b = mean_a / max(a.numel(), 1), mean_b / max(a.numel(), 1)
-    dot, sq_a, sq_b = zero, zero, zero
-    for i, j in blocks:
-        x, y = a[i:j].to(dtype) - mean_a, b[i:j].to(dtype) - mean_b
-        dot, sq_a, sq_b = dot + x @ y, sq_a + x @ x, sq_b + y @ y
-    denom = sq_a.sqrt() * sq_b.sqrt()
-    return torch.where(denom > 0, dot / denom, torch.full_like(denom, float("nan")))
 
 
 def nfm_agop_correlation(F: Tensor, G: Tensor, method: str = "pearson", power: float = 1.0) -> Tensor:
@@ -235,4 +197,4 @@ def summary_memory(
     eigh = 4.25 * d * d if power != 1 else 0.0  # symmetrised copy, eigenvectors, workspace, product
     stages = (2 * d * d + k * d, k * k, 2 * k * d + 2 * d * d + eigh, 3 * k * d + d * d)
     kept = 2 * d * d if keep_matrices else 0
-    return int(itemsize * (max(stages) + kept)) + 4 * 8 * min(_CORR_BLOCK, max(k, d) ** 2)
+    return int(itemsize * (max(stages) + kept)) + 4 * 8 * min(CORR_BLOCK, max(k, d) ** 2)

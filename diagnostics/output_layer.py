@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .probe import Chunk
 from .common import accumulation_dtype, check_choice
-from .nfa import CORRELATIONS, sym_norm, nfm, nfm_agop_correlation, summary_record
+from .correlation import CORRELATIONS, correlation_from_sums
+from .nfa import sym_norm, nfm, nfm_agop_correlation, summary_record
 
 __all__ = ["model_output_layers", "identity_kernel_alignment", "output_layer_summary", "output_layer_memory", "ESTIMATOR"]
 
@@ -41,28 +42,33 @@ def model_output_layers(chunk: Chunk) -> set[str]:
 def identity_kernel_alignment(W: Tensor, method: str = "pearson") -> Tensor:
     """``rho(W W^T, I_k)`` without forming ``k x k`` matrices (0-dim, float64; float32 on MPS).
 
-    With ``A = W W^T``: ``tr A = |W|_F^2``, ``sum_ij A_ij = |W^T 1|^2 = S``, ``|A|_F = |W^T W|_F``.
-    cosine: ``tr A / (|A|_F sqrt(k))``; pearson: ``(tr A - S/k) / sqrt((|A|_F^2 - S^2/k^2)(k - 1))``.
-    NaN where :func:`diagnostics.matrix_correlation` gives NaN (a zero (centred) matrix)."""
+    With ``A = W W^T``: ``tr A = |W|_F^2``, ``|A|_F = |W^T W|_F``; cosine: ``tr A / (|A|_F sqrt(k))``.
+    pearson, with ``V = W - 1 w^T`` (``w`` the mean row): ``A - mean(A) = V V^T + u 1^T + 1 u^T``,
+    ``u = V w``, ``1^T u = 0``, so ``rho = |V|_F^2 / sqrt((|V^T V|_F^2 + 2k |V w|^2)(k - 1))``: sums of the
+    centred terms, no difference of large sums. NaN where :func:`diagnostics.matrix_correlation` gives
+    NaN (a zero (centred) matrix)."""
     check_choice("correlation", method, CORRELATIONS)
     dtype = accumulation_dtype(W.device)
-    W = W.detach().to(dtype)
     k = W.shape[0]
-    trace, frob2 = W.pow(2).sum(), nfm(W).pow(2).sum()
     if method == "cosine":
-        num, den2 = trace, frob2 * k
-    else:
-        total = W.sum(dim=0).pow(2).sum()
-        num, den2 = trace - total / k, (frob2 - (total / k) ** 2).clamp_min(0) * (k - 1)
-    den = den2.sqrt()
-    return torch.where(den > 0, num / den, torch.full_like(den, float("nan")))
+        W = W.detach().to(dtype)
+        trace, frob2 = W.pow(2).sum(), nfm(W).pow(2).sum()
+        return correlation_from_sums(trace, frob2, trace.new_tensor(float(k)))
+    V = W.detach().to(dtype, copy=True)
+    mean = V.mean(dim=0)
+    rest = V.sub_(mean).mean(dim=0)  # a second pass removes what the rounding of the first left
+    V.sub_(rest)
+    mean += rest
+    sq_a = nfm(V).pow(2).sum() + 2 * k * (V @ mean).pow(2).sum()
+    return correlation_from_sums(V.pow(2).sum(), sq_a, V.new_tensor(k - 1.0))
 
 
 def output_layer_memory(k: int, d: int, itemsize: int, power: float = 1.0, keep_matrices: bool = False) -> int:
     """Upper bound of the bytes :func:`output_layer_summary` allocates: ``dW`` (``k x d``), four ``d x d``
-    terms, the eigendecompositions for ``power != 1`` and the kept ``nfm``."""
+    terms, the eigendecompositions for ``power != 1``, the kept ``nfm``, and the 8-byte centred copy of
+    ``W`` and its ``d x d`` Gram of :func:`identity_kernel_alignment`."""
     eigh = 8.5 * d * d if power != 1 else 0.0
-    return int(itemsize * (k * d + 4 * d * d + eigh + (d * d if keep_matrices else 0)))
+    return int(itemsize * (k * d + 4 * d * d + eigh + (d * d if keep_matrices else 0))) + 8 * (k * d + d * d)
 
 
 def output_layer_summary(

@@ -201,6 +201,17 @@ class Chunk:
         return adapter.out_rows(view.expand(h.shape))[:, 0]
 
     def mask_cotangents(self, v: Tensor) -> Tensor:
-        """Zero a block of cotangents ``(b, *f.shape)`` at padded positions (outputs there do not count)."""
+        """Zero a block of cotangents ``(b, *f.shape)`` at padded positions (outputs there do not count).
+
+        Outputs ``f`` of exactly the mask's shape ``(B, T)`` are refused: per-token scalars (a value head)
+        and per-sample features that happen to number ``T`` cannot be told apart."""
+        if self.mask is not None and tuple(v.shape[1:]) == tuple(self.mask.shape):
+            raise ValueError(
+                f"the outputs f have shape {tuple(v.shape[1:])}, the shape of the sample mask (attention_mask or "
+                "sample_mask=): per-token scalar outputs cannot be told from per-sample features. For one "
+                "output per token (a value head) return them as (batch, tokens, 1), e.g. "
+                "output_fn=lambda out: out[..., :1], so padded positions are masked; for per-sample features "
+                "pass sample_mask=False"
+            )
         view = self._token_view(v, "the outputs f", lead=1)
         return v if view is None else v * view.to(v.dtype)

@@ -195,9 +195,11 @@ def ptk_covariance(
 
     ``estimator="exact"`` uses one VJP per output; ``"sketch"`` uses ``m`` random projections of the
     outputs (``sketch="rademacher"`` or ``"gaussian"``, drawn from ``generator``, an int seed, or
-    ``None`` for ``DEFAULT_SKETCH_SEED``; the global RNG state is left unchanged). A selected layer
+    ``None`` for ``DEFAULT_SKETCH_SEED``: repeated calls then draw the same projections; one generator
+    passed to every call draws independent ones; the global RNG state is left unchanged). A selected layer
     whose output the outputs ``f`` do not depend on is an error, unless ``allow_unused=True`` (its
-    ``K`` is then 0). Under ``torch.distributed`` every rank must call this with its own shard of the
+    ``K`` is then 0); a layer called several times of which only some calls reach ``f`` is measured
+    (the other calls' rows have zero gradient). Under ``torch.distributed`` every rank must call this with its own shard of the
     probe; the sums are all-reduced and the result equals one process on the whole probe.
 
     Padding: with a sample mask (the probe's ``attention_mask``, or ``sample_mask=`` a ``(B, T)`` 0/1

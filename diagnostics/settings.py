@@ -28,7 +28,7 @@ class EstimatorSettings:
 
     ``estimator``: ``"exact"`` or ``"sketch"`` with ``m`` random projections of kind ``sketch`` drawn
     from ``generator``; ``output_fn`` maps the model output to ``f``; ``chunk_size`` samples per forward
-    pass; ``allow_unused`` gives ``K = 0`` for layers ``f`` does not use; ``sample_mask`` selects the
+    pass; ``allow_unused`` gives ``K = 0`` for layers no call of which ``f`` uses; ``sample_mask`` selects the
     real tokens."""
 
     estimator: str = "exact"

@@ -17,11 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from .common import accumulation_dtype, eval_mode
+from .correlation import matrix_correlation
 from .engine import for_each_chunk
 from .hooks import LayerHooks
 from .kernel import work_dtype
 from .layers import find_linear_layers
-from .nfa import matrix_correlation, nfa_correlation
+from .nfa import nfa_correlation
 from .probe import Chunk, default_output
 from .ptk import ptk_sums
 from .settings import EstimatorSettings
@@ -67,11 +68,12 @@ def early_weight_change(
     dtype = work_dtype(adapter)
     R = Y.to(device=f.device, dtype=f.dtype) - f
     dW = torch.zeros(adapter.k, adapter.d, dtype=accumulation_dtype(f.device), device=adapter.weight_matrix().device)
-    plan = VJPPlan([layer])
+    plan = VJPPlan()
 
     def visit(chunk: Chunk) -> None:
         v = R[chunk.start : chunk.start + chunk.f.shape[0]].to(chunk.f.dtype).unsqueeze(0)
         (hs,), (xs,) = chunk.outputs.values(), chunk.inputs.values()
+        plan.names = [layer] * len(hs)  # one target per call of the layer
         for grads in vjp(chunk.f, hs, v, plan):
             for g, x in zip(grads, xs):  # one (gradient, input) pair per call of the layer
                 rows_g = adapter.out_rows(g, lead=1)[0].to(dW.dtype)

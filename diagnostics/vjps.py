@@ -53,8 +53,10 @@ class VJPPlan:
     """How the VJPs of one measurement run: batched until an op without a vmap batching rule is met,
     then one cotangent at a time for the rest of that measurement (nothing outlives it).
 
-    ``names`` label the targets in errors; ``allow_unused=True`` gives zero gradients for targets that
-    the outputs do not depend on (otherwise that is an error naming them)."""
+    ``names`` label the targets in errors (a layer called several times has one target per call). A
+    target the outputs do not depend on gets a zero gradient when another target of the same name does
+    reach them (a layer with one call in an unused branch); a name none of whose targets reaches them is
+    an error naming it, unless ``allow_unused=True`` (zero gradients)."""
 
     def __init__(self, names: list[str] | None = None, allow_unused: bool = False, batched: bool | None = None) -> None:
         self.names = names
@@ -63,15 +65,16 @@ class VJPPlan:
 
     def _complete(self, grads: tuple[Tensor | None, ...], targets: list[Tensor], b: int) -> list[Tensor]:
         unused = [i for i, g in enumerate(grads) if g is None]
-        if unused and not self.allow_unused:
-            names = self.names or [f"target {i}" for i in range(len(targets))]
-            which = sorted({names[i] for i in unused})
+        names = self.names or [f"target {i}" for i in range(len(targets))]
+        reached = {names[i] for i, g in enumerate(grads) if g is not None}
+        which = sorted({names[i] for i in unused} - reached)
+        if which and not self.allow_unused:
             raise ValueError(
                 f"the outputs f do not depend on the recorded output of layers {which} (the gradient is None), "
                 "so their K would be silently 0. Likely causes: the layer feeds a branch that output_fn does not "
                 "use, its output is detached (.detach(), an integer cast), or it runs in code that autograd "
                 "cannot see (a compiled graph, torch.utils.checkpoint(..., use_reentrant=True)). Exclude them "
-                "with layers=[...], or pass allow_unused=True to record K = 0 for layers the outputs do not use"
+                "with layers=[...], or pass allow_unused=True to record K = 0 for layers no call of which the outputs use"
             )
         return [g if g is not None else t.new_zeros((b, *t.shape)) for g, t in zip(grads, targets)]
 

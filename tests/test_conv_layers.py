@@ -105,3 +105,39 @@ def test_slo_treats_each_conv_module_as_one_layer() -> None:
         after = torch.cat([p.detach().flatten() for p in layer.params])
         expected = -lr * layer.speed * grads[n] / grads[n].norm()  # weight and bias normalised jointly
         torch.testing.assert_close(after - before[n], expected, rtol=1e-9, atol=1e-15)
+
+
+def test_unsupported_conv_names_what_is_unsupported() -> None:
+    import pytest
+
+    for kwargs, says in [({"padding_mode": "reflect"}, "padding_mode='reflect'"),
+                         ({"padding_mode": "circular"}, "padding_mode='circular'"), ({"groups": 2}, "groups=2")]:
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, **kwargs), nn.Flatten(), nn.LazyLinear(2))
+        with pytest.raises(ValueError, match=f"layer '0' is a Conv2d.*: it has {says}"):
+            find_linear_layers(model, ["0"])
+
+
+class PerImage(nn.Module):
+    """A conv layer and a readout called on one unbatched ``(C, H, W)`` image at a time, or on the batch."""
+
+    def __init__(self, height: int, batched: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.lin, self.batched = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4 * height * 6, 4), batched
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batched:
+            return self.lin(torch.tanh(self.conv(x)).flatten(1))
+        return torch.stack([self.lin(torch.tanh(self.conv(img)).flatten()) for img in x])
+
+
+def test_unbatched_conv_calls_give_the_batched_K() -> None:
+    """Height 4 = C_out (the channel dim was once mistaken silently) and height 5; the readout has the same
+    k as the conv, so the two share one Gram scratch."""
+    for height in (4, 5):
+        x = torch.randn(3, 2, height, 6, dtype=torch.float64)
+        looped, batched = PerImage(height, False).double(), PerImage(height, True).double()
+        ref = reference_K(batched, x, ["conv", "lin"])
+        for model in (looped, batched):
+            K = ptk_covariance(model, x, layers=["conv", "lin"])
+            assert rel_err(K["conv"], ref["conv"]) < 1e-10 and rel_err(K["lin"], ref["lin"]) < 1e-10, height

@@ -40,3 +40,47 @@ def test_mse_evaluates_in_eval_mode_and_restores_mixed_modes() -> None:
         expected = float(((model(x) - y) ** 2).mean())
     assert mse(model, x, y) == expected
     assert modes(model) == before
+
+
+class LoRALinear(nn.Linear):
+    """A loralib-style adapter: ``train(False)`` merges ``B A`` into the frozen weight, ``train(True)`` takes
+    it out again, so the low-rank factors learn only in training mode."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int = 2) -> None:
+        super().__init__(d_in, d_out)
+        self.weight.requires_grad_(False)
+        self.lora_A = nn.Parameter(0.1 * torch.randn(rank, d_in))
+        self.lora_B = nn.Parameter(0.1 * torch.randn(d_out, rank))
+        self.merged = False
+
+    def train(self, mode: bool = True) -> "LoRALinear":
+        super().train(mode)
+        if mode == self.merged:
+            with torch.no_grad():
+                self.weight += (-1 if mode else 1) * self.lora_B @ self.lora_A
+            self.merged = not mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out if self.merged else out + x @ self.lora_A.t() @ self.lora_B.t()
+
+
+@pytest.mark.parametrize("frozen_norm", [False, True])
+def test_measure_leaves_a_lora_model_as_it_was(frozen_norm: bool) -> None:
+    """Modes are switched through train()/eval() calls: the adapter merges for the measurement and unmerges
+    afterwards, and the next training step still trains it."""
+    from diagnostics import NFAMonitor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LoRALinear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
+    model.train()
+    if frozen_norm:
+        model[1].eval()
+    before = modes(model), model[0].merged, model[0].weight.clone()
+    x = torch.randn(8, 4)
+    NFAMonitor(model, layers=["3"]).measure(x)
+    assert (modes(model), model[0].merged) == before[:2]
+    assert torch.equal(model[0].weight, before[2])
+    model(x).pow(2).sum().backward()
+    assert model[0].lora_A.grad is not None and model[0].lora_A.grad.abs().sum() > 0

@@ -65,7 +65,7 @@ def test_measure_leaves_grads_modes_and_graph_alone() -> None:
     with NFAMonitor(model) as mon:
         with torch.no_grad():  # grad is enabled inside measure()
             res = mon.measure(x, keep_matrices=True)
-        res2 = mon.measure(x)  # eval mode: dropout off, so measurements are deterministic
+        res2 = mon.measure(x, keep_matrices=True)  # eval mode: dropout off, so measurements are deterministic
     assert model.training and not model[2].training and model[1].training
     assert model[0].bias.grad is None
     for n, p in model.named_parameters():
@@ -160,6 +160,28 @@ def test_save_load_round_trip(tmp_path) -> None:
     save_file({"a": torch.zeros(1)}, str(bad))
     with pytest.raises(ValueError, match="not an NFA snapshot"):
         load_snapshot(bad)
+
+
+def test_edited_snapshot_metadata_names_the_file_and_field(tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    mon = NFAMonitor(net())
+    mon.measure(x_probe(), step=3)
+    path = tmp_path / "nfa.safetensors"
+    mon.save(path)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    for edit in ({"records": meta["records"][:-1]}, {"agop_power": "one"}):
+        edited = tmp_path / "edited.safetensors"
+        save_file(tensors, str(edited), metadata={**meta, **edit})
+        (field,) = edit
+        with pytest.raises(ValueError, match=f"edited.safetensors.*field '{field}' is not valid JSON"):
+            load_snapshot(edited)
+    save_file(tensors, str(edited), metadata={k: v for k, v in meta.items() if k != "m"})
+    with pytest.raises(ValueError, match="edited.safetensors.*no field 'm'"):
+        load_snapshot(edited)
 
 
 def test_snapshot_is_plain_data_written_as_saved(tmp_path) -> None:

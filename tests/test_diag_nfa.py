@@ -156,3 +156,97 @@ def test_memory_estimate_follows_the_summary_route() -> None:
     assert summary_memory(k, d, 4, keep_matrices=True) > d_by_d
     assert summary_memory(k, d, 4, power=0.5) > d_by_d
     assert summary_memory(d, k, 4) != gram_space_memory(d, k, 4)
+
+
+@pytest.mark.parametrize("method", ["pearson", "cosine"])
+def test_every_correlation_lies_in_minus_one_one(method: str) -> None:
+    """Perfectly (anti-)correlated matrices give correlations of magnitude 1 up to rounding; what the library
+    reports never leaves [-1, 1] (d x d and k x k routes, the analytic output-layer record)."""
+    from diagnostics.nfa import nfa_summary
+    from diagnostics.output_layer import identity_kernel_alignment, output_layer_summary
+
+    values = []
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        A = torch.randn(7, 5, generator=g, dtype=torch.float64)
+        values += [matrix_correlation(A, A, method), matrix_correlation(A, -3 * A, method)]
+        W, W0 = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g, dtype=torch.float64)
+        eye = torch.eye(3, dtype=torch.float64)  # K = I: AGOP = NFM, UC-NFA = C-NFA = 1
+        for keep in (True, False):
+            record = nfa_summary(W, W0, eye, method, keep_matrices=keep)
+            values += [torch.tensor(record["uc_nfa"]), torch.tensor(record["c_nfa"])]
+        record = output_layer_summary(W, W0, method)
+        values += [torch.tensor(record["uc_nfa"]), torch.tensor(record["c_nfa"])]
+        Q, _ = torch.linalg.qr(torch.randn(6, 3, generator=g, dtype=torch.float64))
+        values.append(identity_kernel_alignment(2.5 * Q.t(), method))  # W W^T = 6.25 I
+    values = torch.stack([v.reshape(()) for v in values])
+    assert values.abs().max() <= 1.0
+    assert (values.abs() - 1).abs().max() < 1e-12  # all of them are +-1 up to rounding
+
+
+def _exact_pearson(F: list, G: list) -> float:
+    """Pearson correlation of two matrices of Fractions, exact up to the final square root."""
+    from fractions import Fraction
+
+    n = len(F) * len(F[0])
+    f = [x for row in F for x in row]
+    g = [x for row in G for x in row]
+    mf, mg = sum(f, Fraction(0)) / n, sum(g, Fraction(0)) / n
+    fg = sum((a - mf) * (b - mg) for a, b in zip(f, g))
+    ff, gg = sum((a - mf) ** 2 for a in f), sum((b - mg) ** 2 for b in g)
+    return float(fg) / math.sqrt(float(ff) * float(gg))
+
+
+def test_gram_space_route_centres_without_cancellation() -> None:
+    """A weight whose entries' mean dwarfs their spread: the k x k route agrees with the d x d route to 1e-9
+    relative and with exact rational arithmetic to 1e-12; a constant weight gives NaN on both routes."""
+    from fractions import Fraction
+
+    from diagnostics.nfa import nfa_summary
+
+    keys = ("uc_nfa", "c_nfa", "kernel_alignment")
+    J = torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for value in (0.1, 1 / 3, 1.1):
+        W = torch.full((4, 6), value, dtype=torch.float64)  # a constant W: a constant NFM, no Pearson correlation
+        assert math.isnan(nfa_summary(W, torch.zeros_like(W), J @ J.t())["uc_nfa"])
+        assert math.isnan(nfa_summary(W, torch.zeros_like(W), J @ J.t(), keep_matrices=False)["uc_nfa"]), value
+    for sigma in (1e-6, 1e-7):
+        g = torch.Generator().manual_seed(1)
+        k, d = 8, 32
+        W = 1 + sigma * torch.randn(k, d, generator=g, dtype=torch.float64)
+        W0 = 1 + sigma * torch.randn(k, d, generator=g, dtype=torch.float64)
+        J = torch.randn(k, k, generator=g, dtype=torch.float64)
+        K = J @ J.t() / k
+        d_by_d, gram = nfa_summary(W, W0, K, keep_matrices=True), nfa_summary(W, W0, K, keep_matrices=False)
+        for key in keys:
+            assert gram[key] == pytest.approx(d_by_d[key], rel=1e-9, abs=0), (sigma, key)
+    g = torch.Generator().manual_seed(2)
+    k, d = 3, 7
+    W = 1 + 1e-8 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    J = torch.randn(k, k, generator=g, dtype=torch.float64)
+    K = J @ J.t()
+    Wf = [[Fraction(x) for x in row] for row in W.tolist()]
+    Kf = [[Fraction(x) for x in row] for row in K.tolist()]
+    KW = [[sum(Kf[i][m] * Wf[m][j] for m in range(k)) for j in range(d)] for i in range(k)]
+    F = [[sum(Wf[m][i] * Wf[m][j] for m in range(k)) for j in range(d)] for i in range(d)]
+    G = [[sum(Wf[m][i] * KW[m][j] for m in range(k)) for j in range(d)] for i in range(d)]
+    exact = _exact_pearson(F, G)
+    assert nfa_summary(W, torch.zeros_like(W), K, keep_matrices=False)["uc_nfa"] == pytest.approx(exact, rel=1e-12)
+
+
+def test_identity_kernel_alignment_centres_without_cancellation() -> None:
+    """rho(W W^T, I) of the analytic output-layer record for a weight whose entries' mean dwarfs their
+    spread: within 1e-9 of exact rational arithmetic; NaN for a constant weight."""
+    from fractions import Fraction
+
+    from diagnostics.output_layer import identity_kernel_alignment
+
+    for value in (0.1, 1 / 3):
+        assert math.isnan(identity_kernel_alignment(torch.full((12, 5), value, dtype=torch.float64)))
+    k, d = 12, 5
+    for sigma in (1e-6, 1e-7):
+        W = 1 + sigma * torch.randn(k, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        Wf = [[Fraction(x) for x in row] for row in W.tolist()]
+        A = [[sum(a * b for a, b in zip(Wf[i], Wf[j])) for j in range(k)] for i in range(k)]
+        eye = [[Fraction(int(i == j)) for j in range(k)] for i in range(k)]
+        assert float(identity_kernel_alignment(W)) == pytest.approx(_exact_pearson(A, eye), rel=1e-9), sigma

@@ -149,6 +149,25 @@ def test_sketch_seeded_by_generator(dist: str) -> None:
     assert not torch.equal(a["0"], c["0"])
 
 
+def test_repeated_sketches_are_one_sketch_unless_one_generator_is_shared() -> None:
+    """Without a generator every call (and every monitor measurement) draws the same projections; one
+    generator passed to every call draws independent ones, as the docs say."""
+    from diagnostics import NFAMonitor
+
+    model = mlp()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    sketch = lambda **kw: ptk_covariance(model, x, layers=["0"], estimator="sketch", m=2, **kw)["0"]  # noqa: E731
+    assert torch.equal(sketch(), sketch()) and torch.equal(sketch(), sketch(generator=0))
+    g = torch.Generator().manual_seed(0)
+    first, second = sketch(generator=g), sketch(generator=g)
+    assert torch.equal(first, sketch()) and not torch.equal(first, second)
+    mon = NFAMonitor(model, layers=["0"])
+    a, b = (mon.measure(x, estimator="sketch", m=2, keep_matrices=True)["0"].K for _ in range(2))
+    g = torch.Generator().manual_seed(0)
+    c, d = (mon.measure(x, estimator="sketch", m=2, keep_matrices=True, generator=g)["0"].K for _ in range(2))
+    assert torch.equal(a, b) and torch.equal(a, c) and not torch.equal(c, d)
+
+
 def test_conv2d_layers_by_name_match_reference() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -97,6 +97,36 @@ def test_layer_that_does_not_reach_the_outputs_is_an_error_unless_allowed() -> N
         ptk_covariance(TwoHeads(detach=True).double(), x, layers=["body", "main"], output_fn=main_only)
 
 
+class SharedEncoder(nn.Module):
+    """``enc`` is called twice, once per branch; ``output_fn`` keeps the ``main`` branch only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.head, self.other = nn.Linear(5, 6), nn.Linear(6, 2), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"main": self.head(torch.tanh(self.enc(x))), "aux": self.other(torch.tanh(self.enc(2 * x)))}
+
+
+def test_layer_called_twice_with_one_call_reaching_the_outputs_is_measured() -> None:
+    """K of ``enc``: the first call's per-sample Jacobian Grams (torch.func.jacrev) over N = 2B rows (the
+    second call's rows have zero gradient); the same with allow_unused=True."""
+    from torch.func import jacrev
+
+    model, x = SharedEncoder().double(), probe()
+    main_only = lambda out: out["main"]  # noqa: E731
+    with torch.no_grad():
+        h = model.enc(x)
+    J = torch.stack([jacrev(lambda r: model.head(torch.tanh(r)))(row) for row in h])  # (B, 2, 6)
+    expected = torch.einsum("bci,bcj->ij", J, J) / (2 * x.shape[0])
+    for allow in (False, True):
+        K = ptk_covariance(model, x, layers=["enc", "head"], output_fn=main_only, allow_unused=allow)
+        assert rel_err(K["enc"], expected) < 1e-12
+    with pytest.raises(ValueError, match=r"layers \['other'\]"):
+        ptk_covariance(model, x, layers=["enc", "other"], output_fn=main_only)
+
+
 # ----------------------------------------------------------------------------- checkpointing
 
 
@@ -272,6 +302,41 @@ def test_right_padded_gpt2_equals_unpadded_sequences() -> None:
     assert all(rel_err(K[n], ref[n]) < 1e-9 for n in names)
 
 
+class ValueHead(nn.Module):
+    """A causal token model with one scalar output per token ``(B, T, 1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.body, self.value = nn.Embedding(11, 5), nn.Linear(5, 6), nn.Linear(6, 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.tanh(self.body(self.emb(input_ids)))
+        h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[:, None]  # position t sees tokens <= t
+        return self.value(h)
+
+
+def test_per_token_scalar_outputs_under_a_mask() -> None:
+    """``(B, T, 1)`` outputs are masked per token (K of the sequences alone, jacrev); ``(B, T)`` outputs,
+    the mask's own shape, are refused with an error naming the ways out."""
+    model = ValueHead().double()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 11, (n,), generator=g) for n in (4, 2, 3)]
+    ids, mask = torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    refs = [reference_K(model, s[None], ["body"]) for s in seqs]
+    ref = sum(len(s) * r["body"] for s, r in zip(seqs, refs)) / 9
+    probe_ = {"input_ids": ids, "attention_mask": mask}
+    assert rel_err(ptk_covariance(model, probe_, layers=["body"])["body"], ref) < 1e-10
+    with pytest.raises(ValueError, match=r"shape \(3, 4\), the shape of the sample mask.*\(batch, tokens, 1\).*sample_mask=False"):
+        ptk_covariance(model, probe_, layers=["body"], output_fn=lambda out: out[..., 0])
+    with NFAMonitor(model, layers=["body"]) as mon, pytest.raises(ValueError, match="sample_mask=False"):
+        mon.measure(probe_, output_fn=lambda out: out[..., 0], estimator="sketch")
+    unmasked = ptk_covariance(model, probe_, layers=["body"], output_fn=lambda out: out[..., 0], sample_mask=False)
+    assert rel_err(unmasked["body"], ref) > 1e-3  # every position counts, as asked
+
+
 def test_sample_mask_checks() -> None:
     model, x = mlp(), probe(4)
     seq = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).double()
@@ -345,9 +410,11 @@ def test_memory_estimate_bounds_what_measure_allocates(
     monkeypatch: pytest.MonkeyPatch, widths: tuple[int, ...], dtype: torch.dtype, power: float, keep: bool,
     blocks: dict | None,
 ) -> None:
+    import diagnostics.correlation as correlation
     import diagnostics.nfa as nfa
 
-    monkeypatch.setattr(nfa, "_CORR_BLOCK", 1024)  # small float64 blocks: the matrices dominate
+    for module in (correlation, nfa):  # small float64 blocks: the matrices dominate
+        monkeypatch.setattr(module, "CORR_BLOCK", 1024)
     torch.manual_seed(0)
     mods: list[nn.Module] = [nn.Linear(8, 64), nn.Tanh()]
     for a, b in zip((64, *widths), (*widths, 64)):
