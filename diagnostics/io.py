@@ -120,4 +120,3 @@ def _metadata_field(path: str, meta: dict[str, str], key: str) -> Any:
         raise ValueError(
             f"{path!r}: the snapshot metadata field {key!r} is not valid JSON ({err}); the file was edited or damaged"
         ) from None
-
