@@ -34,14 +34,12 @@ def accumulate_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     return torch.float64 if any(dt in (torch.float64, torch.complex128) for dt in dtypes) else torch.float32
 
 
-def _norm_dtype(dt: torch.dtype, acc: torch.dtype, exact: bool) -> torch.dtype | None:
-    """``dtype=`` for ``torch._foreach_norm`` of tensors of ``dt`` (None: their own).
+def _norm_dtype(dt: torch.dtype) -> torch.dtype:
+    """``dtype=`` for ``torch._foreach_norm`` of tensors of ``dt``: double (complex128 for complex tensors).
 
-    ``exact`` (scaled gradients): accumulate in double so that ``||S g||^2`` cannot overflow.
+    Each element is squared in double, so no float32/float16 value underflows or overflows there.
     """
-    if exact:
-        return torch.complex128 if dt.is_complex else torch.float64
-    return acc if dt in (torch.float16, torch.bfloat16) else None
+    return torch.complex128 if dt.is_complex else torch.float64
 
 
 def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
@@ -68,35 +66,35 @@ def layer_sq_norms(
     layer_index: Tensor,
     num_layers: int,
     device: torch.device | None = None,
-    dtype: torch.dtype | None = None,
     grouped: dict | None = None,
     inv_scale: Tensor | None = None,
 ) -> Tensor:
-    """Per-layer sums of squares: ``s_l = sum_{i: layer_index[i] = l} ||t_i||_F^2``.
+    """Per-layer sums of squares, in float64: ``s_l = sum_{i: layer_index[i] = l} ||t_i||_F^2``.
 
-    One ``torch._foreach_norm`` per (device, dtype) group, then a segment sum (``index_add_``) on
-    ``device`` (default: the first tensor's). Accumulates in the tensors' own precision, at least
-    float32 (:func:`accumulate_dtype`). Sparse tensors count their (coalesced) values. Returns a
-    tensor of shape ``(num_layers,)``; ``layer_index`` lives on ``device``.
+    One ``torch._foreach_norm`` per (device, dtype) group, accumulated in double, then a segment sum
+    (``index_add_``) of the squared norms in double on ``device`` (default: the first tensor's). For
+    float32, float16 and bfloat16 tensors (and complex64) every square and sum is exact to double
+    rounding, whatever the scale: the square of any finite float32 norm lies in double's normal
+    range (float32's holds neither ``||t||^2`` below ~1e-19 nor above ~1e19). float64 tensors have
+    double's own range (norms from ~1e-150 to ~1e150). Sparse tensors count their (coalesced)
+    values. Returns a float64 tensor of shape ``(num_layers,)``; ``layer_index`` lives on ``device``.
     ``grouped`` may pass a precomputed ``_group_tensors_by_device_and_dtype([tensors], True)``.
     ``inv_scale``: the tensors hold ``S t`` (e.g. GradScaler's scaled gradients) and
-    ``1 / S`` is given; the result is ``sum ||t_i||^2 = sum (||S t_i|| / S)^2``, with the per-tensor
-    norms taken in double and unscaled before squaring, so it is finite whenever the unscaled one is.
+    ``1 / S`` is given; the result is ``sum ||t_i||^2 = sum (||S t_i|| / S)^2``, the per-tensor
+    norms unscaled before squaring, so it is finite whenever the unscaled one is.
     """
     if device is None:
         device = layer_index.device
-    if dtype is None:
-        dtype = accumulate_dtype(t.dtype for t in tensors)
-    out = torch.zeros(num_layers, dtype=dtype, device=device)
+    out = torch.zeros(num_layers, dtype=torch.float64, device=device)
     if not tensors:
         return out
     if grouped is None:
         grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)  # type: ignore[arg-type]
     single = len(grouped) == 1
     for (dev, dt), ((group,), indices) in grouped.items():
-        norm_dtype = _norm_dtype(dt, dtype, inv_scale is not None)
+        norm_dtype = _norm_dtype(dt)
         try:
-            norms = torch._foreach_norm(group, 2, dtype=norm_dtype) if norm_dtype else torch._foreach_norm(group, 2)
+            norms = torch._foreach_norm(group, 2, dtype=norm_dtype)
         except (RuntimeError, NotImplementedError):
             if not any(t.is_sparse for t in group):
                 raise
@@ -105,7 +103,7 @@ def layer_sq_norms(
         stacked = torch.stack(norms)
         if inv_scale is not None:
             stacked = stacked * to_device(inv_scale, dev, stacked.dtype)
-        sq = to_device(stacked, device, dtype).square_()
+        sq = to_device(stacked, device, torch.float64).square_()
         idx = layer_index if single else layer_index[index_tensor(indices, device)]
         out.index_add_(0, idx, sq)
     return out
@@ -206,8 +204,8 @@ def slo_rescale_(
     """Rescale each layer's tensors jointly to norm ``C_l``: ``t <- C_l * t / (||t_l||_F + eps)``.
 
     ``layers[l]`` is a tensor or a list of tensors (e.g. the gradients of a weight and its bias);
-    a layer of norm zero is left at zero. Returns the pre-rescaling norms ``||t_l||_F``, shape
-    ``(len(layers),)``. No host synchronisation.
+    a layer of norm zero is left at zero. Returns the pre-rescaling norms ``||t_l||_F`` (float64, see
+    :func:`layer_sq_norms`), shape ``(len(layers),)``. No host synchronisation.
     """
     flat: list[Tensor] = []
     index: list[int] = []
@@ -223,5 +221,6 @@ def slo_rescale_(
     speed_t = to_device(torch.as_tensor(speeds, dtype=norms.dtype), device)
     if speed_t.shape != norms.shape:
         raise ValueError(f"speeds has {speed_t.numel()} entries, expected one per layer ({len(layers)})")
-    scale_layers_(flat, layer_index, slo_coefficients(norms, speed_t, eps))
+    coefficients = slo_coefficients(norms, speed_t, eps).to(accumulate_dtype(t.dtype for t in flat))
+    scale_layers_(flat, layer_index, coefficients)
     return norms

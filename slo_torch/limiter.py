@@ -164,10 +164,9 @@ class SpeedLimiter:
         self, tensors: list[Tensor], bins: Tensor, owners: list[int] | None, grouped: dict | None = None,
         inv_scale: Tensor | None = None,
     ) -> Tensor:
-        """Per-bin sums of squares of the whole (unsharded) tensors (of ``tensors * inv_scale``)."""
+        """Per-bin sums of squares (float64) of the whole (unsharded) tensors (of ``tensors * inv_scale``)."""
         plan = self._current()
-        return whole_layer_sq_norms(tensors, bins, plan.num_bins, plan.device, plan.dtype, plan.sharding, owners,
-                                    grouped, inv_scale)
+        return whole_layer_sq_norms(tensors, bins, plan.num_bins, plan.device, plan.sharding, owners, grouped, inv_scale)
 
     def _gather(self, plan: Plan) -> tuple[list[Tensor], Tensor, int, list[int] | None]:
         """The gradients present, their bins, how many are limited, their indices (``None``: all)."""
@@ -227,7 +226,7 @@ class SpeedLimiter:
         if self.mode == "update":
             self._take_snapshot(n_lim, keep, limited_bins)
         elif n_lim:  # no limited layer has a gradient: nothing to rescale
-            scale_layers_(limited, limited_bins, slo_coefficients(norms, plan.speeds, self.eps),
+            scale_layers_(limited, limited_bins, slo_coefficients(norms, plan.speeds, self.eps).to(plan.dtype),
                           self._coefficient_buffer(limited, keep))
         return True
 
@@ -295,7 +294,7 @@ class SpeedLimiter:
         norms = self._sq_norms(snap.params, snap.bins, snap.owners)[:-1].sqrt_()
         self._update_norms = norms
         if snap.params:
-            k = slo_coefficients(norms, self._layer_step_sizes(), self.eps)
+            k = slo_coefficients(norms, self._layer_step_sizes(), self.eps).to(self._current().dtype)
             rescale_updates_(snap.params, snap.old, snap.bins, k, self._coefficient_buffer(snap.params, snap.owners))
 
     def skip_all_grads(self) -> None:

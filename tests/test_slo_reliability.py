@@ -1,0 +1,73 @@
+"""SLOptimizer and attach() at the edges: tiny gradients, edited param groups, readouts, hooks, argument checks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from slo_torch import SLOptimizer, attach
+
+
+def _limited(form: str, base: torch.optim.Optimizer, model: nn.Module | None, speeds: Any, **kwargs: Any) -> Any:
+    """``(optimizer to step, read-outs)`` for the wrapping and the ``attach`` forms."""
+    if form == "wrap":
+        opt = SLOptimizer(base, model=model, speeds=speeds, **kwargs)
+        return opt, opt
+    return base, attach(base, model, speeds, **kwargs)
+
+
+def _layer_moves(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Norm of each module's parameter change, in float64."""
+    out: dict[str, float] = {}
+    for n, p in model.named_parameters():
+        layer = n.rsplit(".", 1)[0] if "." in n else ""
+        out[layer] = out.get(layer, 0.0) + float((p.detach().double() - before[n].double()).pow(2).sum())
+    return {k: math.sqrt(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("form", ["wrap", "attach"])
+def test_tiny_gradients_are_normalised_exactly(form: str) -> None:
+    # a 12-layer linear stack, weights at init std 0.01: every layer's gradient norm is near 1e-30,
+    # whose float32 square underflows
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(12)])
+    for layer in model:
+        nn.init.normal_(layer.weight, std=0.01)
+        nn.init.zeros_(layer.bias)
+    lr, C = 0.1, 1.0
+    opt, slo = _limited(form, torch.optim.SGD(model.parameters(), lr=lr), model, {"*": C})
+    model(torch.randn(8, 16)).pow(2).sum().backward()
+    ref = {n.rsplit(".", 1)[0]: 0.0 for n, _ in model.named_parameters()}
+    for n, p in model.named_parameters():
+        ref[n.rsplit(".", 1)[0]] += float(p.grad.double().pow(2).sum())
+    assert sum(sq < 1e-38 for sq in ref.values()) >= 8  # squares below float32's normal range
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    for layer, sq in ref.items():
+        assert float(slo.last_grad_norms[layer]) == pytest.approx(math.sqrt(sq), rel=1e-6)
+    for layer, moved in _layer_moves(model, before).items():
+        assert moved == pytest.approx(lr * C, rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["wrap", "attach"])
+def test_tiny_updates_are_rescaled_exactly(form: str) -> None:
+    # parameters and steps near 1e-30: the update's squared norm underflows float32
+    torch.manual_seed(0)
+    model = nn.Linear(16, 16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e-30)
+    lr, C = 0.5, 2.0
+    opt, slo = _limited(form, torch.optim.SGD(model.parameters(), lr=lr), model, {"*": C}, mode="update")
+    (1e-30 * model(torch.randn(8, 16))).sum().backward()
+    grad_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+    assert 0 < grad_norm < 1e-25
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert float(slo.last_grad_norms[""]) == pytest.approx(grad_norm, rel=1e-6)
+    assert float(slo.last_update_norms[""]) == pytest.approx(lr * grad_norm, rel=1e-5)
+    assert _layer_moves(model, before)[""] == pytest.approx(lr * C, rel=1e-5)
