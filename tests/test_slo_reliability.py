@@ -71,3 +71,26 @@ def test_tiny_updates_are_rescaled_exactly(form: str) -> None:
     assert float(slo.last_grad_norms[""]) == pytest.approx(grad_norm, rel=1e-6)
     assert float(slo.last_update_norms[""]) == pytest.approx(lr * grad_norm, rel=1e-5)
     assert _layer_moves(model, before)[""] == pytest.approx(lr * C, rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["wrap", "attach"])
+@pytest.mark.parametrize("mode", ["grad", "update"])
+def test_a_parameter_replaced_in_its_group_is_speed_limited(form: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    lr, C = 0.1, 1.0
+    opt, slo = _limited(form, torch.optim.SGD(model.parameters(), lr=lr), model, {"*": C}, mode=mode)
+    x = torch.randn(8, 4)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    model[0].weight = nn.Parameter(torch.randn(4, 4))  # a new tensor, in the old one's place
+    opt.param_groups[0]["params"][0] = model[0].weight
+    model(x).pow(2).sum().backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    moves = _layer_moves(model, before)
+    assert moves == pytest.approx({"0": lr * C, "1": lr * C}, rel=1e-5)
+    grad_norm = math.sqrt(float(model[0].weight.grad.double().pow(2).sum() + model[0].bias.grad.double().pow(2).sum()))
+    if mode == "update":  # grad mode rescales p.grad in place
+        assert float(slo.last_grad_norms["0"]) == pytest.approx(grad_norm, rel=1e-6)
