@@ -94,3 +94,35 @@ def test_a_parameter_replaced_in_its_group_is_speed_limited(form: str, mode: str
     grad_norm = math.sqrt(float(model[0].weight.grad.double().pow(2).sum() + model[0].bias.grad.double().pow(2).sum()))
     if mode == "update":  # grad mode rescales p.grad in place
         assert float(slo.last_grad_norms["0"]) == pytest.approx(grad_norm, rel=1e-6)
+
+
+def _layer_grad_norms(model: nn.Module) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for n, p in model.named_parameters():
+        out[n.rsplit(".", 1)[0]] = out.get(n.rsplit(".", 1)[0], 0.0) + float(p.grad.double().pow(2).sum())
+    return {k: math.sqrt(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("change", ["set_speeds", "add_param_group"])
+@pytest.mark.parametrize("form", ["wrap", "attach"])
+def test_readouts_keep_their_layer_names_when_the_limited_layers_change(form: str, change: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 6), nn.Linear(6, 3))
+    lr = 0.1
+    params = list(model.parameters())
+    base_params = params[2:] if change == "add_param_group" else params
+    speeds = {"*": 1.0} if change == "add_param_group" else {"1": 1.0, "2": 1.0}
+    opt, slo = _limited(form, torch.optim.SGD(base_params, lr=lr), model, speeds, mode="update")
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    truth = _layer_grad_norms(model)
+    opt.step()
+    assert set(slo.last_grad_norms) == {"1", "2"}
+    if change == "set_speeds":
+        (opt if form == "wrap" else slo.limiter).set_speeds({"0": 1.0, "1": 1.0, "2": 1.0})
+    else:
+        opt.add_param_group({"params": params[:2]})
+    assert slo.layer_names == ["0", "1", "2"]
+    for readout in (slo.last_grad_norms, slo.last_update_norms):
+        assert set(readout) == {"1", "2"}
+    assert {k: float(v) for k, v in slo.last_grad_norms.items()} == pytest.approx(
+        {"1": truth["1"], "2": truth["2"]}, rel=1e-6)
