@@ -34,7 +34,6 @@ from .checks import check_model, check_speed
 __all__ = ["Layer", "resolve_layers", "promote", "promote_lowest", "pattern_specificity", "check_speed",
            "normalize_speeds", "unwrap_model"]
 
-_WILDCARDS = "*?["
 
 SpeedSpec = Mapping[str, float] | Sequence[float | None] | None
 
@@ -84,11 +83,29 @@ def normalize_speeds(speeds: SpeedSpec) -> SpeedSpec:
 def pattern_specificity(pattern: str) -> tuple[int, int, int]:
     """Rank of a pattern; the larger tuple is the more specific.
 
-    ``(exact, literal characters, -wildcards)``: a name without wildcards (``* ? [``) beats any glob;
-    among globs, more literal text wins, then fewer wildcards. ``"*"`` is therefore the least specific.
+    ``(exact, literal characters, -wildcards)``: a name without wildcards (``*``, ``?``, a bracket
+    expression ``[...]``) beats any glob; among globs, more literal text wins, then fewer wildcards.
+    ``"*"`` is therefore the least specific. A bracket expression is one wildcard, not literal text; a
+    ``[`` without its ``]`` is a literal character, as in :func:`fnmatch.fnmatchcase`.
     """
-    wildcards = sum(pattern.count(c) for c in _WILDCARDS)
-    literal = len(pattern) - wildcards
+    wildcards = literal = 0
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c in "*?":
+            wildcards += 1
+        elif c == "[":
+            j = i + 1 if i < n and pattern[i] == "!" else i
+            j = j + 1 if j < n and pattern[j] == "]" else j  # a "]" first in the set is a member
+            end = pattern.find("]", j)
+            if end < 0:
+                literal += 1
+            else:
+                wildcards += 1
+                i = end + 1
+        else:
+            literal += 1
     return (int(wildcards == 0), literal, -wildcards)
 
 

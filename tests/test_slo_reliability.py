@@ -126,3 +126,25 @@ def test_readouts_keep_their_layer_names_when_the_limited_layers_change(form: st
         assert set(readout) == {"1", "2"}
     assert {k: float(v) for k, v in slo.last_grad_norms.items()} == pytest.approx(
         {"1": truth["1"], "2": truth["2"]}, rel=1e-6)
+
+
+@pytest.mark.parametrize(("pattern", "rank"), [
+    ("[0-9]", (0, 0, -1)), ("1*", (0, 1, -1)), ("[!a]x", (0, 1, -1)), ("[]]", (0, 0, -1)), ("[!]x]y", (0, 1, -1)),
+    ("a[b", (1, 3, 0)), ("layer.[0-9][0-9]", (0, 6, -2)), ("*.weight?", (0, 7, -2)), ("0", (1, 1, 0)),
+])
+def test_bracket_expressions_are_wildcards_not_literal_text(pattern: str, rank: tuple[int, int, int]) -> None:
+    from fnmatch import fnmatchcase
+
+    from slo_torch.layers import pattern_specificity
+
+    assert pattern_specificity(pattern) == rank
+    if pattern == "[]]":
+        assert fnmatchcase("]", pattern) and not fnmatchcase("[]]", pattern)  # one character, as counted
+    if pattern == "a[b":
+        assert fnmatchcase("a[b", pattern)  # an unclosed "[" is literal
+
+
+def test_a_glob_with_more_literal_text_beats_a_bracket_expression() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds={"[0-9]": 1.0, "1*": 2.0})
+    assert opt.speeds == {"0": 1.0, "1": 2.0}
