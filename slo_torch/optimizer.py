@@ -193,15 +193,14 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
             setattr(base, name, self.__dict__[name])
         try:
             if closure is None:
-                result = base_step(base, None)
+                result = base_step(base, None, self._limiter.after_step)
             else:
-                base_step(base, replay_first(closure, loss))
+                base_step(base, replay_first(closure, loss), self._limiter.after_step)
                 result = loss
         finally:
             for name in forwarded:
                 if name in base.__dict__:
                     delattr(base, name)
-        self._limiter.after_step()
         return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -148,3 +148,49 @@ def test_a_glob_with_more_literal_text_beats_a_bracket_expression() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds={"[0-9]": 1.0, "1*": 2.0})
     assert opt.speeds == {"0": 1.0, "1": 2.0}
+
+
+@pytest.mark.parametrize("scope", ["instance", "global"])
+@pytest.mark.parametrize("form", ["wrap", "attach"])
+def test_post_hooks_of_the_base_optimizer_see_the_rescaled_step(form: str, scope: str) -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3)).double()
+    lr, C = 0.01, 0.1
+    base = torch.optim.Adam(model.parameters(), lr=lr)
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def record(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:  # an EMA would read them here
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    handle = base.register_step_post_hook(record) if scope == "instance" else register_optimizer_step_post_hook(record)
+    try:
+        opt, _ = _limited(form, base, model, {"*": C}, mode="update")
+        model(torch.randn(8, 4, dtype=torch.float64)).pow(2).sum().backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+    finally:
+        handle.remove()
+    assert _layer_moves(model, before) == pytest.approx({"0": lr * C, "1": lr * C}, rel=1e-9)
+    assert seen and all(torch.equal(seen[-1][n], p) for n, p in model.named_parameters())
+
+
+def test_post_hooks_of_an_unhooked_base_step_are_reported() -> None:
+    class Replaced(torch.optim.SGD):
+        pass
+
+    model = nn.Linear(3, 2)
+    base = Replaced(model.parameters(), lr=0.1)
+    def plain_step(self: torch.optim.Optimizer, closure: Any = None) -> None:
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+    Replaced.step = plain_step  # a step without torch's hook wrapper
+    base.register_step_post_hook(lambda *args: None)
+    opt = SLOptimizer(base, model=model, speeds={"*": 1.0}, mode="update")
+    model(torch.randn(4, 3)).sum().backward()
+    with pytest.warns(RuntimeWarning, match="register them on the SLOptimizer"):
+        opt.step()
