@@ -185,12 +185,18 @@ def resolve_layers(
     (dicts with ``"params"``; needed when ``speeds`` is ``None`` and the groups carry ``"speed"``).
     Returns every layer in model order, ``speed=None`` where no speed applies.
     Raises ``ValueError`` for a parameter that is not in ``model``, a pattern that matches no layer,
-    a list of the wrong length, or a negative/NaN/inf speed.
+    a list of the wrong length, a negative/NaN/inf speed, or a group ``"speed"`` key next to ``speeds``.
     """
     check_model(model)
     groups = _as_groups(model, params)
     if speeds is None:
         return _layers_from_groups(model, groups)
+    with_speed = [gi for gi, group in enumerate(groups) if "speed" in group]
+    if with_speed:
+        raise ValueError(
+            f"Param group(s) {with_speed} have a 'speed' key and speeds= is given too; speeds come from one "
+            "place: drop the groups' 'speed' keys, or pass speeds=None to use them"
+        )
     if model is None:
         raise ValueError("model is required to resolve speeds by layer name; pass model=...")
     model = unwrap_model(model)

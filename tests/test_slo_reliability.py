@@ -194,3 +194,16 @@ def test_post_hooks_of_an_unhooked_base_step_are_reported() -> None:
     model(torch.randn(4, 3)).sum().backward()
     with pytest.warns(RuntimeWarning, match="register them on the SLOptimizer"):
         opt.step()
+
+
+@pytest.mark.parametrize("form", ["wrap", "attach"])
+def test_a_group_speed_next_to_speeds_is_refused(form: str) -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    groups = [{"params": model[0].parameters(), "speed": 3.0}, {"params": model[1].parameters()}]
+    with pytest.raises(ValueError, match=r"Param group\(s\) \[0\] have a 'speed' key and speeds= is given too"):
+        _limited(form, torch.optim.SGD(groups, lr=0.1), model, {"*": 1.0})
+    opt, _ = _limited(form, torch.optim.SGD(model[0].parameters(), lr=0.1), model, {"*": 1.0})
+    with pytest.raises(ValueError, match="'speed' key and speeds= is given too"):
+        opt.add_param_group({"params": model[1].parameters(), "speed": 2.0})
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()  # attach() sees the optimizer's groups at its next step
