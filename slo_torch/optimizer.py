@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -225,7 +225,8 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.base_optimizer.state_dict()
-        state_dict[SPEEDS_KEY] = self._limiter.speeds
+        speeds = self._limiter.speeds  # a copy, as torch copies param_groups: editing it changes nothing here
+        state_dict[SPEEDS_KEY] = dict(speeds) if isinstance(speeds, Mapping) else None if speeds is None else list(speeds)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:

@@ -207,3 +207,19 @@ def test_a_group_speed_next_to_speeds_is_refused(form: str) -> None:
         opt.add_param_group({"params": model[1].parameters(), "speed": 2.0})
         model(torch.ones(1, 2)).sum().backward()
         opt.step()  # attach() sees the optimizer's groups at its next step
+
+
+@pytest.mark.parametrize("speeds", [{"0": 2.0, "*": 1.0}, [2.0, 1.0]])
+def test_the_saved_speeds_are_a_copy(speeds: Any) -> None:
+    import copy
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=speeds)
+    saved = opt.state_dict()["slo_speeds"]
+    assert saved == speeds
+    if isinstance(saved, dict):
+        saved["0"] = 99.0
+    else:
+        saved[0] = 99.0
+    assert opt.state_dict()["slo_speeds"] == speeds
+    assert copy.deepcopy(opt).speeds == {"0": 2.0, "1": 1.0}
