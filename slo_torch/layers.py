@@ -210,7 +210,11 @@ def resolve_layers(
         return [Layer(n, tuple(by_layer[n]), resolved.get(n)) for n in names]
     speeds = normalize_speeds(speeds)
     if len(speeds) != len(names):
-        raise ValueError(f"speeds list has {len(speeds)} entries but there are {len(names)} layers: {names}")
+        raise ValueError(
+            f"speeds list has {len(speeds)} entries but there are {len(names)} layers: {names}. A list gives the "
+            "speeds of the optimizer's layers as they are; to add param groups later, give the speeds as a dict "
+            "of layer names or patterns ({name: C} or {'*': C}): set_speeds({...}) first, then add_param_group"
+        )
     return [
         Layer(n, tuple(by_layer[n]), s) for n, s in zip(names, speeds)  # type: ignore[arg-type]
     ]

@@ -223,3 +223,16 @@ def test_the_saved_speeds_are_a_copy(speeds: Any) -> None:
         saved[0] = 99.0
     assert opt.state_dict()["slo_speeds"] == speeds
     assert copy.deepcopy(opt).speeds == {"0": 2.0, "1": 1.0}
+
+
+def test_list_speeds_and_add_param_group_say_how_to_add_layers() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    opt = SLOptimizer(torch.optim.SGD(list(model[:2].parameters()), lr=0.1), model=model, speeds=[1.0, 2.0])
+    how = r"set_speeds\(\{\.\.\.\}\) first, then add_param_group"
+    with pytest.raises(ValueError, match=how):
+        opt.add_param_group({"params": model[2].parameters()})
+    with pytest.raises(ValueError, match=how):
+        opt.set_speeds([1.0, 2.0, 3.0])
+    opt.set_speeds({"0": 1.0, "1": 2.0, "2": 3.0})  # what the message says
+    opt.add_param_group({"params": model[2].parameters()})
+    assert opt.speeds == {"0": 1.0, "1": 2.0, "2": 3.0}
