@@ -210,6 +210,11 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer; its parameters must belong to ``model``."""
         group = dict(param_group)
+        if isinstance(group["params"], set):  # as torch.optim.Optimizer.add_param_group
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but "
+                "the ordering of tensors in sets will change between runs. Please use a list instead."
+            )
         group["params"] = tensor_list(group["params"])
         self._limiter.check_groups(list(self.param_groups) + [dict(self.defaults, **group)])
         self.base_optimizer.add_param_group(group)

@@ -236,3 +236,15 @@ def test_list_speeds_and_add_param_group_say_how_to_add_layers() -> None:
     opt.set_speeds({"0": 1.0, "1": 2.0, "2": 3.0})  # what the message says
     opt.add_param_group({"params": model[2].parameters()})
     assert opt.speeds == {"0": 1.0, "1": 2.0, "2": 3.0}
+
+
+def test_add_param_group_refuses_a_set_as_torch_does() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    plain = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="ordered collections") as torch_error:
+        plain.add_param_group({"params": set(model[1].parameters())})
+    opt = SLOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), model=model, speeds={"*": 1.0})
+    with pytest.raises(TypeError) as error:
+        opt.add_param_group({"params": set(model[1].parameters())})
+    assert str(error.value) == str(torch_error.value)
+    assert len(opt.param_groups) == 1
