@@ -21,6 +21,7 @@ Layers that get no speed are left untouched.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -286,16 +287,27 @@ def _layers_from_groups(model: nn.Module | None, groups: list[Mapping[str, objec
     return layers
 
 
+def _promotion_speed(C: object, where: str) -> float:
+    """``C`` as a float; ``ValueError`` naming ``where`` unless it is finite, > 0, with a finite ``1/C``."""
+    C = check_speed(C, where)
+    if C == 0 or not math.isfinite(1.0 / C):
+        raise ValueError(
+            f"Invalid C for {where}: {C!r}; promotion needs C > 0 with a finite 1/C (the other layers' speed)"
+        )
+    return C
+
+
 def promote(model: nn.Module, layer: str, C: float) -> dict[str, float]:
     """Speeds that promote one layer and throttle the rest: ``{layer: C, "*": 1/C}``.
 
     The paper's recipe (e.g. ``C = 500``: the layer moves at 500, every other layer at 0.002).
-    ``layer`` must name a module of ``model`` with its own parameters, ``C`` must be finite and > 0.
+    ``layer`` must name a module of ``model`` with its own parameters, ``C`` must be finite and > 0
+    with a finite ``1/C``.
     """
     check_model(model)
-    C = check_speed(C, f"promote({layer!r})")
-    if C == 0:
-        raise ValueError("promote() needs C > 0 (the other layers get 1/C)")
+    if not isinstance(layer, str):
+        raise TypeError(f"promote(): layer must be a layer name (a str), got {layer!r}")
+    C = _promotion_speed(C, f"promote({layer!r})")
     model = unwrap_model(model)
     names = list(dict.fromkeys(n for n, _ in _named_owners(model, per_tensor=False).values()))
     if layer not in names:
@@ -309,7 +321,17 @@ def promote_lowest(model: nn.Module, scores: Mapping[str, float], C: float) -> d
     The paper's prototype promotes the layer whose current NFA correlation is lowest; pass e.g.
     ``{name: record.c_nfa for name, record in monitor.measure(X).items()}``. NaN scores are ignored.
     """
-    finite = {name: float(v) for name, v in scores.items() if not math.isnan(float(v))}
+    _promotion_speed(C, "promote_lowest()")
+    values = {}
+    for name, v in scores.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ValueError(
+                f"promote_lowest(): scores[{name!r}] is {v!r}; scores must be numbers (NaN leaves a layer out)"
+            )
+        values[name] = float(v)
+    finite = {name: v for name, v in values.items() if not math.isnan(v)}
     if not finite:
         raise ValueError("promote_lowest() needs at least one non-NaN score, e.g. {layer name: NFA correlation}")
     return promote(model, min(finite, key=finite.__getitem__), C)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from slo_torch import SLOptimizer, attach
+from slo_torch import SLOptimizer, attach, promote, promote_lowest
 
 
 def _limited(form: str, base: torch.optim.Optimizer, model: nn.Module | None, speeds: Any, **kwargs: Any) -> Any:
@@ -248,3 +248,26 @@ def test_add_param_group_refuses_a_set_as_torch_does() -> None:
         opt.add_param_group({"params": set(model[1].parameters())})
     assert str(error.value) == str(torch_error.value)
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda m: promote(m, "0", 1e-320), r"Invalid C for promote\('0'\): 1e-320; .*finite 1/C"),
+    (lambda m: promote(m, "0", 0.0), r"Invalid C for promote\('0'\): 0.0"),
+    (lambda m: promote(m, "0", float("inf")), r"Invalid speed for promote\('0'\): inf"),
+    (lambda m: promote(m, 0, 2.0), r"promote\(\): layer must be a layer name"),
+    (lambda m: promote_lowest(m, {"0": None, "1": 0.1}, 2.0), r"promote_lowest\(\): scores\['0'\] is None"),
+    (lambda m: promote_lowest(m, {"0": "low", "1": 0.1}, 2.0), r"scores\['0'\] is 'low'"),
+    (lambda m: promote_lowest(m, {"0": 0.5, "1": 0.1}, 1e-320), r"Invalid C for promote_lowest\(\): 1e-320"),
+])
+def test_promotion_arguments_are_checked_at_the_call(call: Any, message: str) -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(model)
+
+
+def test_promote_lowest_takes_numpy_and_tensor_scores() -> None:
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    assert promote_lowest(model, {"0": np.float32(0.5), "1": torch.tensor(0.1)}, 4.0) == {"1": 4.0, "*": 0.25}
+    assert promote_lowest(model, {"0": float("nan"), "1": 0.9}, 4.0) == {"1": 4.0, "*": 0.25}
