@@ -3,7 +3,8 @@
 Tensors are assigned to layers by an integer tensor ``layer_index`` (one entry per tensor). All
 per-layer quantities stay on the device: norms come from ``torch._foreach_norm`` per
 (device, dtype) group, are combined per layer with ``index_add_`` and turned into coefficients with
-``torch.where``; nothing here synchronises with the host.
+``torch.where``; nothing here synchronises with the host (on the CPU, where reading a value waits
+for nothing, :func:`layer_sq_norms` reads its float32 norms to find the few it recomputes in double).
 
 * grad mode: ``g <- c_l g`` with ``c_l = C_l / (||g_l||_F + eps)`` (:func:`slo_coefficients`,
   :func:`scale_layers_`; :func:`slo_rescale_` does both for lists of layers);
@@ -34,12 +35,43 @@ def accumulate_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     return torch.float64 if any(dt in (torch.float64, torch.complex128) for dt in dtypes) else torch.float32
 
 
-def _norm_dtype(dt: torch.dtype) -> torch.dtype:
-    """``dtype=`` for ``torch._foreach_norm`` of tensors of ``dt``: double (complex128 for complex tensors).
+def _norm_dtype(dt: torch.dtype, device: torch.device, scaled: bool) -> torch.dtype | None:
+    """``dtype=`` for ``torch._foreach_norm`` of tensors of ``dt`` on ``device`` (None: their own).
 
-    Each element is squared in double, so no float32/float16 value underflows or overflows there.
+    Double (complex128 for complex tensors) on accelerators, where the foreach kernel squares each
+    element in double at no extra cost, and for scaled gradients (``||S g||^2`` cannot overflow). On
+    the CPU that path is an order of magnitude slower: tensors keep their own precision (half
+    precision is accumulated in float32) and :func:`_exact_on_cpu_` redoes the few norms it cannot trust.
     """
-    return torch.complex128 if dt.is_complex else torch.float64
+    if scaled or device.type != "cpu":
+        return torch.complex128 if dt.is_complex else torch.float64
+    return torch.float32 if dt in (torch.float16, torch.bfloat16) else None
+
+
+# A finite float32-accumulated norm at least this large is exact: the element squares that underflow
+# float32 (|x| < 2**-63) add at most numel * 2**-126 to ||t||^2 >= 2**-40, a relative 1.4e-14 for 2**40 elements
+_CPU_TRUSTED_NORM = 2.0**-20
+
+
+def _single_norm(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``||t||`` of one dense or sparse (coalesced values) tensor, accumulated in ``dtype``."""
+    return torch.linalg.vector_norm(t.coalesce()._values() if t.is_sparse else t, dtype=dtype)
+
+
+def _exact_on_cpu_(norms: Tensor, group: Sequence[Tensor]) -> Tensor:
+    """``norms`` of CPU tensors in float32 (or float16/bfloat16) accumulation, with each one that may be
+    inexact (below :data:`_CPU_TRUSTED_NORM`, zero included, or infinite) recomputed in double.
+
+    Reading the values waits for nothing on the CPU. Returns float64 norms.
+    """
+    out = norms.to(torch.float64)
+    if norms.is_meta:
+        return out
+    suspect = ((norms < _CPU_TRUSTED_NORM) | torch.isinf(norms)).nonzero().flatten().tolist()
+    for i in suspect:
+        t = group[i]
+        out[i] = _single_norm(t, torch.complex128 if t.is_complex() else torch.float64)
+    return out
 
 
 def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
@@ -71,12 +103,13 @@ def layer_sq_norms(
 ) -> Tensor:
     """Per-layer sums of squares, in float64: ``s_l = sum_{i: layer_index[i] = l} ||t_i||_F^2``.
 
-    One ``torch._foreach_norm`` per (device, dtype) group, accumulated in double, then a segment sum
-    (``index_add_``) of the squared norms in double on ``device`` (default: the first tensor's). For
-    float32, float16 and bfloat16 tensors (and complex64) every square and sum is exact to double
-    rounding, whatever the scale: the square of any finite float32 norm lies in double's normal
-    range (float32's holds neither ``||t||^2`` below ~1e-19 nor above ~1e19). float64 tensors have
-    double's own range (norms from ~1e-150 to ~1e150). Sparse tensors count their (coalesced)
+    One ``torch._foreach_norm`` per (device, dtype) group, then a segment sum (``index_add_``) of the
+    squared norms in double on ``device`` (default: the first tensor's). Norms are accumulated in
+    double on accelerators; on the CPU in the tensors' own precision (at least float32), and a norm
+    that may have lost precision there (below 2**-20, or infinite) is recomputed in double
+    (:func:`_exact_on_cpu_`). So for float32, float16 and bfloat16 tensors (and complex64) every
+    norm, square and sum is exact, whatever the scale (float32 holds neither ``||t||^2`` below ~1e-38
+    nor above ~3e38); float64 tensors have double's own range (norms from ~1e-150 to ~1e150). Sparse tensors count their (coalesced)
     values. Returns a float64 tensor of shape ``(num_layers,)``; ``layer_index`` lives on ``device``.
     ``grouped`` may pass a precomputed ``_group_tensors_by_device_and_dtype([tensors], True)``.
     ``inv_scale``: the tensors hold ``S t`` (e.g. GradScaler's scaled gradients) and
@@ -92,15 +125,16 @@ def layer_sq_norms(
         grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)  # type: ignore[arg-type]
     single = len(grouped) == 1
     for (dev, dt), ((group,), indices) in grouped.items():
-        norm_dtype = _norm_dtype(dt)
+        norm_dtype = _norm_dtype(dt, torch.device(dev), inv_scale is not None)
         try:
-            norms = torch._foreach_norm(group, 2, dtype=norm_dtype)
+            norms = torch._foreach_norm(group, 2, dtype=norm_dtype) if norm_dtype else torch._foreach_norm(group, 2)
         except (RuntimeError, NotImplementedError):
             if not any(t.is_sparse for t in group):
                 raise
-            norms = [torch.linalg.vector_norm(t.coalesce()._values() if t.is_sparse else t, dtype=norm_dtype)
-                     for t in group]
+            norms = [_single_norm(t, norm_dtype) for t in group]
         stacked = torch.stack(norms)
+        if stacked.dtype != torch.float64:  # the CPU's own-precision norms
+            stacked = _exact_on_cpu_(stacked, group)
         if inv_scale is not None:
             stacked = stacked * to_device(inv_scale, dev, stacked.dtype)
         sq = to_device(stacked, device, torch.float64).square_()

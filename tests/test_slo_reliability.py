@@ -271,3 +271,24 @@ def test_promote_lowest_takes_numpy_and_tensor_scores() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     assert promote_lowest(model, {"0": np.float32(0.5), "1": torch.tensor(0.1)}, 4.0) == {"1": 4.0, "*": 0.25}
     assert promote_lowest(model, {"0": float("nan"), "1": 0.9}, 4.0) == {"1": 4.0, "*": 0.25}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.complex64])
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1e20, 0.0])
+def test_layer_norms_are_exact_at_any_scale(dtype: torch.dtype, scale: float) -> None:
+    from slo_torch import layer_sq_norms, slo_rescale_
+
+    if dtype == torch.float16 and scale not in (1e-3, 0.0):
+        pytest.skip("outside float16's range")
+    torch.manual_seed(0)
+    tensors = [(torch.randn(n, dtype=torch.complex128 if dtype.is_complex else torch.float64) * scale).to(dtype)
+               for n in (300, 7, 50, 1)]
+    index = torch.tensor([0, 0, 1, 1])
+    ref = [sum(float(t.to(torch.complex128 if dtype.is_complex else torch.float64).abs().pow(2).sum())
+               for t in tensors[i:i + 2]) for i in (0, 2)]
+    assert layer_sq_norms(tensors, index, 2).tolist() == pytest.approx(ref, rel=1e-6, abs=0.0)
+    norms = slo_rescale_([tensors[:2], tensors[2:]], [1.0, 2.0])
+    assert norms.tolist() == pytest.approx([math.sqrt(r) for r in ref], rel=1e-6, abs=0.0)
+    if scale:
+        after = [math.sqrt(sum(float(t.abs().double().pow(2).sum()) for t in pair)) for pair in (tensors[:2], tensors[2:])]
+        assert after == pytest.approx([1.0, 2.0], rel=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6)
