@@ -48,7 +48,7 @@ def test_tiny_gradients_are_normalised_exactly(form: str) -> None:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.step()
     for layer, sq in ref.items():
-        assert float(slo.last_grad_norms[layer]) == pytest.approx(math.sqrt(sq), rel=1e-6)
+        assert float(slo.last_grad_norms[layer]) == pytest.approx(math.sqrt(sq), rel=1e-6, abs=0.0)
     for layer, moved in _layer_moves(model, before).items():
         assert moved == pytest.approx(lr * C, rel=1e-5)
 
@@ -68,8 +68,8 @@ def test_tiny_updates_are_rescaled_exactly(form: str) -> None:
     assert 0 < grad_norm < 1e-25
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.step()
-    assert float(slo.last_grad_norms[""]) == pytest.approx(grad_norm, rel=1e-6)
-    assert float(slo.last_update_norms[""]) == pytest.approx(lr * grad_norm, rel=1e-5)
+    assert float(slo.last_grad_norms[""]) == pytest.approx(grad_norm, rel=1e-6, abs=0.0)
+    assert float(slo.last_update_norms[""]) == pytest.approx(lr * grad_norm, rel=1e-5, abs=0.0)
     assert _layer_moves(model, before)[""] == pytest.approx(lr * C, rel=1e-5)
 
 
