@@ -39,9 +39,10 @@ def _norm_dtype(dt: torch.dtype, device: torch.device, scaled: bool) -> torch.dt
     """``dtype=`` for ``torch._foreach_norm`` of tensors of ``dt`` on ``device`` (None: their own).
 
     Double (complex128 for complex tensors) on accelerators, where the foreach kernel squares each
-    element in double at no extra cost, and for scaled gradients (``||S g||^2`` cannot overflow). On
-    the CPU that path is an order of magnitude slower: tensors keep their own precision (half
-    precision is accumulated in float32) and :func:`_exact_on_cpu_` redoes the few norms it cannot trust.
+    element in double in its one pass over the data, and for scaled gradients (``||S g||^2`` cannot
+    overflow). On the CPU that path is an order of magnitude slower (a shared 2-core machine: 20-50x
+    the float32 kernel): tensors keep their own precision (half precision is accumulated in float32)
+    and :func:`_exact_on_cpu_` redoes the few norms it cannot trust.
     """
     if scaled or device.type != "cpu":
         return torch.complex128 if dt.is_complex else torch.float64
@@ -109,8 +110,9 @@ def layer_sq_norms(
     that may have lost precision there (below 2**-20, or infinite) is recomputed in double
     (:func:`_exact_on_cpu_`). So for float32, float16 and bfloat16 tensors (and complex64) every
     norm, square and sum is exact, whatever the scale (float32 holds neither ``||t||^2`` below ~1e-38
-    nor above ~3e38); float64 tensors have double's own range (norms from ~1e-150 to ~1e150). Sparse tensors count their (coalesced)
-    values. Returns a float64 tensor of shape ``(num_layers,)``; ``layer_index`` lives on ``device``.
+    nor above ~3e38); float64 tensors have double's own range (norms from ~1e-150 to ~1e150). Sparse
+    tensors count their (coalesced) values. Returns a float64 tensor of shape ``(num_layers,)``;
+    ``layer_index`` lives on ``device``.
     ``grouped`` may pass a precomputed ``_group_tensors_by_device_and_dtype([tensors], True)``.
     ``inv_scale``: the tensors hold ``S t`` (e.g. GradScaler's scaled gradients) and
     ``1 / S`` is given; the result is ``sum ||t_i||^2 = sum (||S t_i|| / S)^2``, the per-tensor

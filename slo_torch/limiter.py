@@ -156,7 +156,7 @@ class SpeedLimiter:
 
     @property
     def last_update_norms(self) -> dict[str, Tensor]:
-        """``mode="update"``: per-layer norms of the base optimizer's update before rescaling (of the last step taken)."""
+        """``mode="update"``: per-layer norms of the base optimizer's update before rescaling (last step taken)."""
         if self._update_norms is None:
             return {}
         return dict(zip(self._update_norms[0], self._update_norms[1].unbind(0)))
@@ -167,7 +167,8 @@ class SpeedLimiter:
     ) -> Tensor:
         """Per-bin sums of squares (float64) of the whole (unsharded) tensors (of ``tensors * inv_scale``)."""
         plan = self._current()
-        return whole_layer_sq_norms(tensors, bins, plan.num_bins, plan.device, plan.sharding, owners, grouped, inv_scale)
+        return whole_layer_sq_norms(tensors, bins, plan.num_bins, plan.device, plan.sharding, owners, grouped,
+                                    inv_scale)
 
     def _gather(self, plan: Plan) -> tuple[list[Tensor], Tensor, int, list[int] | None]:
         """The gradients present, their bins, how many are limited, their indices (``None``: all)."""

@@ -231,7 +231,8 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
             pre_hook(self)
         state_dict = self.base_optimizer.state_dict()
         speeds = self._limiter.speeds  # a copy, as torch copies param_groups: editing it changes nothing here
-        state_dict[SPEEDS_KEY] = dict(speeds) if isinstance(speeds, Mapping) else None if speeds is None else list(speeds)
+        state_dict[SPEEDS_KEY] = (dict(speeds) if isinstance(speeds, Mapping)
+                                  else None if speeds is None else list(speeds))
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:

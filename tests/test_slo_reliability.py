@@ -290,5 +290,6 @@ def test_layer_norms_are_exact_at_any_scale(dtype: torch.dtype, scale: float) ->
     norms = slo_rescale_([tensors[:2], tensors[2:]], [1.0, 2.0])
     assert norms.tolist() == pytest.approx([math.sqrt(r) for r in ref], rel=1e-6, abs=0.0)
     if scale:
-        after = [math.sqrt(sum(float(t.abs().double().pow(2).sum()) for t in pair)) for pair in (tensors[:2], tensors[2:])]
+        after = [math.sqrt(sum(float(t.abs().double().pow(2).sum()) for t in pair))
+                 for pair in (tensors[:2], tensors[2:])]
         assert after == pytest.approx([1.0, 2.0], rel=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6)
