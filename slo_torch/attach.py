@@ -1,6 +1,7 @@
 """``attach``: Speed Limited Optimization on an existing optimizer, without wrapping it.
 
-Registers a step pre-hook (and, for ``mode="update"``, a post-hook) on the optimizer instance. The
+Registers a step pre-hook (and, for ``mode="update"``, a post-hook that runs before the optimizer's
+other post-hooks, so they see the rescaled step) on the optimizer instance. The
 optimizer object, its class and its checkpoints are unchanged; ``handle.remove()`` undoes it.
 """
 
@@ -26,8 +27,10 @@ class SLOHandle(LimiterReadouts):
         self.limiter = limiter
         self._skipped = False
         self._handles = [optimizer.register_step_pre_hook(self._pre_hook)]
-        if limiter.mode == "update":
-            self._handles.append(optimizer.register_step_post_hook(self._post_hook))
+        if limiter.mode == "update":  # first of the post-hooks, so that the others see the rescaled step
+            post = optimizer.register_step_post_hook(self._post_hook)
+            post.hooks_dict_ref().move_to_end(post.id, last=False)
+            self._handles.append(post)
         optimizer._slo_attached = True  # type: ignore[attr-defined]
 
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:

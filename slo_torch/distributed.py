@@ -183,7 +183,6 @@ def whole_layer_sq_norms(
     bins: Tensor,
     nbins: int,
     device: torch.device,
-    dtype: torch.dtype,
     sharding: Sharding,
     owners: Sequence[int] | None = None,
     grouped: dict | None = None,
@@ -191,19 +190,22 @@ def whole_layer_sq_norms(
 ) -> Tensor:
     """Per-bin sums of squares of whole tensors from their local shards: ``s_b = sum_ranks sum_i ||t_i||^2``.
 
+    In float64, as :func:`~slo_torch.functional.layer_sq_norms`: the all-reduced sums of squares are exact
+    at any scale of float32 (and half precision) shards.
+
     :func:`~slo_torch.functional.layer_sq_norms` of the local tensors, all-reduced per process group.
     ``owners[j]`` is the index (in the sharding's order) of ``tensors[j]`` (default: ``j``). Every rank
     calls the all-reduces, with or without local tensors.
     """
     if not sharding.distributed:
-        return layer_sq_norms(tensors, bins, nbins, device, dtype, grouped, inv_scale)
+        return layer_sq_norms(tensors, bins, nbins, device, grouped, inv_scale)
     members: list[list[int]] = [[] for _ in sharding.groups]
     for j, i in enumerate(owners if owners is not None else range(len(tensors))):
         members[sharding.bucket[i]].append(j)
-    total = torch.zeros(nbins, dtype=dtype, device=device)
+    total = torch.zeros(nbins, dtype=torch.float64, device=device)
     for b, (pgs, js) in enumerate(zip(sharding.groups, members)):
         idx = index_tensor(js, device)
-        sq = layer_sq_norms([tensors[j] for j in js], bins[idx], nbins, device, dtype, inv_scale=inv_scale)
+        sq = layer_sq_norms([tensors[j] for j in js], bins[idx], nbins, device, inv_scale=inv_scale)
         if b:
             all_reduce_sum_(sq, pgs)
         total += sq

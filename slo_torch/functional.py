@@ -3,7 +3,8 @@
 Tensors are assigned to layers by an integer tensor ``layer_index`` (one entry per tensor). All
 per-layer quantities stay on the device: norms come from ``torch._foreach_norm`` per
 (device, dtype) group, are combined per layer with ``index_add_`` and turned into coefficients with
-``torch.where``; nothing here synchronises with the host.
+``torch.where``; nothing here synchronises with the host (on the CPU, where reading a value waits
+for nothing, :func:`layer_sq_norms` reads its float32 norms to find the few it recomputes in double).
 
 * grad mode: ``g <- c_l g`` with ``c_l = C_l / (||g_l||_F + eps)`` (:func:`slo_coefficients`,
   :func:`scale_layers_`; :func:`slo_rescale_` does both for lists of layers);
@@ -33,14 +34,44 @@ def accumulate_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     return torch.float64 if any(dt in (torch.float64, torch.complex128) for dt in dtypes) else torch.float32
 
 
-def _norm_dtype(dt: torch.dtype, acc: torch.dtype, exact: bool) -> torch.dtype | None:
-    """``dtype=`` for ``torch._foreach_norm`` of tensors of ``dt`` (None: their own).
+def _norm_dtype(dt: torch.dtype, device: torch.device, scaled: bool) -> torch.dtype | None:
+    """``dtype=`` for ``torch._foreach_norm`` of tensors of ``dt`` on ``device`` (None: their own).
 
-    ``exact`` (scaled gradients): accumulate in double so that ``||S g||^2`` cannot overflow.
+    Double (complex128 for complex tensors) on accelerators, where the foreach kernel squares each
+    element in double in its one pass over the data, and for scaled gradients (``||S g||^2`` cannot
+    overflow). On the CPU that path is an order of magnitude slower (a shared 2-core machine: 20-50x
+    the float32 kernel): tensors keep their own precision (half precision is accumulated in float32)
+    and :func:`_exact_on_cpu_` redoes the few norms it cannot trust.
     """
-    if exact:
+    if scaled or device.type != "cpu":
         return torch.complex128 if dt.is_complex else torch.float64
-    return acc if dt in (torch.float16, torch.bfloat16) else None
+    return torch.float32 if dt in (torch.float16, torch.bfloat16) else None
+
+
+# A finite float32-accumulated norm at least this large is exact: the element squares that underflow
+# float32 (|x| < 2**-63) add at most numel * 2**-126 to ||t||^2 >= 2**-40, a relative 1.4e-14 for 2**40 elements
+_CPU_TRUSTED_NORM = 2.0**-20
+
+
+def _single_norm(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``||t||`` of one dense or sparse (coalesced values) tensor, accumulated in ``dtype``."""
+    return torch.linalg.vector_norm(t.coalesce()._values() if t.is_sparse else t, dtype=dtype)
+
+
+def _exact_on_cpu_(norms: Tensor, group: Sequence[Tensor]) -> Tensor:
+    """``norms`` of CPU tensors in float32 (or float16/bfloat16) accumulation, with each one that may be
+    inexact (below :data:`_CPU_TRUSTED_NORM`, zero included, or infinite) recomputed in double.
+
+    Reading the values waits for nothing on the CPU. Returns float64 norms.
+    """
+    out = norms.to(torch.float64)
+    if norms.is_meta:
+        return out
+    suspect = ((norms < _CPU_TRUSTED_NORM) | torch.isinf(norms)).nonzero().flatten().tolist()
+    for i in suspect:
+        t = group[i]
+        out[i] = _single_norm(t, torch.complex128 if t.is_complex() else torch.float64)
+    return out
 
 
 def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
@@ -67,44 +98,47 @@ def layer_sq_norms(
     layer_index: Tensor,
     num_layers: int,
     device: torch.device | None = None,
-    dtype: torch.dtype | None = None,
     grouped: dict | None = None,
     inv_scale: Tensor | None = None,
 ) -> Tensor:
-    """Per-layer sums of squares: ``s_l = sum_{i: layer_index[i] = l} ||t_i||_F^2``.
+    """Per-layer sums of squares, in float64: ``s_l = sum_{i: layer_index[i] = l} ||t_i||_F^2``.
 
-    One ``torch._foreach_norm`` per (device, dtype) group, then a segment sum (``index_add_``) on
-    ``device`` (default: the first tensor's). Accumulates in the tensors' own precision, at least
-    float32 (:func:`accumulate_dtype`). Sparse tensors count their (coalesced) values. Returns a
-    tensor of shape ``(num_layers,)``; ``layer_index`` lives on ``device``.
+    One ``torch._foreach_norm`` per (device, dtype) group, then a segment sum (``index_add_``) of the
+    squared norms in double on ``device`` (default: the first tensor's). Norms are accumulated in
+    double on accelerators; on the CPU in the tensors' own precision (at least float32), and a norm
+    that may have lost precision there (below 2**-20, or infinite) is recomputed in double
+    (:func:`_exact_on_cpu_`). So for float32, float16 and bfloat16 tensors (and complex64) every
+    norm, square and sum is exact, whatever the scale (float32 holds neither ``||t||^2`` below ~1e-38
+    nor above ~3e38); float64 tensors have double's own range (norms from ~1e-150 to ~1e150). Sparse
+    tensors count their (coalesced) values. Returns a float64 tensor of shape ``(num_layers,)``;
+    ``layer_index`` lives on ``device``.
     ``grouped`` may pass a precomputed ``_group_tensors_by_device_and_dtype([tensors], True)``.
     ``inv_scale``: the tensors hold ``S t`` (e.g. GradScaler's scaled gradients) and
-    ``1 / S`` is given; the result is ``sum ||t_i||^2 = sum (||S t_i|| / S)^2``, with the per-tensor
-    norms taken in double and unscaled before squaring, so it is finite whenever the unscaled one is.
+    ``1 / S`` is given; the result is ``sum ||t_i||^2 = sum (||S t_i|| / S)^2``, the per-tensor
+    norms unscaled before squaring, so it is finite whenever the unscaled one is.
     """
     if device is None:
         device = layer_index.device
-    if dtype is None:
-        dtype = accumulate_dtype(t.dtype for t in tensors)
-    out = torch.zeros(num_layers, dtype=dtype, device=device)
+    out = torch.zeros(num_layers, dtype=torch.float64, device=device)
     if not tensors:
         return out
     if grouped is None:
         grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)  # type: ignore[arg-type]
     single = len(grouped) == 1
     for (dev, dt), ((group,), indices) in grouped.items():
-        norm_dtype = _norm_dtype(dt, dtype, inv_scale is not None)
+        norm_dtype = _norm_dtype(dt, torch.device(dev), inv_scale is not None)
         try:
             norms = torch._foreach_norm(group, 2, dtype=norm_dtype) if norm_dtype else torch._foreach_norm(group, 2)
         except (RuntimeError, NotImplementedError):
             if not any(t.is_sparse for t in group):
                 raise
-            norms = [torch.linalg.vector_norm(t.coalesce()._values() if t.is_sparse else t, dtype=norm_dtype)
-                     for t in group]
+            norms = [_single_norm(t, norm_dtype) for t in group]
         stacked = torch.stack(norms)
+        if stacked.dtype != torch.float64:  # the CPU's own-precision norms
+            stacked = _exact_on_cpu_(stacked, group)
         if inv_scale is not None:
             stacked = stacked * to_device(inv_scale, dev, stacked.dtype)
-        sq = to_device(stacked, device, dtype).square_()
+        sq = to_device(stacked, device, torch.float64).square_()
         idx = layer_index if single else layer_index[index_tensor(indices, device)]
         out.index_add_(0, idx, sq)
     return out
@@ -188,8 +222,8 @@ def slo_rescale_(
     """Rescale each layer's tensors jointly to norm ``C_l``: ``t <- C_l * t / (||t_l||_F + eps)``.
 
     ``layers[l]`` is a tensor or a list of tensors (e.g. the gradients of a weight and its bias);
-    a layer of norm zero is left at zero. Returns the pre-rescaling norms ``||t_l||_F``, shape
-    ``(len(layers),)``. No host synchronisation.
+    a layer of norm zero is left at zero. Returns the pre-rescaling norms ``||t_l||_F`` (float64, see
+    :func:`layer_sq_norms`), shape ``(len(layers),)``. No host synchronisation.
     """
     flat: list[Tensor] = []
     index: list[int] = []
@@ -205,5 +239,6 @@ def slo_rescale_(
     speed_t = to_device(torch.as_tensor(speeds, dtype=norms.dtype), device)
     if speed_t.shape != norms.shape:
         raise ValueError(f"speeds has {speed_t.numel()} entries, expected one per layer ({len(layers)})")
-    scale_layers_(flat, layer_index, slo_coefficients(norms, speed_t, eps))
+    coefficients = slo_coefficients(norms, speed_t, eps).to(accumulate_dtype(t.dtype for t in flat))
+    scale_layers_(flat, layer_index, coefficients)
     return norms

@@ -21,6 +21,7 @@ Layers that get no speed are left untouched.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -34,7 +35,6 @@ from .checks import check_model, check_speed
 __all__ = ["Layer", "resolve_layers", "promote", "promote_lowest", "pattern_specificity",
            "normalize_speeds", "unwrap_model"]
 
-_WILDCARDS = "*?["
 
 SpeedSpec = Mapping[str, float] | Sequence[float | None] | None
 
@@ -84,11 +84,29 @@ def normalize_speeds(speeds: SpeedSpec) -> SpeedSpec:
 def pattern_specificity(pattern: str) -> tuple[int, int, int]:
     """Rank of a pattern; the larger tuple is the more specific.
 
-    ``(exact, literal characters, -wildcards)``: a name without wildcards (``* ? [``) beats any glob;
-    among globs, more literal text wins, then fewer wildcards. ``"*"`` is therefore the least specific.
+    ``(exact, literal characters, -wildcards)``: a name without wildcards (``*``, ``?``, a bracket
+    expression ``[...]``) beats any glob; among globs, more literal text wins, then fewer wildcards.
+    ``"*"`` is therefore the least specific. A bracket expression is one wildcard, not literal text; a
+    ``[`` without its ``]`` is a literal character, as in :func:`fnmatch.fnmatchcase`.
     """
-    wildcards = sum(pattern.count(c) for c in _WILDCARDS)
-    literal = len(pattern) - wildcards
+    wildcards = literal = 0
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c in "*?":
+            wildcards += 1
+        elif c == "[":
+            j = i + 1 if i < n and pattern[i] == "!" else i
+            j = j + 1 if j < n and pattern[j] == "]" else j  # a "]" first in the set is a member
+            end = pattern.find("]", j)
+            if end < 0:
+                literal += 1
+            else:
+                wildcards += 1
+                i = end + 1
+        else:
+            literal += 1
     return (int(wildcards == 0), literal, -wildcards)
 
 
@@ -168,12 +186,18 @@ def resolve_layers(
     (dicts with ``"params"``; needed when ``speeds`` is ``None`` and the groups carry ``"speed"``).
     Returns every layer in model order, ``speed=None`` where no speed applies.
     Raises ``ValueError`` for a parameter that is not in ``model``, a pattern that matches no layer,
-    a list of the wrong length, or a negative/NaN/inf speed.
+    a list of the wrong length, a negative/NaN/inf speed, or a group ``"speed"`` key next to ``speeds``.
     """
     check_model(model)
     groups = _as_groups(model, params)
     if speeds is None:
         return _layers_from_groups(model, groups)
+    with_speed = [gi for gi, group in enumerate(groups) if "speed" in group]
+    if with_speed:
+        raise ValueError(
+            f"Param group(s) {with_speed} have a 'speed' key and speeds= is given too; speeds come from one "
+            "place: drop the groups' 'speed' keys, or pass speeds=None to use them"
+        )
     if model is None:
         raise ValueError("model is required to resolve speeds by layer name; pass model=...")
     model = unwrap_model(model)
@@ -187,7 +211,11 @@ def resolve_layers(
         return [Layer(n, tuple(by_layer[n]), resolved.get(n)) for n in names]
     speeds = normalize_speeds(speeds)
     if len(speeds) != len(names):
-        raise ValueError(f"speeds list has {len(speeds)} entries but there are {len(names)} layers: {names}")
+        raise ValueError(
+            f"speeds list has {len(speeds)} entries but there are {len(names)} layers: {names}. A list gives the "
+            "speeds of the optimizer's layers as they are; to add param groups later, give the speeds as a dict "
+            "of layer names or patterns ({name: C} or {'*': C}): set_speeds({...}) first, then add_param_group"
+        )
     return [
         Layer(n, tuple(by_layer[n]), s) for n, s in zip(names, speeds)  # type: ignore[arg-type]
     ]
@@ -259,16 +287,27 @@ def _layers_from_groups(model: nn.Module | None, groups: list[Mapping[str, objec
     return layers
 
 
+def _promotion_speed(C: object, where: str) -> float:
+    """``C`` as a float; ``ValueError`` naming ``where`` unless it is finite, > 0, with a finite ``1/C``."""
+    C = check_speed(C, where)
+    if C == 0 or not math.isfinite(1.0 / C):
+        raise ValueError(
+            f"Invalid C for {where}: {C!r}; promotion needs C > 0 with a finite 1/C (the other layers' speed)"
+        )
+    return C
+
+
 def promote(model: nn.Module, layer: str, C: float) -> dict[str, float]:
     """Speeds that promote one layer and throttle the rest: ``{layer: C, "*": 1/C}``.
 
     The paper's recipe (e.g. ``C = 500``: the layer moves at 500, every other layer at 0.002).
-    ``layer`` must name a module of ``model`` with its own parameters, ``C`` must be finite and > 0.
+    ``layer`` must name a module of ``model`` with its own parameters, ``C`` must be finite and > 0
+    with a finite ``1/C``.
     """
     check_model(model)
-    C = check_speed(C, f"promote({layer!r})")
-    if C == 0:
-        raise ValueError("promote() needs C > 0 (the other layers get 1/C)")
+    if not isinstance(layer, str):
+        raise TypeError(f"promote(): layer must be a layer name (a str), got {layer!r}")
+    C = _promotion_speed(C, f"promote({layer!r})")
     model = unwrap_model(model)
     names = list(dict.fromkeys(n for n, _ in _named_owners(model, per_tensor=False).values()))
     if layer not in names:
@@ -282,7 +321,17 @@ def promote_lowest(model: nn.Module, scores: Mapping[str, float], C: float) -> d
     The paper's prototype promotes the layer whose current NFA correlation is lowest; pass e.g.
     ``{name: record.c_nfa for name, record in monitor.measure(X).items()}``. NaN scores are ignored.
     """
-    finite = {name: float(v) for name, v in scores.items() if not math.isnan(float(v))}
+    _promotion_speed(C, "promote_lowest()")
+    values = {}
+    for name, v in scores.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ValueError(
+                f"promote_lowest(): scores[{name!r}] is {v!r}; scores must be numbers (NaN leaves a layer out)"
+            )
+        values[name] = float(v)
+    finite = {name: v for name, v in values.items() if not math.isnan(v)}
     if not finite:
         raise ValueError("promote_lowest() needs at least one non-NaN score, e.g. {layer name: NFA correlation}")
     return promote(model, min(finite, key=finite.__getitem__), C)

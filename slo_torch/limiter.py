@@ -71,8 +71,8 @@ class SpeedLimiter:
         self.per_tensor = bool(per_tensor)
         self.nonfinite_steps = 0
         self.taken_steps = 0
-        self._norms: Tensor | None = None
-        self._update_norms: Tensor | None = None
+        self._norms: tuple[tuple[str, ...], Tensor] | None = None  # (layer names, norms) of the last step taken
+        self._update_norms: tuple[tuple[str, ...], Tensor] | None = None
         self._snapshot: _Snapshot | None = None
         self._reset_plan(None)
         self.refresh()
@@ -149,25 +149,26 @@ class SpeedLimiter:
         """Per-layer gradient norms ``||g_l||_F`` (before normalisation) of the last step taken, 0-dim tensors.
 
         A skipped step (non-finite gradient, GradScaler overflow) leaves them unchanged; ``taken_steps``
-        counts the steps they can belong to.
+        counts the steps they can belong to. The layers are those limited at that step (the limited
+        layers can change since: ``set_speeds``, ``add_param_group``, ``load_state_dict``).
         """
-        return {} if self._norms is None else dict(zip(self._current().layer_names, self._norms.unbind(0)))
+        return {} if self._norms is None else dict(zip(self._norms[0], self._norms[1].unbind(0)))
 
     @property
     def last_update_norms(self) -> dict[str, Tensor]:
-        """``mode="update"``: per-layer norms of the base optimizer's update before rescaling."""
+        """``mode="update"``: per-layer norms of the base optimizer's update before rescaling (last step taken)."""
         if self._update_norms is None:
             return {}
-        return dict(zip(self._current().layer_names, self._update_norms.unbind(0)))
+        return dict(zip(self._update_norms[0], self._update_norms[1].unbind(0)))
 
     def _sq_norms(
         self, tensors: list[Tensor], bins: Tensor, owners: list[int] | None, grouped: dict | None = None,
         inv_scale: Tensor | None = None,
     ) -> Tensor:
-        """Per-bin sums of squares of the whole (unsharded) tensors (of ``tensors * inv_scale``)."""
+        """Per-bin sums of squares (float64) of the whole (unsharded) tensors (of ``tensors * inv_scale``)."""
         plan = self._current()
-        return whole_layer_sq_norms(tensors, bins, plan.num_bins, plan.device, plan.dtype, plan.sharding, owners,
-                                    grouped, inv_scale)
+        return whole_layer_sq_norms(tensors, bins, plan.num_bins, plan.device, plan.sharding, owners, grouped,
+                                    inv_scale)
 
     def _gather(self, plan: Plan) -> tuple[list[Tensor], Tensor, int, list[int] | None]:
         """The gradients present, their bins, how many are limited, their indices (``None``: all)."""
@@ -221,13 +222,13 @@ class SpeedLimiter:
         if not self._may_step(sq, found_inf):
             return False
         norms = sq[:-1].sqrt()
-        self._norms = norms
+        self._norms = (plan.layer_names, norms)
         self.taken_steps += 1
         limited, limited_bins = grads[:n_lim], (plan.limited_bins if keep is None else bins[:n_lim])
         if self.mode == "update":
             self._take_snapshot(n_lim, keep, limited_bins)
         elif n_lim:  # no limited layer has a gradient: nothing to rescale
-            scale_layers_(limited, limited_bins, slo_coefficients(norms, plan.speeds, self.eps),
+            scale_layers_(limited, limited_bins, slo_coefficients(norms, plan.speeds, self.eps).to(plan.dtype),
                           self._coefficient_buffer(limited, keep))
         return True
 
@@ -293,9 +294,9 @@ class SpeedLimiter:
         if snap.params:
             torch._foreach_sub_(snap.params, snap.old)  # params = p_new - p_old
         norms = self._sq_norms(snap.params, snap.bins, snap.owners)[:-1].sqrt_()
-        self._update_norms = norms
+        self._update_norms = (self._current().layer_names, norms)
         if snap.params:
-            k = slo_coefficients(norms, self._layer_step_sizes(), self.eps)
+            k = slo_coefficients(norms, self._layer_step_sizes(), self.eps).to(self._current().dtype)
             rescale_updates_(snap.params, snap.old, snap.bins, k, self._coefficient_buffer(snap.params, snap.owners))
 
     def skip_all_grads(self) -> None:

@@ -17,7 +17,7 @@ objects, as timm's Lookahead does), so LR schedulers, ``GradScaler``, accelerate
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -180,15 +180,14 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
             setattr(base, name, self.__dict__[name])
         try:
             if closure is None:
-                result = base_step(base, None)
+                result = base_step(base, None, self._limiter.after_step)
             else:
-                base_step(base, replay_first(closure, loss))
+                base_step(base, replay_first(closure, loss), self._limiter.after_step)
                 result = loss
         finally:
             for name in forwarded:
                 if name in base.__dict__:
                     delattr(base, name)
-        self._limiter.after_step()
         return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -198,6 +197,11 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer; its parameters must belong to ``model``."""
         group = dict(param_group)
+        if isinstance(group["params"], set):  # as torch.optim.Optimizer.add_param_group
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but "
+                "the ordering of tensors in sets will change between runs. Please use a list instead."
+            )
         group["params"] = tensor_list(group["params"])
         self._limiter.check_groups(list(self.param_groups) + [dict(self.defaults, **group)])
         self.base_optimizer.add_param_group(group)
@@ -213,7 +217,9 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.base_optimizer.state_dict()
-        state_dict[SPEEDS_KEY] = self._limiter.speeds
+        speeds = self._limiter.speeds  # a copy, as torch copies param_groups: editing it changes nothing here
+        state_dict[SPEEDS_KEY] = (dict(speeds) if isinstance(speeds, Mapping)
+                                  else None if speeds is None else list(speeds))
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:

@@ -28,8 +28,11 @@ UNLIMITED = "<parameters without a speed>"  # the name of the extra bin in messa
 
 
 def group_signature(groups: Sequence[Mapping[str, Any]]) -> tuple[Any, ...]:
-    """What identifies a list of param groups for the plan: each group's params list, its length and speed."""
-    return tuple((id(g["params"]), len(g["params"]), g.get("speed")) for g in groups)
+    """What identifies a list of param groups for the plan: each group's parameters (identities) and speed.
+
+    A parameter replaced in place (``group["params"][i] = new``, which torch's optimizers accept) changes it.
+    """
+    return tuple((tuple(map(id, g["params"])), g.get("speed")) for g in groups)
 
 
 @dataclass(frozen=True)

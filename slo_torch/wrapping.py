@@ -41,16 +41,29 @@ def check_unambiguous(
         )
 
 
-def base_step(base: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:
+def base_step(
+    base: torch.optim.Optimizer, closure: Callable[[], Any] | None, after: Callable[[], None] | None = None
+) -> Any:
     """``base.step(closure)`` without the global step hooks, which the wrapper's step already ran.
 
     ``torch.optim.Optimizer`` wraps every ``step`` to run the global hooks, then the instance's; the
     wrapped function is called here with the base's own hooks around it, as torch's wrapper does.
+    ``after`` runs between the step and the base's post-hooks, so that they see the parameters it leaves
+    (update mode's rescaling). Where the base's ``step`` is not torch's hook wrapper (replaced after
+    construction), its post-hooks cannot run after ``after``: a ``RuntimeWarning`` says so if it has any.
     """
     step = type(base).step
     inner = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
     if inner is None:  # not torch's hook wrapper (a subclass replaced it): step as it says
-        return base.step() if closure is None else base.step(closure)
+        out = base.step() if closure is None else base.step(closure)
+        if after is not None:
+            if getattr(base, "_optimizer_step_post_hooks", None):
+                warnings.warn(
+                    f"{type(base).__name__}.step is not torch's hooked step, so its step post-hooks cannot run after "
+                    "the update-mode rescaling (they ran inside it, on the un-limited parameters, or not at all); "
+                    "register them on the SLOptimizer", RuntimeWarning, stacklevel=4)
+            after()
+        return out
     if hasattr(base.step, "_wrapped_by_lr_sched"):  # an LR scheduler of the base tracks its steps
         base._opt_called = True  # type: ignore[attr-defined]
     args: tuple[Any, ...] = (base,) if closure is None else (base, closure)
@@ -62,6 +75,8 @@ def base_step(base: torch.optim.Optimizer, closure: Callable[[], Any] | None) ->
                 raise RuntimeError(f"{pre_hook} must return None or a tuple of (new_args, new_kwargs), got {result}")
             args, kwargs = result
     out = inner(*args, **kwargs)
+    if after is not None:
+        after()
     for post_hook in base._optimizer_step_post_hooks.values():
         post_hook(base, args, kwargs)
     return out

@@ -44,6 +44,7 @@ COMMON = textwrap.dedent("""
 """)
 
 WRAPPERS = ("ddp", "fsdp2", "fsdp1_auto", "fsdp1_root", "fsdp1_no_shard", "dtensor_partial")
+TINY_LOSS_SCALE = 1e-30
 
 WORKER = COMMON + textwrap.dedent("""
     import os, sys
@@ -141,6 +142,15 @@ WORKER = COMMON + textwrap.dedent("""
         norms, params, sharded, local = train("fsdp1_root", kind, mode, head=True)
         results[("fsdp1_root_head", name)] = (norms, params)
         results[("fsdp1_root_head", name, "local_grads")] = local
+    # float32 gradients near 1e-31, whose squares underflow float32: the shards' sums of squares must not
+    tiny = make_model().float()
+    for layer in (tiny[0], tiny[2], tiny[4]):
+        fully_shard(layer)
+    fully_shard(tiny)
+    opt = SLOptimizer(torch.optim.SGD(tiny.parameters(), lr=0.1), model=tiny, speeds={"*": 1.0})
+    (TINY_LOSS_SCALE * ((tiny(xs.float()) - ys.float()) ** 2).mean()).backward()
+    opt.step()
+    results["fsdp2_tiny_norms"] = {k: float(v) for k, v in opt.last_grad_norms.items()}
     flat = FSDP(make_model(), use_orig_params=False, device_id=torch.device("cpu"))
     results["flat_error"] = error_of(lambda: SLOptimizer(make_optimizer("sgd", flat.parameters()), model=flat,
                                                          speeds={"*": 1.0}))
@@ -158,7 +168,7 @@ def worker_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("slo_dist")
     script, out = tmp / "worker.py", tmp / "results.pt"
     port = str(free_port())
-    script.write_text(f"WRAPPERS = {WRAPPERS!r}\n" + WORKER)
+    script.write_text(f"WRAPPERS = {WRAPPERS!r}\nTINY_LOSS_SCALE = {TINY_LOSS_SCALE!r}\n" + WORKER)
     run_ranks(lambda rank: [str(script), str(rank), "2", port, str(out), repr(CONFIGS), repr(SPEEDS), str(STEPS)],
               timeout=150)
     return [torch.load(f"{out}.{rank}") for rank in range(2)]
@@ -214,3 +224,17 @@ def test_fsdp1_setups_that_cannot_give_whole_tensor_norms_are_refused(worker_res
     results = worker_results[0]
     assert "use_orig_params=True" in results["flat_error"]
     assert "pass the FSDP-wrapped model as model=" in results["no_model_error"]
+
+
+def test_tiny_sharded_gradients_have_exact_whole_layer_norms(worker_results: list) -> None:
+    namespace: dict = {}
+    exec(COMMON, namespace)
+    model = namespace["make_model"]().float()
+    x, y = namespace["make_data"]()
+    (TINY_LOSS_SCALE * ((model(x.float()) - y.float()) ** 2).mean()).backward()
+    ref = {}
+    for n, p in model.named_parameters():
+        ref[n.rsplit(".", 1)[0]] = ref.get(n.rsplit(".", 1)[0], 0.0) + float(p.grad.double().pow(2).sum())
+    assert max(ref.values()) < 1e-50  # squares far below float32's range
+    for results in worker_results:
+        assert results["fsdp2_tiny_norms"] == pytest.approx({k: v ** 0.5 for k, v in ref.items()}, rel=1e-5, abs=0.0)

@@ -801,6 +801,7 @@ def test_failed_load_state_dict_leaves_the_optimizer_unchanged() -> None:
     assert state_equal(opt.state_dict(), before) and opt.speeds == {"0.weight": 2.0, "0.bias": 2.0}
     bad = copy.deepcopy(before)
     bad["slo_speeds"] = {"nope": 1.0}
+    bad["param_groups"] = [{k: v for k, v in g.items() if k != "speed"} for g in bad["param_groups"]]
     with pytest.raises(ValueError, match="match no layer"):
         opt.load_state_dict(bad)
     assert state_equal(opt.state_dict(), before)
