@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 import warnings
 
@@ -241,3 +242,27 @@ def test_cuda_step_with_a_unit_synchronises_with_the_host_once(unit: str, mode: 
             torch.cuda.set_sync_debug_mode("default")
         syncs += sum("synchroniz" in str(w.message) for w in caught) if i else 0
     assert syncs <= 3
+
+
+@pytest.mark.parametrize("base, unit", [("momentum SGD", "relative"), ("AdamW", "rms")])
+def test_resume_from_a_checkpoint_is_bit_identical(base: str, unit: str) -> None:
+    def run(steps: int, checkpoint: dict | None = None) -> tuple[nn.Module, dict]:
+        model, x, y = make()
+        opt = SLOptimizer(BASES[base](model.parameters()), model=model, speeds=SPEEDS, speed_unit=unit)
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            opt.load_state_dict(checkpoint["opt"])
+        for _ in range(steps):
+            opt.zero_grad()
+            backward(model, x, y)
+            opt.step()
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+        buffer.seek(0)
+        return model, torch.load(buffer, weights_only=True)
+
+    straight, _ = run(6)
+    _, checkpoint = run(3)
+    assert checkpoint["opt"]["slo_speed_unit"] == unit
+    resumed, _ = run(3, checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), straight.parameters()))
