@@ -67,10 +67,12 @@ def attach(
     optimizer: torch.optim.Optimizer,
     model: nn.Module | None,
     speeds: SpeedSpec,
-    mode: str = "grad",
+    mode: str = "auto",
     slo_eps: float = 0.0,
     per_tensor: bool = False,
     on_nonfinite: str = "skip",
+    *,
+    speed_unit: str = "frobenius",
 ) -> SLOHandle:
     """Speed-limit ``optimizer`` in place: ``g_l <- C_l g_l / (||g_l||_F + slo_eps)`` before each step.
 
@@ -78,6 +80,7 @@ def attach(
     A non-finite gradient sets every gradient to ``None`` so the step changes neither parameters nor
     (for ``torch.optim`` optimizers) their state.
     Closures are not supported. Returns a handle; ``handle.remove()`` restores plain steps.
+    ``speed_unit`` sets the target step norm ``lr * C_l * u_l`` as in :class:`SLOptimizer`.
     """
     from .optimizer import SLOptimizer
 
@@ -92,5 +95,5 @@ def attach(
             "This optimizer is wrapped by an SLOptimizer, which speed-limits it already; step the "
             "SLOptimizer, or attach() to a plain optimizer"
         )
-    limiter = SpeedLimiter(optimizer, model, speeds, mode, slo_eps, per_tensor, on_nonfinite)
+    limiter = SpeedLimiter(optimizer, model, speeds, mode, slo_eps, per_tensor, on_nonfinite, speed_unit)
     return SLOHandle(optimizer, limiter)

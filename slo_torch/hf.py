@@ -2,7 +2,7 @@
 
     trainer = Trainer(model, args, ..., optimizer_cls_and_kwargs=(SLOptimizer, dict(
         base_optimizer=torch.optim.AdamW, model=model, speeds=promote(model, "layer", 10.0),
-        mode="update", lr=3e-4)))
+        lr=3e-4)))   # mode="auto": "update" for AdamW
 
     SLOCallback().add_to(trainer)
 

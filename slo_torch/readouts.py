@@ -19,8 +19,13 @@ class LimiterReadouts:
 
     @property
     def mode(self) -> str:
-        """``"grad"`` or ``"update"``."""
+        """``"grad"`` or ``"update"``: the mode in force (``"auto"`` resolved for the optimizer's class)."""
         return self._limiter.mode
+
+    @property
+    def speed_unit(self) -> str:
+        """``"frobenius"``, ``"rms"`` or ``"relative"``: each layer's target step norm is ``lr * C_l * u_l``."""
+        return self._limiter.speed_unit
 
     @property
     def layer_names(self) -> list[str]:
