@@ -24,7 +24,7 @@ from .memory import check_memory
 from .nfa import CORRELATIONS, nfa_summary
 from .output_layer import ESTIMATOR as ANALYTIC, output_layer_memory, output_layer_summary
 from .probe import OutputFn
-from .ptk import ptk_sums_all_ranks
+from .ptk import grouped_sums
 from .records import LayerRecord
 from .settings import EstimatorSettings
 from .sharded import check_lockstep, check_supported, full_weight, is_sharded
@@ -81,8 +81,11 @@ class NFAMonitor:
     recompiling it.
     Under ``torch.distributed`` every rank must call ``measure()`` with its own probe shard. FSDP2
     (``fully_shard``) models are supported (see :mod:`diagnostics.sharded`), FSDP1 ones refused.
-    Layers with ``k`` or ``d`` above ``max_k``, or an estimated total (``memory_estimate``, see
-    :func:`diagnostics.ptk.measure_memory`) above ``max_memory`` bytes, are refused up front.
+    Layers with ``k`` or ``d`` above ``max_k`` are refused up front. With ``max_memory`` (bytes) the layers
+    are measured in the fewest groups of consecutive layers that fit it (``groups``; see
+    :func:`diagnostics.memory.layer_groups`), each group with its own forward and VJP passes over the probe
+    and the same sketch vectors, so the records equal those of one group; a layer that does not fit alone
+    is refused. ``K`` of an earlier group on an accelerator is then kept (``last_K``) on the CPU.
     """
 
     def __init__(
@@ -110,8 +113,9 @@ class NFAMonitor:
         self.max_k = max_k
         wide = {n: a for n, a in self.adapters.items() if _maybe_output_layer(a, max_k) and n not in self.blocks}
         #: Bytes of the k x k / d x d matrices one ``measure()`` allocates, per layer and ``"total"``
-        #: (with ``keep_matrices=True``; see :func:`diagnostics.ptk.measure_memory`).
-        self.memory_estimate = check_memory(
+        #: (with ``keep_matrices=True``; see :func:`diagnostics.ptk.measure_memory`; ``"total"``: the largest
+        #: group). ``groups``: the layers measured together, one group after another.
+        self.memory_estimate, self.groups = check_memory(
             {n: a for n, a in self.adapters.items() if n not in wide}, max_k, max_memory,
             analytic={n: output_layer_memory(a.k, a.d, work_dtype(a).itemsize, agop_power, True) for n, a in wide.items()},
             keep_matrices=True, agop_power=agop_power, world_size=distributed.world_size(process_group),
@@ -163,18 +167,24 @@ class NFAMonitor:
             step = len(self.history)
         self.last_K = {}  # the previous K are not kept alive while the new ones are summed
         check_lockstep(self.model, probe_inputs, self.process_group)
-        sums, counts = ptk_sums_all_ranks(
-            self.model, self._hooks, probe_inputs, settings, process_group=self.process_group,
+        passes = grouped_sums(
+            self.model, self._hooks, probe_inputs, settings, self.groups, process_group=self.process_group,
             analytic_outputs=True, max_k=self.max_k,
         )
         records: dict[str, LayerRecord] = {}
-        for name, adapter in self.adapters.items():
-            # FSDP2: one layer's full W (and W_0) at a time, gathered on every rank
-            W = full_weight(adapter.weight_matrix().detach()).to(work_dtype(adapter))
-            W0 = full_weight(self.W0[name])
-            # not in sums: the layer's output is the model output, K = I (formed only if it fits max_k)
-            K = covariance_from_sums(sums, counts, name, adapter) if name in sums else None
-            records.update(self._layer_records(name, W, W0, K, settings, step, counts[name], keep_matrices))
+        for i, (group, (sums, counts)) in enumerate(zip(self.groups, passes)):
+            for name in group:
+                adapter = self.adapters[name]
+                # FSDP2: one layer's full W (and W_0) at a time, gathered on every rank
+                W = full_weight(adapter.weight_matrix().detach()).to(work_dtype(adapter))
+                W0 = full_weight(self.W0[name])
+                # not in sums: the layer's output is the model output, K = I (formed only if it fits max_k)
+                K = covariance_from_sums(sums, counts, name, adapter) if name in sums else None
+                records.update(self._layer_records(name, W, W0, K, settings, step, counts[name], keep_matrices))
+            if i < len(self.groups) - 1:  # K of finished groups leave an accelerator
+                self.last_K.update({n: K.cpu() for n, K in self.last_K.items()})
+        order = [r for name in self.adapters for r in (name, *(f for f, _ in self.blocks.get(name, [])))]
+        records = {r: records[r] for r in order}
         self.history.append(records)
         return records
 

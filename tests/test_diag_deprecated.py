@@ -68,7 +68,6 @@ def test_estimator_options_one_by_one_are_checked_like_arguments() -> None:
 @pytest.mark.parametrize(("module", "name", "home"), [
     ("diagnostics.engine", "BATCHED_VJP", "diagnostics.vjps"),
     ("diagnostics.engine", "LayerAdapter", "diagnostics.layers"),
-    ("diagnostics.ptk", "ADD_BLOCK", "diagnostics.kernel"),
     ("diagnostics.ptk", "format_bytes", "diagnostics.layers"),
     ("diagnostics.ptk", "summary_memory", "diagnostics.nfa"),
     ("diagnostics.io", "full_weight", "diagnostics.sharded"),
