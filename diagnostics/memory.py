@@ -30,7 +30,6 @@ class _LayerCost:
     convert: int  # the sum and the unpacked K together
     kept: int  # K (and kept blocks / NFA matrices) kept after the layer is summarised
     after: int  # K, its blocks and the NFA temporaries while the layer is summarised
-    on_host: bool  # the layer's device is the CPU (its kept K stays in the memory the budget counts)
 
 
 def _layer_cost(
@@ -57,24 +56,23 @@ def _layer_cost(
         convert=acc + K_bytes + acc_item * band,  # the packed sum, the new K and one divided band
         kept=K_bytes + block_bytes + kept_nfa,
         after=K_bytes + block_bytes + temps,  # temps include this record's kept nfm/agop
-        on_host=w.device.type == "cpu",
     )
 
 
-def _peak(costs: list[_LayerCost], world_size: int, kept_before: int = 0) -> int:
-    """Peak bytes of measuring the layers of ``costs`` in one group while ``kept_before`` bytes of earlier
-    groups' ``K`` are held."""
+def _peak(costs: list[_LayerCost], world_size: int, with_kept: bool = True) -> int:
+    """Peak bytes of measuring the layers of ``costs`` in one group; ``with_kept=False`` leaves out the ``K``
+    (and kept matrices) of layers already summarised, the results of the measurement."""
     if not costs:
-        return kept_before
+        return 0
     acc = [c.acc for c in costs]
     scratch = {c.scratch_key: c.scratch for c in costs}
     sums_phase = sum(acc) * (2 if world_size > 1 else 1) + sum(scratch.values()) + max(c.cast for c in costs)
     # layer i is summarised while K (and kept matrices) of earlier layers and sums of later ones live
     layer_phase = max(
-        sum(c.kept for c in costs[:i]) + sum(acc[i + 1 :]) + max(costs[i].convert, costs[i].after)
+        with_kept * sum(c.kept for c in costs[:i]) + sum(acc[i + 1 :]) + max(costs[i].convert, costs[i].after)
         for i in range(len(costs))
     )
-    return kept_before + max(sums_phase, layer_phase)
+    return max(sums_phase, layer_phase)
 
 
 def _costs(
@@ -123,49 +121,46 @@ def layer_groups(
     blocks: dict[str, list[int]] | None = None,
 ) -> tuple[list[list[str]], int]:
     """The fewest groups of consecutive layers whose measurements, one group after another (each its own
-    forward and VJP passes), each fit ``max_memory`` bytes, and the peak of the largest, in bytes of
-    matrices (as :func:`measure_memory`). A group fits when its peak plus ``PASS_BYTES`` (one block of VJP
-    results) is at most ``max_memory``; its peak includes the ``K`` kept from earlier groups of layers on
-    the CPU (those of other devices are moved to the host after their group). ``analytic``: bytes of
-    layers whose ``K = I`` is not formed (:mod:`diagnostics.output_layer`); they join the last group.
-    Raises ``ValueError`` naming a layer that does not fit in a group of its own."""
+    forward and VJP passes), each fit ``max_memory`` bytes, and the working memory of the largest.
+
+    A group fits when its working memory (its running sums, scratch, the ``K`` being formed and the NFA
+    terms, as in :func:`measure_memory`, without the ``K`` and matrices already kept as results) plus
+    ``PASS_BYTES`` (one block of VJP results) is at most ``max_memory``. The kept ``K`` (``last_K``, the
+    result of :func:`diagnostics.ptk_covariance`) and the forward activations of one chunk come on top.
+    ``analytic``: bytes of layers whose ``K = I`` is not formed (:mod:`diagnostics.output_layer`); they
+    join the last group. Raises ``ValueError`` naming a layer that does not fit in a group of its own."""
     costs = _costs(adapters, summary, keep_matrices, agop_power, blocks)
-    extra = sum((analytic or {}).values())
+    extra = max((analytic or {}).values(), default=0)  # summarised one at a time, after the sums
+
+    def need(names: list[str], last: bool) -> int:
+        return max(_peak([costs[n] for n in names], world_size, with_kept=False), extra if last else 0)
+
     groups: list[list[str]] = []
     current: list[str] = []
-    kept_before = worst = 0
-
-    def peak(names: list[str], last: bool = False) -> int:
-        return _peak([costs[n] for n in names], world_size, kept_before) + (extra if last else 0)
-
     names = list(costs)
     for i, name in enumerate(names):
         last = i == len(names) - 1
-        if peak([*current, name], last) + PASS_BYTES <= max_memory:
+        if need([*current, name], last) + PASS_BYTES <= max_memory:
             current.append(name)
             continue
         if current:
-            worst = max(worst, peak(current))
             groups.append(current)
-            kept_before += sum(costs[n].kept for n in current if costs[n].on_host)
-            current = []
-        need = peak([name], last) + PASS_BYTES
-        if need > max_memory:
-            held = f", of which {format_bytes(kept_before)} is the K kept from earlier layers" if kept_before else ""
+        alone = need([name], last) + PASS_BYTES
+        if alone > max_memory:
             raise ValueError(
-                f"layer {name!r} ({adapters[name]!r}) alone needs about {format_bytes(need)} (its k x k sums, "
-                f"K and NFA terms and {format_bytes(PASS_BYTES)} of VJP results{held}), more than "
+                f"layer {name!r} ({adapters[name]!r}) alone needs about {format_bytes(alone)} (its k x k sums, "
+                f"K and NFA terms and {format_bytes(PASS_BYTES)} of VJP results), more than "
                 f"max_memory={max_memory} bytes ({format_bytes(max_memory)}). Exclude it with layers=[...] "
                 "or raise max_memory"
             )
         current = [name]
     groups.append(current)  # empty only when no layer needs K
-    worst = max(worst, peak(current, True))
-    if not costs and extra + PASS_BYTES > max_memory:
+    if extra + PASS_BYTES > max_memory:
         raise ValueError(
             f"the output layers {sorted(analytic or {})} need about {format_bytes(extra + PASS_BYTES)}, more "
             f"than max_memory={max_memory} bytes ({format_bytes(max_memory)}); raise max_memory"
         )
+    worst = max(need(g, i == len(groups) - 1) for i, g in enumerate(groups))
     groups[-1].extend(analytic or {})
     return groups, worst
 
@@ -180,7 +175,8 @@ def check_memory(
     """The :func:`measure_memory` estimate and the groups of layers to measure one after another, after
     refusing layers larger than ``max_k`` (see :func:`diagnostics.layers.check_layer_sizes`). Without
     ``max_memory`` (bytes) every layer is in one group; with it, :func:`layer_groups` (a layer that does
-    not fit alone is refused) and ``"total"`` is the peak of the largest group.
+    not fit alone is refused) and ``"total"`` is the working memory of the largest group (without the
+    kept results).
     ``analytic``: bytes of further layers whose ``K = I`` is not formed (:mod:`diagnostics.output_layer`),
     added to the estimate and its total, and not checked against ``max_k``."""
     estimate = measure_memory(adapters, **estimate_options)

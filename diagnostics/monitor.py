@@ -85,7 +85,8 @@ class NFAMonitor:
     are measured in the fewest groups of consecutive layers that fit it (``groups``; see
     :func:`diagnostics.memory.layer_groups`), each group with its own forward and VJP passes over the probe
     and the same sketch vectors, so the records equal those of one group; a layer that does not fit alone
-    is refused. ``K`` of an earlier group on an accelerator is then kept (``last_K``) on the CPU.
+    is refused (with ``keep_matrices=True``, whose NFA terms take more memory, at that ``measure()``). The
+    kept results (``last_K``, the records' matrices) and the forward activations of one chunk come on top.
     """
 
     def __init__(
@@ -112,15 +113,22 @@ class NFAMonitor:
         # return the model output (K = I, only d x d matrices); that is known at the first measure().
         self.max_k = max_k
         wide = {n: a for n, a in self.adapters.items() if _maybe_output_layer(a, max_k) and n not in self.blocks}
-        #: Bytes of the k x k / d x d matrices one ``measure()`` allocates, per layer and ``"total"``
-        #: (with ``keep_matrices=True``; see :func:`diagnostics.ptk.measure_memory`; ``"total"``: the largest
-        #: group). ``groups``: the layers measured together, one group after another.
-        self.memory_estimate, self.groups = check_memory(
-            {n: a for n, a in self.adapters.items() if n not in wide}, max_k, max_memory,
-            analytic={n: output_layer_memory(a.k, a.d, work_dtype(a).itemsize, agop_power, True) for n, a in wide.items()},
-            keep_matrices=True, agop_power=agop_power, world_size=distributed.world_size(process_group),
+        measured = {n: a for n, a in self.adapters.items() if n not in wide}
+        options = dict(
+            agop_power=agop_power, world_size=distributed.world_size(process_group),
             blocks={n: [r.stop - r.start for _, r in parts] for n, parts in self.blocks.items()},
         )
+
+        def plan(keep: bool, budget: int | None) -> tuple[dict[str, int], list[list[str]]]:
+            analytic = {n: output_layer_memory(a.k, a.d, work_dtype(a).itemsize, agop_power, keep) for n, a in wide.items()}
+            return check_memory(measured, max_k, budget, analytic=analytic, keep_matrices=keep, **options)
+
+        #: Bytes of the k x k / d x d matrices one ``measure()`` allocates, per layer and ``"total"``
+        #: (in one group, with ``keep_matrices=True``; see :func:`diagnostics.ptk.measure_memory`).
+        self.memory_estimate, _ = plan(True, None)
+        #: The layers measured together, one group after another (one group without ``max_memory``).
+        self.groups = plan(False, max_memory)[1]
+        self._plan_kept = lambda: plan(True, max_memory)[1]  # groups of measure(keep_matrices=True)
         self.correlation = correlation
         self.agop_power = float(agop_power)
         self.process_group = process_group
@@ -167,12 +175,13 @@ class NFAMonitor:
             step = len(self.history)
         self.last_K = {}  # the previous K are not kept alive while the new ones are summed
         check_lockstep(self.model, probe_inputs, self.process_group)
+        groups = self._plan_kept() if keep_matrices and len(self.groups) > 1 else self.groups
         passes = grouped_sums(
-            self.model, self._hooks, probe_inputs, settings, self.groups, process_group=self.process_group,
+            self.model, self._hooks, probe_inputs, settings, groups, process_group=self.process_group,
             analytic_outputs=True, max_k=self.max_k,
         )
         records: dict[str, LayerRecord] = {}
-        for i, (group, (sums, counts)) in enumerate(zip(self.groups, passes)):
+        for group, (sums, counts) in zip(groups, passes):
             for name in group:
                 adapter = self.adapters[name]
                 # FSDP2: one layer's full W (and W_0) at a time, gathered on every rank
@@ -181,8 +190,6 @@ class NFAMonitor:
                 # not in sums: the layer's output is the model output, K = I (formed only if it fits max_k)
                 K = covariance_from_sums(sums, counts, name, adapter) if name in sums else None
                 records.update(self._layer_records(name, W, W0, K, settings, step, counts[name], keep_matrices))
-            if i < len(self.groups) - 1:  # K of finished groups leave an accelerator
-                self.last_K.update({n: K.cpu() for n, K in self.last_K.items()})
         order = [r for name in self.adapters for r in (name, *(f for f, _ in self.blocks.get(name, [])))]
         records = {r: records[r] for r in order}
         self.history.append(records)

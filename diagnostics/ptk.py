@@ -248,7 +248,7 @@ def ptk_covariance(
     Layers with ``k`` or ``d`` above ``max_k`` are refused before any computation. With ``max_memory``
     (bytes) the layers are measured in the fewest groups that fit it (:func:`diagnostics.memory.layer_groups`,
     each group its own passes over the probe, the same ``K`` as one group); a layer that does not fit
-    alone is refused. ``K`` of an earlier group on an accelerator is moved to the CPU.
+    alone is refused; the returned ``K`` come on top of the budget.
     """
     adapters = find_linear_layers(model, layers)
     _, groups = check_memory(
@@ -259,10 +259,8 @@ def ptk_covariance(
     passes = grouped_sums(
         model, LayerHooks(adapters), probe_inputs, settings, groups, process_group=process_group
     )
-    for i, (sums, counts) in enumerate(passes):
-        for n in list(sums):
-            K = covariance_from_sums(sums, counts, n, adapters[n])
-            out[n] = K.cpu() if i < len(groups) - 1 and len(groups) > 1 else K
+    for sums, counts in passes:
+        out.update({n: covariance_from_sums(sums, counts, n, adapters[n]) for n in list(sums)})
     return {n: out[n] for n in adapters if n in out}
 
 
