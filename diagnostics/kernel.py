@@ -67,7 +67,12 @@ def add_gram(
     if keep is not None:
         rows = rows[:, keep]
     rows = rows.reshape(-1, rows.shape[-1]).to(buf.dtype)
-    k = rows.shape[1]
+    k = adapter.k
+    if rows.shape[1] != k or buf.numel() < min(k, ROW_BLOCK) * k:  # out= must never resize a shared scratch
+        raise RuntimeError(
+            f"layer {adapter.name!r}: its output rows have {rows.shape[1]} features, expected k={k} "
+            f"(output gradient of shape {tuple(grads.shape[1:])})"
+        )
     for i, s, offset in row_bands(k):
         size = s * (k - i)
         band = buf[:size].view(s, k - i)
