@@ -1,7 +1,7 @@
 """Memory of one ``NFAMonitor.measure()`` on GPT-2-config models, with and without a ``max_memory`` budget,
 and the layer groups a Llama-7B-shaped model needs, from the estimate alone.
 
-    python benchmarks/memory_budget.py                 # 4 blocks of width 768 (2 x 64 tokens): no budget, 400 MB
+    python benchmarks/memory_budget.py                 # 4 blocks of width 768 (2 x 64 tokens): no budget, 400 and 250 MB
     python benchmarks/memory_budget.py --gpt2-small    # GPT-2 small on 2 x 256 tokens, no budget
     python benchmarks/memory_budget.py --llama         # groups of a Llama-7B-shaped model at 16 and 64 GB (meta device)
 
@@ -88,7 +88,8 @@ def main() -> None:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--gpt2-small", action="store_true", help="GPT-2 small (12 blocks) on 2 x 256 tokens, no budget")
     ap.add_argument("--llama", action="store_true", help="only the groups of a Llama-7B-shaped model (estimate)")
-    ap.add_argument("--budget-mb", type=int, default=400, help="max_memory of the budgeted run, in MB (10^6 bytes)")
+    ap.add_argument("--budgets-mb", type=int, nargs="+", default=[400, 250],
+                    help="max_memory of the budgeted runs, in MB (10^6 bytes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on shared machines)")
     ap.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -103,7 +104,7 @@ def main() -> None:
     if args.gpt2_small:
         print(report(12, 256, None, args.threads))
         return
-    for budget in (None, args.budget_mb * MB):
+    for budget in (None, *(b * MB for b in args.budgets_mb)):
         print(report(4, 64, budget, args.threads), flush=True)
     print("\n".join(llama_groups()))
 
