@@ -109,34 +109,37 @@ class NFAMonitor:
         self.model = model
         self.adapters = find_linear_layers(model, layers)
         self.blocks = resolve_blocks(self.adapters, blocks)
-        # A layer too wide for a k x k K (only k > max_k) may still be measured if it turns out to
-        # return the model output (K = I, only d x d matrices); that is known at the first measure().
         self.max_k = max_k
-        wide = {n: a for n, a in self.adapters.items() if _maybe_output_layer(a, max_k) and n not in self.blocks}
-        measured = {n: a for n, a in self.adapters.items() if n not in wide}
-        options = dict(
-            agop_power=agop_power, world_size=distributed.world_size(process_group),
-            blocks={n: [r.stop - r.start for _, r in parts] for n, parts in self.blocks.items()},
-        )
-
-        def plan(keep: bool, budget: int | None) -> tuple[dict[str, int], list[list[str]]]:
-            analytic = {n: output_layer_memory(a.k, a.d, work_dtype(a).itemsize, agop_power, keep) for n, a in wide.items()}
-            return check_memory(measured, max_k, budget, analytic=analytic, keep_matrices=keep, **options)
-
-        #: Bytes of the k x k / d x d matrices one ``measure()`` allocates, per layer and ``"total"``
-        #: (in one group, with ``keep_matrices=True``; see :func:`diagnostics.ptk.measure_memory`).
-        self.memory_estimate, _ = plan(True, None)
-        #: The layers measured together, one group after another (one group without ``max_memory``).
-        self.groups = plan(False, max_memory)[1]
-        self._plan_kept = lambda: plan(True, max_memory)[1]  # groups of measure(keep_matrices=True)
         self.correlation = correlation
         self.agop_power = float(agop_power)
         self.process_group = process_group
+        self.max_memory = max_memory
+        #: Bytes of the k x k / d x d matrices one ``measure()`` allocates, per layer and ``"total"``
+        #: (in one group, with ``keep_matrices=True``; see :func:`diagnostics.ptk.measure_memory`).
+        self.memory_estimate, _ = self._plan(True, None)
+        #: The layers measured together, one group after another (one group without ``max_memory``).
+        self.groups = self._plan(False, max_memory)[1]
         self.W0 = _initial_weights(W0, self)
         self.history: list[dict[str, LayerRecord]] = []
         self.last_K: dict[str, Tensor] = {}
         self._hooks = LayerHooks(self.adapters)
         self._closed = False
+
+    def _plan(self, keep_matrices: bool, max_memory: int | None) -> tuple[dict[str, int], list[list[str]]]:
+        """:func:`diagnostics.memory.check_memory` of this monitor's layers: the estimate and the groups."""
+        # A layer too wide for a k x k K (only k > max_k) may still be measured if it turns out to
+        # return the model output (K = I, only d x d matrices); that is known at the first measure().
+        wide = {n: a for n, a in self.adapters.items() if _maybe_output_layer(a, self.max_k) and n not in self.blocks}
+        analytic = {
+            n: output_layer_memory(a.k, a.d, work_dtype(a).itemsize, self.agop_power, keep_matrices)
+            for n, a in wide.items()
+        }
+        return check_memory(
+            {n: a for n, a in self.adapters.items() if n not in wide}, self.max_k, max_memory, analytic=analytic,
+            keep_matrices=keep_matrices, agop_power=self.agop_power,
+            world_size=distributed.world_size(self.process_group),
+            blocks={n: [r.stop - r.start for _, r in parts] for n, parts in self.blocks.items()},
+        )
 
     @property
     def layer_names(self) -> list[str]:
@@ -175,7 +178,8 @@ class NFAMonitor:
             step = len(self.history)
         self.last_K = {}  # the previous K are not kept alive while the new ones are summed
         check_lockstep(self.model, probe_inputs, self.process_group)
-        groups = self._plan_kept() if keep_matrices and len(self.groups) > 1 else self.groups
+        # with kept matrices the NFA terms take more memory: plan the groups again (a layer may not fit then)
+        groups = self._plan(True, self.max_memory)[1] if keep_matrices and self.max_memory is not None else self.groups
         passes = grouped_sums(
             self.model, self._hooks, probe_inputs, settings, groups, process_group=self.process_group,
             analytic_outputs=True, max_k=self.max_k,
