@@ -8,6 +8,7 @@ from .attention import AttentionProjectionAdapter
 from .hooks import LayerHooks
 from .io import Snapshot, load_snapshot, write_snapshot
 from .layers import LayerAdapter, find_linear_layers, register_adapter
+from .lora import LoraAdapter
 from .monitor import LayerRecord, NFAMonitor, resolve_blocks
 from .nfa import (
     agop,
@@ -44,6 +45,7 @@ __all__ = [
     "find_linear_layers",
     "LayerAdapter",
     "AttentionProjectionAdapter",
+    "LoraAdapter",
     "register_adapter",
     "LayerHooks",
     "load_snapshot",
