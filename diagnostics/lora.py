@@ -91,11 +91,12 @@ class LoraAdapter(LayerAdapter):
     def _delta(self, adapter: str) -> Tensor:
         """``s_a B_a A_a`` in ``(out, in)`` layout."""
         m = self.module
-        if adapter in m.lora_variant:
+        variant = getattr(m, "lora_variant", {}).get(adapter) or m.use_dora.get(adapter)
+        if variant:
             raise TypeError(
                 f"layer {self.name!r}: LoRA adapter {adapter!r} uses the variant "
-                f"{type(m.lora_variant[adapter]).__name__} (e.g. DoRA, use_dora=True), which is not a plain "
-                "low-rank update W + s·B·A and cannot be measured"
+                f"{type(variant).__name__ if variant is not True else 'DoRA'} (e.g. DoRA, use_dora=True), which "
+                "is not a plain low-rank update W + s·B·A and cannot be measured"
             )
         A, B = m.lora_A[adapter].weight, m.lora_B[adapter].weight
         _check_local(self.name, A, B)
@@ -148,7 +149,8 @@ def _peft_layer(name: str, module: nn.Module) -> list[LayerAdapter]:
             f"{_describe(module)} is a peft tuner layer other than LoRA over nn.Linear or Conv1D; only "
             "peft.tuners.lora.Linear (plain LoRA, no DoRA or other variants) is measured"
         )
-    variants = {a: type(v).__name__ for a, v in module.lora_variant.items()}
+    variants = {a: type(v).__name__ for a, v in getattr(module, "lora_variant", {}).items()}
+    variants.update({a: "DoRA" for a, dora in module.use_dora.items() if dora and a not in variants})
     if variants:
         raise UnsupportedLayer(
             f"its LoRA adapters use variants {variants} (DoRA: use_dora=True, aLoRA, ...), which are not a "
