@@ -235,3 +235,14 @@ def test_mixed_batch_forward_is_refused() -> None:
     with NFAMonitor(model, layers=names) as mon:
         with pytest.raises(ValueError, match="adapter_names"):
             mon.measure({"input_ids": ids, "adapter_names": ["default", "__base__"]})
+
+
+def test_peft_is_not_imported_by_the_packages() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, diagnostics, slo_torch, torch; from diagnostics import NFAMonitor; "
+            "from slo_torch import SLOptimizer; m = torch.nn.Linear(2, 2); NFAMonitor(m); "
+            "SLOptimizer(torch.optim.SGD(m.parameters(), lr=1), model=m, speeds={'*': 1.0}); "
+            "assert not [n for n in sys.modules if n.split('.')[0] == 'peft'], 'peft imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
