@@ -105,6 +105,7 @@ def K_by_jacrev(model: nn.Module, seqs: list[torch.Tensor], name: str) -> torch.
 
 
 def pearson(A: torch.Tensor, B: torch.Tensor) -> float:
+    A, B = A.detach(), B.detach()
     a, b = A.reshape(-1) - A.mean(), B.reshape(-1) - B.mean()
     return float(a @ b / (a.norm() * b.norm()))
 
