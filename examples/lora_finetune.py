@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            train_dataset=Sequences(data["interleaved"]), optimizers=optimizers, callbacks=callbacks)
         finetune.train()
         acc["after LoRA on task B"] = {t: accuracy(peft_model, held_out[t], t) for t in KNOWN_FROM}
-        control = random_kernel_cnfa(callbacks[0].monitor, a.seed)
+        monitor = callbacks[0].monitor
+        control = random_kernel_cnfa(monitor, a.seed)
+        change = {name: rec.rel_change for name, rec in monitor.history[-1].items()}  # ‖s·B·A‖_F / ‖W‖_F
 
     rows = nfa_rows_from_log_history(finetune.state.log_history)
     write_csv(rows, f"{a.out}/metrics.csv")
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot_nfa_curves(nfa_long_rows(short), f"{a.out}/nfa_curves.png", metrics=("correlation",), group_key="measure",
                     title=f"{run} on GPT-2, task B: NFA of the effective weights W + s·B·A (W_0: pretrained)")
     losses = [(h["step"], h["loss"]) for h in finetune.state.log_history if "loss" in h]
-    text = results_text(a, acc, rows, losses, n_trainable, n_all, control)
+    text = results_text(a, acc, rows, losses, n_trainable, n_all, control, change)
     finish_run(a.out, text, [__file__, *(sys.argv[1:] if argv is None else argv)], time.perf_counter() - start)
     return {"accuracy": acc, "rows": rows, "losses": losses, "model": peft_model, "probe": probe,
             "trainer": finetune}
@@ -213,7 +215,7 @@ def random_kernel_cnfa(monitor: NFAMonitor, seed: int, draws: int = 10) -> dict[
 
 
 def results_text(a: Any, acc: dict[str, dict[str, float]], rows: list[dict[str, Any]], losses: list[tuple[int, float]],
-                 n_trainable: int, n_all: int, control: dict[str, float]) -> str:
+                 n_trainable: int, n_all: int, control: dict[str, float], change: dict[str, float]) -> str:
     last_step = max(r["step"] for r in rows)
     last = [r for r in rows if r["step"] == last_step]
     first_step = min(r["step"] for r in rows)
@@ -233,10 +235,10 @@ def results_text(a: Any, acc: dict[str, dict[str, float]], rows: list[dict[str, 
         f"## NFA of the LoRA layers (W = W_pretrained + s·B·A; W_0 = W_pretrained), steps {first_step} and {last_step}",
         "",
         markdown_table(["layer", f"UC-NFA @{first_step}", f"UC-NFA @{last_step}", f"C-NFA @{first_step}",
-                        f"C-NFA @{last_step}", f"C-NFA @{last_step}, random K"],
+                        f"C-NFA @{last_step}", f"C-NFA @{last_step}, random K", f"‖s·B·A‖ / ‖W‖ @{last_step}"],
                        [[r["layer"].removeprefix("base_model.model."), f"{first[r['layer']]['uc_nfa']:.3f}",
                          f"{r['uc_nfa']:.3f}", f"{first[r['layer']]['c_nfa']:.3f}", f"{r['c_nfa']:.3f}",
-                         f"{control[r['layer']]:.3f}"]
+                         f"{control[r['layer']]:.3f}", f"{change[r['layer']]:.2f}"]
                         for r in last]),
         "Random K: the C-NFA with the layer's K replaced by a kernel of the same eigenvalues and Haar-random",
         "eigenvectors (mean of 10 draws). The NFM and the AGOP of a rank-r update both live in the r-dimensional",
