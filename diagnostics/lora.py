@@ -91,7 +91,7 @@ class LoraAdapter(LayerAdapter):
     def _delta(self, adapter: str) -> Tensor:
         """``s_a B_a A_a`` in ``(out, in)`` layout."""
         m = self.module
-        variant = getattr(m, "lora_variant", {}).get(adapter) or m.use_dora.get(adapter)
+        variant = getattr(m, "lora_variant", {}).get(adapter) or getattr(m, "use_dora", {}).get(adapter)
         if variant:
             raise TypeError(
                 f"layer {self.name!r}: LoRA adapter {adapter!r} uses the variant "
@@ -150,7 +150,7 @@ def _peft_layer(name: str, module: nn.Module) -> list[LayerAdapter]:
             "peft.tuners.lora.Linear (plain LoRA, no DoRA or other variants) is measured"
         )
     variants = {a: type(v).__name__ for a, v in getattr(module, "lora_variant", {}).items()}
-    variants.update({a: "DoRA" for a, dora in module.use_dora.items() if dora and a not in variants})
+    variants.update({a: "DoRA" for a, dora in getattr(module, "use_dora", {}).items() if dora and a not in variants})
     if variants:
         raise UnsupportedLayer(
             f"its LoRA adapters use variants {variants} (DoRA: use_dora=True, aLoRA, ...), which are not a "

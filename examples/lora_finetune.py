@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             speeds = {f"*.{t}": a.speed for t in TARGETS}  # the A and B of each LoRA layer: one layer
             optimizers = (SLOptimizer(base, model=peft_model, speeds=speeds, mode="update"), None)
             callbacks.append(SLOCallback())
-        print(f"task B (interleaved counters): {a.steps} steps on the LoRA adapters ({n_trainable} of {n_all} parameters)"
-              f"{f', SLO C={a.speed} per LoRA layer' if a.slo else ''}", flush=True)
+        print(f"task B (interleaved counters): {a.steps} steps on the LoRA adapters "
+              f"({n_trainable} of {n_all} parameters){f', SLO C={a.speed} per LoRA layer' if a.slo else ''}", flush=True)
         finetune = Trainer(model=peft_model, args=training_args(scratch, a.steps, a.lr, a.batch_size, a.seed,
                                                                 a.nfa_every),
                            train_dataset=Sequences(data["interleaved"]), optimizers=optimizers, callbacks=callbacks)
@@ -232,10 +232,12 @@ def results_text(a: Any, acc: dict[str, dict[str, float]], rows: list[dict[str, 
         f"Fine-tuning loss (task B): {losses[0][1]:.3f} at step {losses[0][0]}, {losses[-1][1]:.3f} at step "
         f"{losses[-1][0]}.",
         "",
-        f"## NFA of the LoRA layers (W = W_pretrained + s·B·A; W_0 = W_pretrained), steps {first_step} and {last_step}",
+        "## NFA of the LoRA layers (W = W_pretrained + s·B·A; W_0 = W_pretrained), "
+        f"steps {first_step} and {last_step}",
         "",
         markdown_table(["layer", f"UC-NFA @{first_step}", f"UC-NFA @{last_step}", f"C-NFA @{first_step}",
-                        f"C-NFA @{last_step}", f"C-NFA @{last_step}, random K", f"‖s·B·A‖ / ‖W‖ @{last_step}"],
+                        f"C-NFA @{last_step}", f"C-NFA @{last_step}, random K",
+                        f"‖s·B·A‖ / ‖W‖ @{last_step}"],
                        [[r["layer"].removeprefix("base_model.model."), f"{first[r['layer']]['uc_nfa']:.3f}",
                          f"{r['uc_nfa']:.3f}", f"{first[r['layer']]['c_nfa']:.3f}", f"{r['c_nfa']:.3f}",
                          f"{control[r['layer']]:.3f}", f"{change[r['layer']]:.2f}"]

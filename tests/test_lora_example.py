@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ TINY = ["--vocab", "8", "--seq-len", "8", "--n-embd", "16", "--n-layer", "1", "-
 LAYERS = ["base_model.model.transformer.h.0.attn.c_attn", "base_model.model.transformer.h.0.mlp.c_fc"]
 
 
-def test_lora_finetune_logs_the_nfa_of_the_effective_weights(tmp_path, one_thread) -> None:  # type: ignore[no-untyped-def]
+def test_lora_finetune_logs_the_nfa_of_the_effective_weights(tmp_path: Path, one_thread: None) -> None:
     ex = load_example("lora_finetune")
     out = ex.main([*TINY, "--out", str(tmp_path)])
     with open(tmp_path / "metrics.csv", newline="") as fh:
@@ -42,7 +43,7 @@ def test_lora_finetune_logs_the_nfa_of_the_effective_weights(tmp_path, one_threa
         assert float(r["c_nfa"]) == pytest.approx(pearson(dW.t() @ dW, dW.t() @ K @ dW), abs=1e-5)
 
 
-def test_lora_finetune_with_slo(tmp_path, one_thread) -> None:  # type: ignore[no-untyped-def]
+def test_lora_finetune_with_slo(tmp_path: Path, one_thread: None) -> None:
     ex = load_example("lora_finetune")
     out = ex.main([*TINY, "--slo", "--speed", "0.5", "--out", str(tmp_path)])
     assert all(math.isfinite(r["c_nfa"]) for r in out["rows"])
