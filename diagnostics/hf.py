@@ -95,6 +95,9 @@ class NFACallback(TrainerCallback):
             progress bar) shows one by one; the others appear as one ``min/mean/max`` entry per kind
             (``None``, the default: every layer summarised; ``"*"``: every layer). ``log_history`` and
             the reporters always get every layer.
+        measure_at_start: also measure at step 0, before the first optimizer step of a run that does not
+            resume (one more measurement). It goes to ``log_history`` as an entry ``{"epoch": 0.0, "step": 0,
+            "nfa/...": ...}`` (and to the snapshots); the reporters see values from the first logging step on.
 
     The :class:`~diagnostics.NFAMonitor` of the current run is ``callback.monitor`` (its
     ``history`` / ``to_rows()`` hold every measurement).
@@ -115,6 +118,7 @@ class NFACallback(TrainerCallback):
         chunk_size: int | None = None,
         blocks: Mapping[str, Any] | None = None,
         console_layers: str | Sequence[str] | None = None,
+        measure_at_start: bool = False,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
@@ -137,6 +141,7 @@ class NFACallback(TrainerCallback):
         self.chunk_size = chunk_size
         self.blocks = blocks
         self.console_layers = [console_layers] if isinstance(console_layers, str) else list(console_layers or [])
+        self.measure_at_start = bool(measure_at_start)
         self.monitor: NFAMonitor | None = None
         self._pending: dict[str, float] = {}
         self._ordered = False
@@ -173,7 +178,8 @@ class NFACallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        """Order this callback before the reporters and start the monitor (``W_0`` snapshot)."""
+        """Order this callback before the reporters, start the monitor (``W_0`` snapshot) and, with
+        ``measure_at_start`` on a run that starts at step 0, measure into ``log_history``."""
         self._ordered = _order_callbacks(self, NFAConsoleSummary(self)) or self._ordered
         if not self._ordered:
             warnings.warn(
@@ -187,10 +193,12 @@ class NFACallback(TrainerCallback):
         if self.monitor is not None and self.monitor.model is model:
             if not self.monitor.attached:
                 self.monitor = NFAMonitor(model, self.layers, self.correlation, W0=self.monitor.W0, blocks=self.blocks)
-            return
-        self.monitor = NFAMonitor(
-            model, self.layers, self.correlation, W0=self._resumed_W0(args, state), blocks=self.blocks
-        )
+        else:
+            self.monitor = NFAMonitor(
+                model, self.layers, self.correlation, W0=self._resumed_W0(args, state), blocks=self.blocks
+            )
+        if self.measure_at_start and state.global_step == 0:
+            state.log_history.append({"epoch": 0.0, "step": 0, **self.measure(args, state, model)})
 
     def _due(self, state: TrainerState) -> bool:
         step = state.global_step
