@@ -70,6 +70,7 @@ def attach(
     per_tensor: bool = False,
     on_nonfinite: str = "skip",
     *,
+    speed_unit: str = "frobenius",
     eps: float | None = None,
 ) -> SLOHandle:
     """Speed-limit ``optimizer`` in place: ``g_l <- C_l g_l / (||g_l||_F + slo_eps)`` before each step.
@@ -78,6 +79,7 @@ def attach(
     ``eps=`` is the deprecated name of ``slo_eps``). A non-finite gradient sets every gradient to
     ``None`` so the step changes neither parameters nor (for ``torch.optim`` optimizers) their state.
     Closures are not supported. Returns a handle; ``handle.remove()`` restores plain steps.
+    ``speed_unit`` sets the target step norm ``lr * C_l * u_l`` as in :class:`SLOptimizer`.
     """
     from .optimizer import SLOptimizer
 
@@ -94,5 +96,5 @@ def attach(
         )
     if eps is not None:
         slo_eps = deprecated_eps(eps, slo_eps, "attach(..., eps=) is deprecated; use slo_eps=")
-    limiter = SpeedLimiter(optimizer, model, speeds, mode, slo_eps, per_tensor, on_nonfinite)
+    limiter = SpeedLimiter(optimizer, model, speeds, mode, slo_eps, per_tensor, on_nonfinite, speed_unit)
     return SLOHandle(optimizer, limiter)

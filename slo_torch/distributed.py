@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import index_tensor, layer_sq_norms
+from .functional import index_tensor, layer_sq_norms, to_device
 
 __all__ = [
     "is_dtensor", "local_tensor", "shard_groups", "all_reduce_sum_", "align_grad_placements", "fsdp1_shard_groups",
-    "flat_shard_groups", "Sharding", "sharding_of", "whole_layer_sq_norms",
+    "flat_shard_groups", "Sharding", "sharding_of", "whole_layer_sq_norms", "whole_layer_numels",
 ]
 
 
@@ -207,4 +207,24 @@ def whole_layer_sq_norms(
         if b:
             all_reduce_sum_(sq, pgs)
         total += sq
+    return total
+
+
+def whole_layer_numels(tensors: Sequence[Tensor], bins: Tensor, nbins: int, sharding: Sharding) -> Tensor:
+    """Per-bin number of entries of whole tensors from their local shards: ``n_b = sum_ranks sum_i numel(t_i)``.
+
+    ``tensors[i]`` is the tensor of index ``i`` in the sharding's order; int64 on ``bins``'s device. Counted
+    and all-reduced as :func:`whole_layer_sq_norms` reduces norms (every rank calls the all-reduces).
+    """
+    device = bins.device
+    total = torch.zeros(nbins, dtype=torch.long, device=device)
+    numels = torch.tensor([t.numel() for t in tensors], dtype=torch.long)
+    for b, pgs in enumerate(sharding.groups):
+        js = [j for j in range(len(tensors)) if sharding.bucket[j] == b]
+        count = torch.zeros(nbins, dtype=torch.long, device=device)
+        if js:
+            count.index_add_(0, bins[index_tensor(js, device)], to_device(numels[js], device))
+        if b:
+            all_reduce_sum_(count, pgs)
+        total += count
     return total

@@ -5,7 +5,8 @@ for all other parameters), decides with a single host synchronisation whether th
 (non-finite gradients, GradScaler's ``found_inf``), and in ``mode="grad"`` rescales the gradients
 (:func:`~slo_torch.functional.scale_layers_`). In ``mode="update"`` it snapshots the limited
 parameters, and ``after_step`` rescales each layer's parameter change to norm ``lr * C_l``
-(:func:`~slo_torch.functional.rescale_updates_`). Which tensors form which layer is the
+(:func:`~slo_torch.functional.rescale_updates_`). The speed unit multiplies ``C_l`` by a factor ``u_l``
+per layer (:meth:`SpeedLimiter.unit_factors`). Which tensors form which layer is the
 :class:`~slo_torch.plan.Plan`, rebuilt when the param groups change.
 """
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from .checks import check_choice, check_eps
-from .distributed import align_grad_placements, local_tensor, whole_layer_sq_norms
+from .distributed import align_grad_placements, local_tensor, whole_layer_numels, whole_layer_sq_norms
 from .functional import (
     CoefficientBuffer,
     accumulate_dtype,
@@ -32,10 +33,11 @@ from .functional import (
 from .layers import SpeedSpec, normalize_speeds, resolve_layers
 from .plan import UNLIMITED, Plan, build_plan, group_signature
 
-__all__ = ["SpeedLimiter", "MODES", "NONFINITE_CHOICES"]
+__all__ = ["SpeedLimiter", "MODES", "NONFINITE_CHOICES", "SPEED_UNITS"]
 
 MODES = ("grad", "update")
 NONFINITE_CHOICES = ("skip", "raise")
+SPEED_UNITS = ("frobenius", "rms", "relative")
 _CURRENT: Any = object()  # check_groups(): validate against the speeds in force
 
 
@@ -61,9 +63,11 @@ class SpeedLimiter:
         eps: float = 0.0,
         per_tensor: bool = False,
         on_nonfinite: str = "skip",
+        speed_unit: str = "frobenius",
     ) -> None:
         self.mode = check_choice("mode", mode, MODES)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_CHOICES)
+        self.speed_unit = check_choice("speed_unit", speed_unit, SPEED_UNITS)
         self.eps = check_eps(eps)
         self.optimizer = optimizer
         self.model = model
@@ -74,6 +78,8 @@ class SpeedLimiter:
         self._norms: Tensor | None = None
         self._update_norms: Tensor | None = None
         self._snapshot: _Snapshot | None = None
+        self._factors: Tensor | None = None  # u_l of the step in progress (None: all 1)
+        self._numels: tuple[Tensor, Tensor] | None = None  # (the plan's bins, n_l): "rms", counted once per plan
         self._reset_plan(None)
         self.refresh()
 
@@ -84,11 +90,12 @@ class SpeedLimiter:
         self._lr_cache: tuple[tuple[Any, ...], Tensor] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_plan", "_snapshot", "_lr_cache")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_plan", "_snapshot", "_lr_cache", "_numels")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._snapshot = None
+        self._numels = None
         self._reset_plan(None)  # a copy's param groups are new objects: rebuild the plan on first use
 
     def _current(self) -> Plan:
@@ -223,11 +230,13 @@ class SpeedLimiter:
         norms = sq[:-1].sqrt()
         self._norms = norms
         self.taken_steps += 1
+        self._factors = self.unit_factors(plan)
         limited, limited_bins = grads[:n_lim], (plan.limited_bins if keep is None else bins[:n_lim])
         if self.mode == "update":
             self._take_snapshot(n_lim, keep, limited_bins)
         elif n_lim:  # no limited layer has a gradient: nothing to rescale
-            scale_layers_(limited, limited_bins, slo_coefficients(norms, plan.speeds, self.eps),
+            speeds = plan.speeds if self._factors is None else plan.speeds * self._factors
+            scale_layers_(limited, limited_bins, slo_coefficients(norms, speeds, self.eps),
                           self._coefficient_buffer(limited, keep))
         return True
 
@@ -261,6 +270,24 @@ class SpeedLimiter:
             raise RuntimeError(message + "; pass on_nonfinite='skip' to skip such steps instead")
         warnings.warn(message, RuntimeWarning, stacklevel=5)  # the frame that called before_step()
 
+    def unit_factors(self, plan: Plan) -> Tensor | None:
+        """The speed unit's factor ``u_l`` per limited layer (the target is ``lr * C_l * u_l``), before the step.
+
+        ``"frobenius"``: ``None`` (``u_l = 1``); ``"rms"``: ``sqrt(n_l)``, ``n_l`` the entries of the layer's
+        tensors (counted once per plan); ``"relative"``: ``||W_l||_F`` of the layer's tensors, or 1 where they are
+        all zero. Whole tensors under sharding: every rank calls it (it all-reduces as the gradient norms do).
+        """
+        if self.speed_unit == "frobenius":
+            return None
+        params = [local_tensor(p) for p in plan.params[:plan.n_limited]]
+        if self.speed_unit == "rms":
+            if self._numels is None or self._numels[0] is not plan.bins:
+                counts = whole_layer_numels(params, plan.limited_bins, plan.num_bins, plan.sharding)[:-1]
+                self._numels = (plan.bins, counts)
+            return self._numels[1].to(plan.dtype).sqrt_()
+        weights = self._sq_norms(params, plan.limited_bins, None)[:-1].sqrt_()
+        return torch.where(weights > 0, weights, 1.0)
+
     def _take_snapshot(self, n_lim: int, keep: list[int] | None, bins: Tensor) -> None:
         plan = self._current()
         owners = list(range(plan.n_limited)) if keep is None else keep[:n_lim]
@@ -286,7 +313,7 @@ class SpeedLimiter:
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """``mode="update"``: ``p <- p_old + k_l (p_new - p_old)``, ``k_l = lr C_l / (||p_new - p_old|| + eps)``."""
+        """``mode="update"``: ``p <- p_old + k_l (p_new - p_old)``, ``k_l = lr C_l u_l / (||p_new - p_old|| + eps)``."""
         snap, self._snapshot = self._snapshot, None
         if snap is None or (not snap.params and not self._current().sharding.distributed):
             return  # sharded: every rank joins the norms' all-reduce
@@ -295,7 +322,8 @@ class SpeedLimiter:
         norms = self._sq_norms(snap.params, snap.bins, snap.owners)[:-1].sqrt_()
         self._update_norms = norms
         if snap.params:
-            k = slo_coefficients(norms, self._layer_step_sizes(), self.eps)
+            sizes = self._layer_step_sizes() if self._factors is None else self._layer_step_sizes() * self._factors
+            k = slo_coefficients(norms, sizes, self.eps)
             rescale_updates_(snap.params, snap.old, snap.bins, k, self._coefficient_buffer(snap.params, snap.owners))
 
     def skip_all_grads(self) -> None:

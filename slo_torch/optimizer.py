@@ -6,12 +6,13 @@ Before the wrapped optimizer steps, every layer's gradient is rescaled to a fixe
     g_l <- C_l * g_l / (||g_l||_F + slo_eps)                   (mode="grad")
 
 so plain SGD moves layer ``l`` by exactly ``lr * C_l`` per step. ``mode="update"`` lets the wrapped
-optimizer step and then rescales each layer's parameter change to norm ``lr * C_l``.
+optimizer step and then rescales each layer's parameter change to norm ``lr * C_l``. ``speed_unit``
+multiplies ``C_l`` by ``u_l``: 1 (``"frobenius"``), ``sqrt(n_l)`` (``"rms"``) or ``||W_l||_F`` (``"relative"``).
 
 The wrapper shares ``param_groups``, ``state`` and ``defaults`` with the wrapped optimizer (the same
 objects, as timm's Lookahead does), so LR schedulers, ``GradScaler``, accelerate and the
 ``transformers`` Trainer treat it as the optimizer they know, and checkpoints keep torch's format
-(plus one ``"slo_speeds"`` entry that a plain optimizer ignores).
+(plus ``"slo_speeds"`` and ``"slo_speed_unit"`` entries that a plain optimizer ignores).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_opti
                "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                "_optimizer_load_state_dict_post_hooks")
 SPEEDS_KEY = "slo_speeds"  # state_dict entry with the speeds in force (a plain optimizer ignores it)
+UNIT_KEY = "slo_speed_unit"  # state_dict entry with the speed unit
 
 
 class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
@@ -57,6 +59,11 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         mode: ``"grad"`` (normalise gradients in place: ``p.grad`` holds the limited gradient after
             ``step()``) or ``"update"`` (rescale each layer's update to ``lr * C_l``; use it with
             Adam-type optimizers, which undo gradient scaling).
+        speed_unit: what ``C_l`` measures; the target step norm is ``lr * C_l * u_l``: ``"frobenius"``
+            (``u_l = 1``), ``"rms"`` (``u_l = sqrt(n_l)``, ``n_l`` the entries of the layer's tensors: ``C_l`` is
+            the per-entry RMS step) or ``"relative"`` (``u_l = ||W_l||_F`` before the step: ``C_l`` is the
+            fraction of the layer moved per unit lr; 1 for a layer that is all zeros). In grad mode the
+            gradient is rescaled to norm ``C_l * u_l``.
         slo_eps: added to the norm, ``C / (||g|| + slo_eps)``.
         per_tensor: every parameter tensor is its own layer (named by its parameter name).
         on_nonfinite: ``"skip"`` (skip the step, warn, count in ``nonfinite_steps``) or ``"raise"``.
@@ -72,6 +79,7 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         model: nn.Module | None = None,
         speeds: SpeedSpec = None,
         mode: str = "grad",
+        speed_unit: str = "frobenius",
         slo_eps: float = 0.0,
         per_tensor: bool = False,
         on_nonfinite: str = "skip",
@@ -85,14 +93,15 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         if isinstance(params, torch.optim.Optimizer) and "eps" in base_kwargs:
             slo_eps = deprecated_eps(base_kwargs.pop("eps"), slo_eps, _EPS_DEPRECATION)
         check_unambiguous(base_optimizer, base_kwargs, dict(
-            model=model, speeds=speeds, mode=mode, slo_eps=slo_eps, per_tensor=per_tensor, on_nonfinite=on_nonfinite))
+            model=model, speeds=speeds, mode=mode, speed_unit=speed_unit, slo_eps=slo_eps, per_tensor=per_tensor,
+            on_nonfinite=on_nonfinite))
         base = _build_base(params, base_optimizer, base_kwargs)
         self.base_optimizer = base
         for name in _HOOK_DICTS:  # this wrapper's own hooks (torch.optim.Optimizer's attributes)
             setattr(self, name, OrderedDict())
         self._warned_capturable_if_run_uncaptured = True
         self._patch_step_function()
-        self._limiter = SpeedLimiter(base, model, speeds, mode, slo_eps, per_tensor, on_nonfinite)
+        self._limiter = SpeedLimiter(base, model, speeds, mode, slo_eps, per_tensor, on_nonfinite, speed_unit)
         base._slo_wrapped = True  # type: ignore[attr-defined]  # attach() refuses it
 
     # ---- the wrapped optimizer's containers, always the same objects as the base's
@@ -217,16 +226,17 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         self._limiter.refresh()
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's ``{'state', 'param_groups'}`` state dict and ``'slo_speeds'``.
+        """The base optimizer's ``{'state', 'param_groups'}`` state dict, ``'slo_speeds'`` and ``'slo_speed_unit'``.
 
         ``'slo_speeds'`` is the speed specification in force (plain floats, patterns or a list;
-        ``None`` when the param groups carry the speeds), ignored by a plain optimizer's
-        ``load_state_dict``. This wrapper's state-dict hooks are applied.
+        ``None`` when the param groups carry the speeds) and ``'slo_speed_unit'`` the unit they are in (a
+        string); a plain optimizer's ``load_state_dict`` ignores both. This wrapper's state-dict hooks are applied.
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.base_optimizer.state_dict()
         state_dict[SPEEDS_KEY] = self._limiter.speeds
+        state_dict[UNIT_KEY] = self._limiter.speed_unit
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -236,7 +246,8 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict written by :meth:`state_dict` or by a plain optimizer of the base's type.
 
-        Its ``'slo_speeds'`` replace the current speeds (a plain optimizer's state dict keeps them).
+        Its ``'slo_speeds'`` replace the current speeds (a plain optimizer's state dict keeps them). A state
+        dict saved with another ``speed_unit`` is refused: its speeds mean other step lengths.
         Everything is validated first: a load that raises leaves the optimizer as it was.
         """
         state_dict = state_dict.copy()
@@ -246,6 +257,13 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
                 state_dict = result
         has_speeds = SPEEDS_KEY in state_dict
         speeds = state_dict.pop(SPEEDS_KEY, None)
+        unit = state_dict.pop(UNIT_KEY, self._limiter.speed_unit)
+        if unit != self._limiter.speed_unit:
+            raise ValueError(
+                f"Cannot load this state dict (the optimizer is unchanged): it was saved with speed_unit={unit!r}, "
+                f"this optimizer has speed_unit={self._limiter.speed_unit!r}, and its speeds would mean other step "
+                f"lengths; build the SLOptimizer with speed_unit={unit!r} to resume it"
+            )
         self._limiter.check_load(state_dict, speeds if has_speeds else self._limiter.speeds)
         self.base_optimizer.load_state_dict(state_dict)
         if has_speeds:
@@ -257,8 +275,9 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
     def __repr__(self) -> str:
         lim = self._limiter
         lim.refresh()
-        lines = [f"SLOptimizer(mode={lim.mode!r}, slo_eps={lim.eps}, per_tensor={lim.per_tensor}, "
-                 f"on_nonfinite={lim.on_nonfinite!r}, {len(lim.layer_names)} speed-limited layer(s):"]
+        lines = [f"SLOptimizer(mode={lim.mode!r}, speed_unit={lim.speed_unit!r}, slo_eps={lim.eps}, "
+                 f"per_tensor={lim.per_tensor}, on_nonfinite={lim.on_nonfinite!r}, "
+                 f"{len(lim.layer_names)} speed-limited layer(s):"]
         shown = list(zip(lim.layer_names, lim.layer_speeds))
         for name, speed in shown[:12]:
             lines.append(f"    {name or '<root>'}: C={speed:g}")

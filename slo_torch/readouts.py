@@ -23,6 +23,11 @@ class LimiterReadouts:
         return self._limiter.mode
 
     @property
+    def speed_unit(self) -> str:
+        """``"frobenius"``, ``"rms"`` or ``"relative"``: each layer's target step norm is ``lr * C_l * u_l``."""
+        return self._limiter.speed_unit
+
+    @property
     def layer_names(self) -> list[str]:
         """Names of the speed-limited layers, in model order."""
         self._limiter.refresh()

@@ -11,8 +11,8 @@ import torch
 
 __all__ = ["SLO_DEFAULTS", "deprecated_eps", "check_unambiguous", "base_step", "replay_first"]
 
-SLO_DEFAULTS = {"model": None, "speeds": None, "mode": "grad", "slo_eps": 0.0, "per_tensor": False,
-                "on_nonfinite": "skip"}
+SLO_DEFAULTS = {"model": None, "speeds": None, "mode": "grad", "speed_unit": "frobenius", "slo_eps": 0.0,
+                "per_tensor": False, "on_nonfinite": "skip"}
 
 
 def deprecated_eps(eps: Any, slo_eps: float, message: str) -> Any:

@@ -11,10 +11,10 @@ speed-limited in four forms:
 * ``attach``: ``attach(cls(params, **kw), ...)``, stepping the optimizer itself.
 
 What SLO changes on purpose (the update numbers, ``p.grad`` in grad mode, closures under
-``attach()``, the extra ``"slo_speeds"`` entry) is listed in the README ("Differences from a plain
-torch optimizer") and asserted here as such. A representative subset (SGD in every form, AdamW in
-update mode, first configuration each) runs by default; ``python -m pytest -m slow
-tests/test_slo_contract.py`` runs the whole matrix.
+``attach()``, the extra ``"slo_speeds"`` and ``"slo_speed_unit"`` entries) is listed in the README
+("Differences from a plain torch optimizer") and asserted here as such. A representative subset (SGD
+in every form, AdamW in update mode, first configuration each) runs by default; ``python -m pytest -m
+slow tests/test_slo_contract.py`` runs the whole matrix.
 """
 
 from __future__ import annotations

@@ -20,9 +20,12 @@ pytestmark = pytest.mark.distributed
 
 STEPS = 3
 SPEEDS = {"0": 4.0, "2": 0.5, "*": 0.25}
-CONFIGS = {  # name -> (optimizer, mode)
-    "sgd_grad": ("sgd", "grad"),
-    "adamw_update": ("adamw", "update"),
+CONFIGS = {  # name -> (optimizer, mode, speed unit)
+    "sgd_grad": ("sgd", "grad", "frobenius"),
+    "adamw_update": ("adamw", "update", "frobenius"),
+    "sgd_grad_relative": ("sgd", "grad", "relative"),
+    "adamw_update_relative": ("adamw", "update", "relative"),
+    "adamw_update_rms": ("adamw", "update", "rms"),
 }
 
 COMMON = textwrap.dedent("""
@@ -101,14 +104,14 @@ WORKER = COMMON + textwrap.dedent("""
         return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                 for n, p in model.named_parameters()}
 
-    def train(wrapper, kind, mode, head=False):
+    def train(wrapper, kind, mode, unit, head=False):
         model = make_model()
         net = wrap(wrapper, model)
         if head:  # only the last layer, which FSDP1 without auto-wrap places on rank 1 alone
             params, layer_speeds = [p for n, p in net.named_parameters() if clean_name(n).startswith("4.")], {"4": 2.0}
         else:
             params, layer_speeds = net.parameters(), speeds
-        opt = SLOptimizer(make_optimizer(kind, params), model=net, speeds=layer_speeds, mode=mode)
+        opt = SLOptimizer(make_optimizer(kind, params), model=net, speeds=layer_speeds, mode=mode, speed_unit=unit)
         xb, yb = batch(wrapper)
         norms, snapshots, local, reduced = [], [], [], []
         for _ in range(steps):
@@ -133,12 +136,12 @@ WORKER = COMMON + textwrap.dedent("""
 
     results = {}
     for wrapper in WRAPPERS:
-        for name, (kind, mode) in configs.items():
-            norms, params, sharded, _ = train(wrapper, kind, mode)
+        for name, (kind, mode, unit) in configs.items():
+            norms, params, sharded, _ = train(wrapper, kind, mode, unit)
             results[(wrapper, name)] = (norms, params)
             results[(wrapper, name, "sharded")] = sharded
-    for name, (kind, mode) in configs.items():
-        norms, params, sharded, local = train("fsdp1_root", kind, mode, head=True)
+    for name, (kind, mode, unit) in configs.items():
+        norms, params, sharded, local = train("fsdp1_root", kind, mode, unit, head=True)
         results[("fsdp1_root_head", name)] = (norms, params)
         results[("fsdp1_root_head", name, "local_grads")] = local
     flat = FSDP(make_model(), use_orig_params=False, device_id=torch.device("cpu"))
@@ -164,13 +167,13 @@ def worker_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return [torch.load(f"{out}.{rank}") for rank in range(2)]
 
 
-def _single_process(kind: str, mode: str, head: bool = False) -> tuple[list, list]:
+def _single_process(kind: str, mode: str, unit: str, head: bool = False) -> tuple[list, list]:
     namespace: dict = {}
     exec(COMMON, namespace)
     model = namespace["make_model"]()
     x, y = namespace["make_data"]()
     params, speeds = (model[4].parameters(), {"4": 2.0}) if head else (model.parameters(), SPEEDS)
-    opt = SLOptimizer(namespace["make_optimizer"](kind, params), model=model, speeds=speeds, mode=mode)
+    opt = SLOptimizer(namespace["make_optimizer"](kind, params), model=model, speeds=speeds, mode=mode, speed_unit=unit)
     norms, params = [], []
     for _ in range(STEPS):
         opt.zero_grad()

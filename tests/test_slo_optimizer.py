@@ -300,7 +300,7 @@ def test_state_dict_is_torch_format() -> None:
     loss_of(model, x, y).backward()
     opt.step()
     sd = opt.state_dict()
-    assert set(sd) == {"state", "param_groups", "slo_speeds"}
+    assert set(sd) == {"state", "param_groups", "slo_speeds", "slo_speed_unit"}
     assert sd["slo_speeds"] == SPEEDS
     assert state_equal(sd["state"], opt.base_optimizer.state_dict()["state"])
     plain = torch.optim.AdamW(make()[0].parameters(), lr=0.01)
