@@ -5,10 +5,11 @@
    SLO / bare, and the median of the per-iteration ratios (more robust on a busy machine).
 2. A whole training step (forward + backward + step) of a GPT-2-config language model
    (``transformers.GPT2LMHeadModel`` built from ``GPT2Config``, GPT-2's vocabulary, random tokens)
-   with foreach AdamW, bare and under SLO in grad and update mode, on identical models, interleaved.
-   SLO's own time is the SLO step minus the wrapped AdamW step inside the same call (paired, so
-   robust on a busy machine); its share is ``median(SLO time) / median(whole step)``. The
-   end-to-end ratio of whole-step medians (SLO / bare) is printed beside it.
+   with foreach AdamW, bare and under SLO in grad, update and auto mode (``speed_unit="relative"``),
+   and with foreach momentum SGD, bare and under SLO in grad mode (``"relative"``), on identical
+   models, interleaved. SLO's own time is the SLO step minus the wrapped base step inside the same
+   call (paired, so robust on a busy machine); its share is ``median(SLO time) / median(whole step)``.
+   The end-to-end ratio of whole-step medians (SLO / the same base, bare) is printed beside it.
 
     python benchmarks/slo_step.py --layers 100 --width 64 --steps 300 --whole-steps 10
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +27,9 @@ import torch
 from torch import nn
 
 from slo_torch import SLOptimizer
+
+# the grad-mode rows over AdamW time that mode's work; the warning that it does not set AdamW's step is known here
+warnings.filterwarnings("ignore", message="mode='grad' rescales the gradients", category=UserWarning)
 
 
 def make_model(layers: int, width: int, device: str, seed: int = 0) -> nn.Module:
@@ -35,21 +40,28 @@ def make_model(layers: int, width: int, device: str, seed: int = 0) -> nn.Module
     return model
 
 
+# the gradients stay fixed, so a relative speed compounds: layer "0" grows by lr * C per step, 0.1% at C = 1
+SPEEDS = {"frobenius": {"0": 500.0, "*": 0.002}, "relative": {"0": 1.0, "*": 0.01}}
+
+
 def cases(layers: int, width: int, device: str) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
     """``{name: (bare step, SLO step)}`` on identical models."""
     out = {}
+    sgd = lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True)  # noqa: E731
+    adamw = lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)  # noqa: E731
     configs = {
-        "SGD(momentum=0.9, foreach) grad mode": (
-            lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True), "grad"),
-        "AdamW(foreach) grad mode": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), "grad"),
-        "AdamW(foreach) update mode": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), "update"),
+        "SGD(momentum=0.9, foreach) grad mode": (sgd, "grad", "frobenius"),
+        "SGD(momentum=0.9, foreach) grad mode, relative": (sgd, "grad", "relative"),
+        "AdamW(foreach) grad mode": (adamw, "grad", "frobenius"),
+        "AdamW(foreach) update mode": (adamw, "update", "frobenius"),
+        "AdamW(foreach) auto (update) mode, relative": (adamw, "auto", "relative"),
     }
-    for name, (make, mode) in configs.items():
+    for name, (make, mode, unit) in configs.items():
         bare_model = make_model(layers, width, device)
         slo_model = make_model(layers, width, device)
         bare = make(bare_model.parameters())
-        slo = SLOptimizer(make(slo_model.parameters()), model=slo_model,
-                          speeds={"0": 500.0, "*": 0.002}, mode=mode)
+        slo = SLOptimizer(make(slo_model.parameters()), model=slo_model, speeds=SPEEDS[unit], mode=mode,
+                          speed_unit=unit)
         out[name] = (bare.step, slo.step)
     return out
 
@@ -65,20 +77,34 @@ def make_gpt2(blocks: int, width: int, seq: int, device: str, seed: int = 0) -> 
     return GPT2LMHeadModel(config).to(device)
 
 
+WHOLE_STEP_CASES = {  # name -> (base optimizer, SLO mode (None: bare), speed unit, the bare row it is compared with)
+    "AdamW(foreach), bare": ("adamw", None, None, "AdamW(foreach), bare"),
+    "SLO grad mode": ("adamw", "grad", "frobenius", "AdamW(foreach), bare"),
+    "SLO update mode": ("adamw", "update", "frobenius", "AdamW(foreach), bare"),
+    "SLO auto (update) mode, relative": ("adamw", "auto", "relative", "AdamW(foreach), bare"),
+    "SGD(momentum=0.9, foreach), bare": ("sgd", None, None, "SGD(momentum=0.9, foreach), bare"),
+    "SLO over SGD, grad mode, relative": ("sgd", "grad", "relative", "SGD(momentum=0.9, foreach), bare"),
+}
+
+
 def whole_step_cases(blocks: int, width: int, seq: int, device: str) -> dict[str, tuple[Any, torch.optim.Optimizer]]:
-    """``{name: (model, optimizer)}``: bare foreach AdamW and SLO around it in grad and update mode."""
+    """``{name: (model, optimizer)}`` of :data:`WHOLE_STEP_CASES`: bare foreach AdamW / momentum SGD and SLO around
+    them."""
     out: dict[str, tuple[Any, torch.optim.Optimizer]] = {}
-    for name, mode in (("AdamW(foreach), bare", None), ("SLO grad mode", "grad"), ("SLO update mode", "update")):
+    for name, (kind, mode, unit, _) in WHOLE_STEP_CASES.items():
         model = make_gpt2(blocks, width, seq, device)
-        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        opt: torch.optim.Optimizer = (
+            torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True) if kind == "adamw"
+            else torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True))
         if mode is not None:
-            opt = SLOptimizer(opt, model=model, speeds={"transformer.h.0.mlp.c_fc": 10.0, "*": 0.1}, mode=mode)
+            opt = SLOptimizer(opt, model=model, speeds={"transformer.h.0.mlp.c_fc": 10.0, "*": 0.1}, mode=mode,
+                              speed_unit=unit)
         out[name] = (model, opt)
     return out
 
 
 def whole_step_table(args: argparse.Namespace) -> None:
-    """Forward + backward + step of a GPT-2-config model: bare AdamW vs SLO (grad, update), interleaved."""
+    """Forward + backward + step of a GPT-2-config model: bare AdamW / SGD vs SLO around them, interleaved."""
     cases = whole_step_cases(args.gpt2_blocks, args.gpt2_width, args.seq, args.device)
     vocab = next(iter(cases.values()))[0].config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(args.device)
@@ -96,7 +122,7 @@ def whole_step_table(args: argparse.Namespace) -> None:
     names = list(cases)
     fb = {n: forward_backward(*cases[n]) for n in names}
     step = {n: cases[n][1].step for n in names}
-    t_base: dict[str, list[float]] = {n: [] for n in names}  # the wrapped AdamW step inside SLO's step
+    t_base: dict[str, list[float]] = {n: [] for n in names}  # the wrapped base step inside SLO's step
     for n in names:
         opt = cases[n][1]
         if isinstance(opt, SLOptimizer):  # the base's own step hooks run right around its step
@@ -116,7 +142,6 @@ def whole_step_table(args: argparse.Namespace) -> None:
             t_fb[n].append(timed(fb[n], args.device))
             t_step[n].append(timed(step[n], args.device))
     med = statistics.median
-    bare = names[0]
     whole = {n: [a + b for a, b in zip(t_fb[n], t_step[n])] for n in names}
     print("| optimizer | forward + backward (ms) | step (ms) | of which SLO (ms) | whole step (ms) "
           "| SLO share of the whole step | whole step / bare |")
@@ -125,7 +150,7 @@ def whole_step_table(args: argparse.Namespace) -> None:
         own = [t - b for t, b in zip(t_step[n], t_base[n])]
         slo, share = (f"{med(own) * 1e3:.1f}", f"{med(own) / med(whole[n]) * 100:.2f}%") if own else ("-", "-")
         print(f"| {n} | {med(t_fb[n]) * 1e3:.1f} | {med(t_step[n]) * 1e3:.1f} | {slo} | {med(whole[n]) * 1e3:.1f} "
-              f"| {share} | {med(whole[n]) / med(whole[bare]):.3f}x |")
+              f"| {share} | {med(whole[n]) / med(whole[WHOLE_STEP_CASES[n][3]]):.3f}x |")
 
 
 def clock(device: str) -> float:

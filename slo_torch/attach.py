@@ -65,7 +65,7 @@ def attach(
     optimizer: torch.optim.Optimizer,
     model: nn.Module | None,
     speeds: SpeedSpec,
-    mode: str = "grad",
+    mode: str = "auto",
     slo_eps: float = 0.0,
     per_tensor: bool = False,
     on_nonfinite: str = "skip",

@@ -2,7 +2,7 @@
 
     trainer = Trainer(model, args, ..., optimizer_cls_and_kwargs=(SLOptimizer, dict(
         base_optimizer=torch.optim.AdamW, model=model, speeds=promote(model, "layer", 10.0),
-        mode="update", lr=3e-4)), callbacks=[SLOCallback()])
+        lr=3e-4)), callbacks=[SLOCallback()])   # mode="auto": "update" for AdamW
 
 Logged at every logging step, averaged over the optimizer steps taken since the previous log
 (a step skipped for a non-finite gradient or a GradScaler overflow adds nothing):

@@ -32,10 +32,10 @@ from .functional import (
 )
 from .layers import SpeedSpec, normalize_speeds, resolve_layers
 from .plan import UNLIMITED, Plan, build_plan, group_signature
+from .wrapping import resolve_mode
 
-__all__ = ["SpeedLimiter", "MODES", "NONFINITE_CHOICES", "SPEED_UNITS"]
+__all__ = ["SpeedLimiter", "NONFINITE_CHOICES", "SPEED_UNITS"]
 
-MODES = ("grad", "update")
 NONFINITE_CHOICES = ("skip", "raise")
 SPEED_UNITS = ("frobenius", "rms", "relative")
 _CURRENT: Any = object()  # check_groups(): validate against the speeds in force
@@ -59,13 +59,13 @@ class SpeedLimiter:
         optimizer: torch.optim.Optimizer,
         model: nn.Module | None,
         speeds: SpeedSpec,
-        mode: str = "grad",
+        mode: str = "auto",
         eps: float = 0.0,
         per_tensor: bool = False,
         on_nonfinite: str = "skip",
         speed_unit: str = "frobenius",
     ) -> None:
-        self.mode = check_choice("mode", mode, MODES)
+        self.mode = resolve_mode(mode, optimizer)  # "grad" or "update"
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_CHOICES)
         self.speed_unit = check_choice("speed_unit", speed_unit, SPEED_UNITS)
         self.eps = check_eps(eps)

@@ -12,7 +12,7 @@ multiplies ``C_l`` by ``u_l``: 1 (``"frobenius"``), ``sqrt(n_l)`` (``"rms"``) or
 The wrapper shares ``param_groups``, ``state`` and ``defaults`` with the wrapped optimizer (the same
 objects, as timm's Lookahead does), so LR schedulers, ``GradScaler``, accelerate and the
 ``transformers`` Trainer treat it as the optimizer they know, and checkpoints keep torch's format
-(plus ``"slo_speeds"`` and ``"slo_speed_unit"`` entries that a plain optimizer ignores).
+(plus ``"slo_speeds"``, ``"slo_speed_unit"`` and ``"slo_mode"`` entries that a plain optimizer ignores).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ _HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_opti
                "_optimizer_load_state_dict_post_hooks")
 SPEEDS_KEY = "slo_speeds"  # state_dict entry with the speeds in force (a plain optimizer ignores it)
 UNIT_KEY = "slo_speed_unit"  # state_dict entry with the speed unit
+MODE_KEY = "slo_mode"  # state_dict entry with the (resolved) mode
 
 
 class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
@@ -57,8 +58,9 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         speeds: ``{glob pattern: C}`` over module names (most specific wins, ``"*"`` default), a list
             in layer order, or ``None`` when param groups carry a ``"speed"`` key.
         mode: ``"grad"`` (normalise gradients in place: ``p.grad`` holds the limited gradient after
-            ``step()``) or ``"update"`` (rescale each layer's update to ``lr * C_l``; use it with
-            Adam-type optimizers, which undo gradient scaling).
+            ``step()``), ``"update"`` (rescale each layer's update to ``lr * C_l``; for Adam-type
+            optimizers, which undo gradient scaling) or ``"auto"`` (``"grad"`` for SGD and ASGD, whose step
+            scales with the gradient; ``"update"`` for every other optimizer). ``opt.mode`` is the resolved mode.
         speed_unit: what ``C_l`` measures; the target step norm is ``lr * C_l * u_l``: ``"frobenius"``
             (``u_l = 1``), ``"rms"`` (``u_l = sqrt(n_l)``, ``n_l`` the entries of the layer's tensors: ``C_l`` is
             the per-entry RMS step) or ``"relative"`` (``u_l = ||W_l||_F`` before the step: ``C_l`` is the
@@ -78,7 +80,7 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         *,
         model: nn.Module | None = None,
         speeds: SpeedSpec = None,
-        mode: str = "grad",
+        mode: str = "auto",
         speed_unit: str = "frobenius",
         slo_eps: float = 0.0,
         per_tensor: bool = False,
@@ -226,17 +228,20 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         self._limiter.refresh()
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's ``{'state', 'param_groups'}`` state dict, ``'slo_speeds'`` and ``'slo_speed_unit'``.
+        """The base optimizer's ``{'state', 'param_groups'}`` state dict and ``'slo_speeds'``, ``'slo_speed_unit'``,
+        ``'slo_mode'``.
 
         ``'slo_speeds'`` is the speed specification in force (plain floats, patterns or a list;
-        ``None`` when the param groups carry the speeds) and ``'slo_speed_unit'`` the unit they are in (a
-        string); a plain optimizer's ``load_state_dict`` ignores both. This wrapper's state-dict hooks are applied.
+        ``None`` when the param groups carry the speeds), ``'slo_speed_unit'`` the unit they are in and
+        ``'slo_mode'`` the resolved mode (strings); a plain optimizer's ``load_state_dict`` ignores them. This
+        wrapper's state-dict hooks are applied.
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.base_optimizer.state_dict()
         state_dict[SPEEDS_KEY] = self._limiter.speeds
         state_dict[UNIT_KEY] = self._limiter.speed_unit
+        state_dict[MODE_KEY] = self._limiter.mode
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -247,7 +252,8 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         """Load a state dict written by :meth:`state_dict` or by a plain optimizer of the base's type.
 
         Its ``'slo_speeds'`` replace the current speeds (a plain optimizer's state dict keeps them). A state
-        dict saved with another ``speed_unit`` is refused: its speeds mean other step lengths.
+        dict saved with another ``speed_unit`` (its speeds mean other step lengths) or another mode (the
+        base's state was built from other gradients) is refused.
         Everything is validated first: a load that raises leaves the optimizer as it was.
         """
         state_dict = state_dict.copy()
@@ -257,13 +263,17 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
                 state_dict = result
         has_speeds = SPEEDS_KEY in state_dict
         speeds = state_dict.pop(SPEEDS_KEY, None)
-        unit = state_dict.pop(UNIT_KEY, self._limiter.speed_unit)
-        if unit != self._limiter.speed_unit:
-            raise ValueError(
-                f"Cannot load this state dict (the optimizer is unchanged): it was saved with speed_unit={unit!r}, "
-                f"this optimizer has speed_unit={self._limiter.speed_unit!r}, and its speeds would mean other step "
-                f"lengths; build the SLOptimizer with speed_unit={unit!r} to resume it"
-            )
+        for key, name, current, why in (
+            (UNIT_KEY, "speed_unit", self._limiter.speed_unit, "its speeds would mean other step lengths"),
+            (MODE_KEY, "mode", self._limiter.mode, "the base optimizer's state was built from other gradients"),
+        ):
+            saved = state_dict.pop(key, current)
+            if saved != current:
+                raise ValueError(
+                    f"Cannot load this state dict (the optimizer is unchanged): it was saved with {name}={saved!r}, "
+                    f"this optimizer has {name}={current!r}, and {why}; build the SLOptimizer with "
+                    f"{name}={saved!r} to resume it"
+                )
         self._limiter.check_load(state_dict, speeds if has_speeds else self._limiter.speeds)
         self.base_optimizer.load_state_dict(state_dict)
         if has_speeds:

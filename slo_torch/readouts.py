@@ -19,7 +19,7 @@ class LimiterReadouts:
 
     @property
     def mode(self) -> str:
-        """``"grad"`` or ``"update"``."""
+        """``"grad"`` or ``"update"``: the mode in force (``"auto"`` resolved for the optimizer's class)."""
         return self._limiter.mode
 
     @property

@@ -1,4 +1,4 @@
-"""How :class:`~slo_torch.SLOptimizer` treats the optimizer it wraps: keyword checks and the base step."""
+"""How SLO treats the optimizer it limits: the mode for its class (``mode="auto"``), keyword checks, the base step."""
 
 from __future__ import annotations
 
@@ -9,10 +9,55 @@ from typing import Any
 
 import torch
 
-__all__ = ["SLO_DEFAULTS", "deprecated_eps", "check_unambiguous", "base_step", "replay_first"]
+from .checks import check_choice
 
-SLO_DEFAULTS = {"model": None, "speeds": None, "mode": "grad", "speed_unit": "frobenius", "slo_eps": 0.0,
+__all__ = ["MODES", "SLO_DEFAULTS", "resolve_mode", "deprecated_eps", "check_unambiguous", "base_step", "replay_first"]
+
+MODES = ("auto", "grad", "update")
+SLO_DEFAULTS = {"model": None, "speeds": None, "mode": "auto", "speed_unit": "frobenius", "slo_eps": 0.0,
                 "per_tensor": False, "on_nonfinite": "skip"}
+# torch.optim classes whose step is proportional to the gradient: rescaling g rescales the step (grad mode)
+GRAD_SCALED = ("SGD", "ASGD")
+# torch.optim classes whose step does not scale with the gradient (per-coordinate or per-matrix
+# normalisation, signs, LBFGS's ratios of gradient differences): rescaling g leaves the step (almost) as it was
+SCALE_INVARIANT = ("Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "Muon", "NAdam",
+                   "RAdam", "RMSprop", "Rprop", "SparseAdam")
+
+
+def _known_rule(optimizer: torch.optim.Optimizer) -> str | None:
+    """The name of the ``torch.optim`` class whose step ``optimizer`` runs: its class, or a subclass that keeps that
+    class's ``step``; ``None`` otherwise (a class that defines its own step follows a rule SLO does not know)."""
+    step = inspect.unwrap(type(optimizer).step)
+    for name in GRAD_SCALED + SCALE_INVARIANT:
+        cls = getattr(torch.optim, name, None)  # Adafactor and Muon exist in recent torch only
+        if cls is not None and isinstance(optimizer, cls) and inspect.unwrap(cls.step) is step:
+            return name
+    return None
+
+
+def resolve_mode(mode: str, optimizer: torch.optim.Optimizer) -> str:
+    """``"grad"`` or ``"update"`` for ``mode`` over ``optimizer``.
+
+    ``"auto"`` is ``"grad"`` where the step scales with the gradient (SGD, ASGD and subclasses that keep their
+    step: rescaling ``g_l`` to norm ``C_l`` sets the step, the paper's rule) and ``"update"`` everywhere else
+    (Adam-type, Adagrad-type, sign-based, Muon, LBFGS, and every optimizer not listed: rescaling the update to
+    ``lr * C_l`` is exact whatever the step's rule). LBFGS is ``"update"``: its first step is divided by
+    ``||g||_1``, later directions come from ratios of gradient differences, and it re-evaluates its closure
+    (grad mode would normalise the first evaluation only). An explicit ``"grad"`` over a scale-invariant
+    class warns.
+    """
+    check_choice("mode", mode, MODES)
+    rule = _known_rule(optimizer)
+    if mode == "auto":
+        return "grad" if rule in GRAD_SCALED else "update"
+    if mode == "grad" and rule in SCALE_INVARIANT:
+        warnings.warn(
+            f"mode='grad' rescales the gradients, but the step of {type(optimizer).__name__} does not scale with "
+            "the gradient, so the rescaling does not set how far each layer moves; use mode='update' (the "
+            "default mode='auto' picks it) to move each layer by its target step lr * C_l",
+            UserWarning, stacklevel=4,
+        )
+    return mode
 
 
 def deprecated_eps(eps: Any, slo_eps: float, message: str) -> Any:

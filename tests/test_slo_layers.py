@@ -130,7 +130,7 @@ def test_wrapping_twice_rejected() -> None:
 def test_bad_mode_eps_nonfinite_choice() -> None:
     model = Net()
     make = lambda **kw: SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds={"*": 1.0}, **kw)
-    with pytest.raises(ValueError, match=r"Unknown mode 'grads'.*\('grad', 'update'\)"):
+    with pytest.raises(ValueError, match=r"Unknown mode 'grads'.*\('auto', 'grad', 'update'\)"):
         make(mode="grads")
     with pytest.raises(ValueError, match="eps"):
         make(slo_eps=-1.0)

@@ -17,6 +17,8 @@ from torch import nn
 
 from slo_torch import SLOptimizer, attach, promote
 
+# grad mode over Adam-type optimizers is tested here for its mechanics; the warning it earns, in test_slo_auto_mode.py
+pytestmark = pytest.mark.filterwarnings("ignore:mode='grad' rescales the gradients:UserWarning")
 SPEEDS = {"0": 5.0, "2": 0.5, "*": 0.2}
 LAYERS = {"0": 5.0, "2": 0.5, "4": 0.2}
 
@@ -85,7 +87,8 @@ def test_grad_mode_formula_with_eps_and_adam() -> None:
     model, x, y = make()
     ref = copy.deepcopy(model)
     eps = 0.3
-    opt = SLOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model=model, speeds=SPEEDS, slo_eps=eps)
+    opt = SLOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model=model, speeds=SPEEDS, mode="grad",
+                      slo_eps=eps)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
     for _ in range(3):
         for m, o in ((model, opt), (ref, ref_opt)):
@@ -239,7 +242,7 @@ def test_shares_containers_with_the_base() -> None:
     assert opt.param_groups is base.param_groups and opt.state is base.state
     assert len(opt.state) == 6
     text = repr(opt)
-    assert "SLOptimizer(mode='grad'" in text and "0: C=5" in text and "Adam (" in text
+    assert "SLOptimizer(mode='update'" in text and "0: C=5" in text and "Adam (" in text
 
 
 def test_built_from_class_and_kwargs() -> None:
@@ -300,7 +303,7 @@ def test_state_dict_is_torch_format() -> None:
     loss_of(model, x, y).backward()
     opt.step()
     sd = opt.state_dict()
-    assert set(sd) == {"state", "param_groups", "slo_speeds", "slo_speed_unit"}
+    assert set(sd) == {"state", "param_groups", "slo_speeds", "slo_speed_unit", "slo_mode"}
     assert sd["slo_speeds"] == SPEEDS
     assert state_equal(sd["state"], opt.base_optimizer.state_dict()["state"])
     plain = torch.optim.AdamW(make()[0].parameters(), lr=0.01)

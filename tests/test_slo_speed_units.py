@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -189,3 +191,78 @@ def test_unit_appears_in_repr() -> None:
     model, _, _ = make()
     opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model=model, speeds=SPEEDS, speed_unit="rms")
     assert "speed_unit='rms'" in repr(opt)
+
+
+def _host_reads(unit: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Calls that read a tensor's value on the host (a synchronisation on a GPU) during three steps."""
+    model, x, y = make()
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), model=model, speeds=SPEEDS,
+                      mode=mode, speed_unit=unit)
+    backward(model, x, y)
+    opt.step()  # the first step builds state and, for "rms", counts the entries
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _real=real, **k: reads.append(1) or _real(self, *a, **k))
+    for _ in range(3):
+        opt.zero_grad()
+        backward(model, x, y)
+        opt.step()
+    monkeypatch.undo()
+    return len(reads)
+
+
+@pytest.mark.parametrize("mode", ["grad", "update"])
+@pytest.mark.parametrize("unit", ["rms", "relative"])
+def test_units_add_no_host_synchronisation(unit: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _host_reads(unit, mode, monkeypatch) == _host_reads("frobenius", mode, monkeypatch) == 3  # one a step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["grad", "update"])
+@pytest.mark.parametrize("unit", ["rms", "relative"])
+def test_cuda_step_with_a_unit_synchronises_with_the_host_once(unit: str, mode: str) -> None:
+    model, x, y = make(dtype=torch.float32)
+    model.cuda()
+    x, y = x.cuda(), y.cuda()
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), model=model, speeds=SPEEDS,
+                      mode=mode, speed_unit=unit)
+    syncs = 0
+    for i in range(4):  # the first step builds optimizer state and counts the entries
+        opt.zero_grad()
+        backward(model, x, y)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs += sum("synchroniz" in str(w.message) for w in caught) if i else 0
+    assert syncs <= 3
+
+
+@pytest.mark.parametrize("base, unit", [("momentum SGD", "relative"), ("AdamW", "rms")])
+def test_resume_from_a_checkpoint_is_bit_identical(base: str, unit: str) -> None:
+    def run(steps: int, checkpoint: dict | None = None) -> tuple[nn.Module, dict]:
+        model, x, y = make()
+        opt = SLOptimizer(BASES[base](model.parameters()), model=model, speeds=SPEEDS, speed_unit=unit)
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            opt.load_state_dict(checkpoint["opt"])
+        for _ in range(steps):
+            opt.zero_grad()
+            backward(model, x, y)
+            opt.step()
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+        buffer.seek(0)
+        return model, torch.load(buffer, weights_only=True)
+
+    straight, _ = run(6)
+    _, checkpoint = run(3)
+    assert checkpoint["opt"]["slo_speed_unit"] == unit
+    resumed, _ = run(3, checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), straight.parameters()))
