@@ -13,7 +13,8 @@ SLO promotes ``--promote-layer`` (one or more names: one SLO run each) over the 
 The default speeds are relative to each layer's weight norm (``speed_unit="relative"``: a step moves a layer
 by ``lr·C_l·‖W_l‖_F``): the promoted layer at ``C = 1e-2``, every other layer at ``3e-4``, lr 1 every epoch.
 
-    python examples/image_cnn.py --dataset digits --optimizer both --width-mult 0.25 --out results/image_cnn_digits
+    python examples/image_cnn.py --dataset digits --optimizer both --promote-layer features.conv1 features.conv4 \
+        features.conv8 --width-mult 0.125 --batch 64 --epochs 40 --probe 128 --seed 0 1 --jobs 8 --out results/image_cnn_digits
     python examples/image_cnn.py --dataset cifar10 --data-dir ~/data --optimizer both --device cuda --out runs/vgg
 
 Writes ``metrics.csv``, ``results.md``, ``nfa_curves.png`` and ``loss_accuracy.png`` to ``--out``. A missing or
