@@ -191,7 +191,9 @@ class NFACallback(TrainerCallback):
                 "nfa/*: add it with NFACallback(...).add_to(trainer) instead of Trainer(callbacks=[...])"
             )
         if model is None:
-            raise ValueError("NFACallback needs the model; use it with a transformers.Trainer (NFACallback(...).add_to(trainer))")
+            raise ValueError(
+                "NFACallback needs the model; use it with a transformers.Trainer (NFACallback(...).add_to(trainer))"
+            )
         if self.monitor is not None and self.monitor.model is model:
             if not self.monitor.attached:
                 self.monitor = NFAMonitor(model, self.layers, self.correlation, W0=self.monitor.W0, blocks=self.blocks)
