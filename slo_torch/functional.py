@@ -22,7 +22,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
     "layer_sq_norms", "slo_coefficients", "scale_layers_", "rescale_updates_", "slo_rescale_", "CoefficientBuffer",
-    "accumulate_dtype",
+    "accumulate_dtype", "coefficient_factors", "unrepresentable",
 ]
 
 
@@ -153,6 +153,26 @@ def slo_coefficients(norms: Tensor, speeds: Tensor, eps: float = 0.0) -> Tensor:
     return torch.where(norms > 0, speeds / denominator, 1.0)  # the 0/0 branch is never selected
 
 
+def unrepresentable(coefficients: Tensor, dtype: torch.dtype) -> Tensor:
+    """0-dim bool: some non-zero finite coefficient is outside ``dtype``'s normal range (it would round to
+    inf, a subnormal or 0 there; e.g. ``C / ||g||`` for a float32 gradient of norm below ``3e-39 C``)."""
+    info = torch.finfo(dtype)
+    c = coefficients.abs()
+    return ((c > info.max) | ((c < info.tiny) & (c > 0))).any()
+
+
+def coefficient_factors(coefficients: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``c = hi * lo`` in ``dtype``: ``hi = 2^floor(e/2)`` for ``c = m 2^e`` (``m`` in [0.5, 1)), ``lo = c / hi``.
+
+    Both are normal in float32 for ``c`` within 2^-250..2^250, so ``(t * hi) * lo`` applies a float64 ``c``
+    outside float32's range with one rounding (the product by a power of two is exact).
+    """
+    mantissa, exponent = torch.frexp(coefficients)
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    hi = torch.ldexp(torch.ones_like(coefficients), half)
+    return hi.to(dtype), torch.ldexp(mantissa, exponent - half).to(dtype)
+
+
 class CoefficientBuffer:
     """Reusable per-tensor coefficients for ``torch._foreach_mul_``: one 1-D buffer and its 0-dim views.
 
@@ -222,7 +242,9 @@ def slo_rescale_(
     """Rescale each layer's tensors jointly to norm ``C_l``: ``t <- C_l * t / (||t_l||_F + eps)``.
 
     ``layers[l]`` is a tensor or a list of tensors (e.g. the gradients of a weight and its bias);
-    a layer of norm zero is left at zero. Returns the pre-rescaling norms ``||t_l||_F`` (float64, see
+    a layer of norm zero is left at zero. On the CPU a coefficient outside float32's normal range (for
+    float32 or half-precision tensors) is applied exactly by :func:`coefficient_factors`. Returns the
+    pre-rescaling norms ``||t_l||_F`` (float64, see
     :func:`layer_sq_norms`), shape ``(len(layers),)``. No host synchronisation.
     """
     flat: list[Tensor] = []
@@ -239,6 +261,13 @@ def slo_rescale_(
     speed_t = to_device(torch.as_tensor(speeds, dtype=norms.dtype), device)
     if speed_t.shape != norms.shape:
         raise ValueError(f"speeds has {speed_t.numel()} entries, expected one per layer ({len(layers)})")
-    coefficients = slo_coefficients(norms, speed_t, eps).to(accumulate_dtype(t.dtype for t in flat))
-    scale_layers_(flat, layer_index, coefficients)
+    coefficients = slo_coefficients(norms, speed_t, eps)  # float64
+    dtype = accumulate_dtype(t.dtype for t in flat)
+    # reading the flag waits for nothing on the CPU (on accelerators it would synchronise)
+    if device.type == "cpu" and dtype != torch.float64 and bool(unrepresentable(coefficients, dtype)):
+        hi, lo = coefficient_factors(coefficients, dtype)
+        scale_layers_(flat, layer_index, hi)
+        scale_layers_(flat, layer_index, lo)
+    else:
+        scale_layers_(flat, layer_index, coefficients.to(dtype))
     return norms

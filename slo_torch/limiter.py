@@ -23,11 +23,13 @@ from .distributed import align_grad_placements, local_tensor, whole_layer_sq_nor
 from .functional import (
     CoefficientBuffer,
     accumulate_dtype,
+    coefficient_factors,
     index_tensor,
     rescale_updates_,
     scale_layers_,
     slo_coefficients,
     to_device,
+    unrepresentable,
 )
 from .layers import SpeedSpec, normalize_speeds, resolve_layers
 from .plan import UNLIMITED, Plan, build_plan, group_signature
@@ -200,7 +202,9 @@ class SpeedLimiter:
         gradients itself (fused optimizers): gradients are then ``S * g``, norms are ``||S g_i|| / S``
         per tensor (in double, unscaled before squaring: no overflow) and the coefficient
         ``C / (||g|| + eps)`` applied to ``S g`` leaves the base's own unscaling to produce
-        ``C g / (||g|| + eps)``. Returns False if the step must be skipped.
+        ``C g / (||g|| + eps)``. Coefficients are float64; the same host sync says whether one lies
+        outside the plan dtype's normal range (then it is applied in two factors). Returns False if
+        the step must be skipped.
         """
         self.refresh()
         plan = self._current()
@@ -219,34 +223,52 @@ class SpeedLimiter:
             plan = self._current()
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal()
         sq = self._sq_norms(grads, bins, keep, grouped, inv_scale)
-        if not self._may_step(sq, found_inf):
-            return False
         norms = sq[:-1].sqrt()
+        coefficients = None if self.mode == "update" else slo_coefficients(norms, plan.speeds, self.eps)  # float64
+        may_step, split = self._may_step(sq, found_inf, coefficients)
+        if not may_step:
+            return False
         self._norms = (plan.layer_names, norms)
         self.taken_steps += 1
         limited, limited_bins = grads[:n_lim], (plan.limited_bins if keep is None else bins[:n_lim])
         if self.mode == "update":
             self._take_snapshot(n_lim, keep, limited_bins)
         elif n_lim:  # no limited layer has a gradient: nothing to rescale
-            scale_layers_(limited, limited_bins, slo_coefficients(norms, plan.speeds, self.eps).to(plan.dtype),
-                          self._coefficient_buffer(limited, keep))
+            self._scale(limited, limited_bins, coefficients, keep, split)  # type: ignore[arg-type]
         return True
 
-    def _may_step(self, sq: Tensor, found_inf: Tensor | None) -> bool:
-        """The one host synchronisation of the step: any non-finite norm, GradScaler's ``found_inf``."""
+    def _scale(self, tensors: list[Tensor], bins: Tensor, coefficients: Tensor, owners: list[int] | None,
+               split: bool) -> None:
+        """``t <- c t`` with float64 coefficients: one multiplication in the plan's dtype, or, where ``split``
+        (a coefficient outside that dtype's normal range), ``(t * hi) * lo`` (:func:`coefficient_factors`)."""
+        dtype = self._current().dtype
+        if not split:
+            scale_layers_(tensors, bins, coefficients.to(dtype), self._coefficient_buffer(tensors, owners))
+            return
+        hi, lo = coefficient_factors(coefficients, dtype)
+        scale_layers_(tensors, bins, hi)
+        scale_layers_(tensors, bins, lo)
+
+    def _may_step(self, sq: Tensor, found_inf: Tensor | None, coefficients: Tensor | None) -> tuple[bool, bool]:
+        """The one host synchronisation of the step: any non-finite norm, GradScaler's ``found_inf``, and
+        whether a coefficient lies outside the plan dtype's normal range. Returns (may step, split)."""
         if sq.is_meta:  # no values on the meta device: the base optimizer's own checks speak
-            return True
-        if found_inf is None:
-            nonfinite, scaler_inf = not bool(torch.isfinite(sq).all()), False
-        else:
-            flags = [~torch.isfinite(sq).all(), to_device(found_inf, sq.device) > 0]
-            nonfinite, scaler_inf = torch.stack(flags).tolist()
+            return True, False
+        flags = [~torch.isfinite(sq).all()]
+        if found_inf is not None:
+            flags.append(to_device(found_inf, sq.device) > 0)
+        if coefficients is not None and self._current().dtype != torch.float64:
+            flags.append(unrepresentable(coefficients, self._current().dtype))
+        values = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
+        nonfinite = values[0]
+        scaler_inf = found_inf is not None and values[1]
+        split = coefficients is not None and self._current().dtype != torch.float64 and values[-1]
         if scaler_inf:
-            return False  # GradScaler found inf/NaN: it handles the skip and the scale backoff
+            return False, False  # GradScaler found inf/NaN: it handles the skip and the scale backoff
         if nonfinite:
             self._report_nonfinite(sq)
-            return False
-        return True
+            return False, False
+        return True, bool(split)
 
     def _report_nonfinite(self, sq: Tensor) -> None:
         self.nonfinite_steps += 1
@@ -296,8 +318,16 @@ class SpeedLimiter:
         norms = self._sq_norms(snap.params, snap.bins, snap.owners)[:-1].sqrt_()
         self._update_norms = (self._current().layer_names, norms)
         if snap.params:
-            k = slo_coefficients(norms, self._layer_step_sizes(), self.eps).to(self._current().dtype)
-            rescale_updates_(snap.params, snap.old, snap.bins, k, self._coefficient_buffer(snap.params, snap.owners))
+            plan = self._current()
+            k = slo_coefficients(norms, self._layer_step_sizes(), self.eps)  # float64
+            # reading the flag waits for nothing on the CPU; on accelerators it would be a second host sync
+            if plan.device.type == "cpu" and plan.dtype != torch.float64 and bool(unrepresentable(k, plan.dtype)):
+                hi, lo = coefficient_factors(k, plan.dtype)
+                scale_layers_(snap.params, snap.bins, hi)
+                rescale_updates_(snap.params, snap.old, snap.bins, lo)
+            else:
+                rescale_updates_(snap.params, snap.old, snap.bins, k.to(plan.dtype),
+                                 self._coefficient_buffer(snap.params, snap.owners))
 
     def skip_all_grads(self) -> None:
         """Drop every gradient so that a following ``optimizer.step()`` changes nothing."""

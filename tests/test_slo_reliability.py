@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from slo_torch import SLOptimizer, attach, promote, promote_lowest
+from slo_torch import SLOptimizer, attach, promote, promote_lowest, slo_rescale_
 
 
 def _limited(form: str, base: torch.optim.Optimizer, model: nn.Module | None, speeds: Any, **kwargs: Any) -> Any:
@@ -71,6 +71,39 @@ def test_tiny_updates_are_rescaled_exactly(form: str) -> None:
     assert float(slo.last_grad_norms[""]) == pytest.approx(grad_norm, rel=1e-6, abs=0.0)
     assert float(slo.last_update_norms[""]) == pytest.approx(lr * grad_norm, rel=1e-5, abs=0.0)
     assert _layer_moves(model, before)[""] == pytest.approx(lr * C, rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["wrap", "attach"])
+@pytest.mark.parametrize("mode", ["grad", "update"])
+@pytest.mark.parametrize(("dtype", "scale", "C"), [(torch.float32, 1e-41, 1.0), (torch.float32, 1e-36, 1e4),
+                                                   (torch.bfloat16, 1e-39, 1.0), (torch.float32, 1e37, 1e-3)])
+def test_coefficients_beyond_float32_move_the_layer_by_its_speed(
+    form: str, mode: str, dtype: torch.dtype, scale: float, C: float
+) -> None:
+    # C / ||g|| (or lr C / ||p_new - p_old||) above float32's max (subnormal gradients) or below its
+    # normal range (huge ones): the step is still lr C, with no inf or NaN
+    torch.manual_seed(0)
+    model = nn.Linear(6, 5).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():  # p_new - p_old is exact at 0 (update mode: the subnormal SGD step)
+            p.zero_()
+    lr = 0.1
+    opt, slo = _limited(form, torch.optim.SGD(model.parameters(), lr=lr), model, {"*": C}, mode=mode)
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape, dtype=torch.float64) * scale).to(dtype)
+    grad_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+    assert grad_norm > 0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert float(slo.last_grad_norms[""]) == pytest.approx(grad_norm, rel=1e-6, abs=0.0)
+    assert _layer_moves(model, before)[""] == pytest.approx(lr * C, rel=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_slo_rescale_of_subnormal_gradients_gives_norm_c() -> None:
+    g = (torch.randn(7, dtype=torch.float64) * 1e-41).float()
+    slo_rescale_([g], [1.0])
+    assert float(g.double().norm()) == pytest.approx(1.0, rel=1e-6)
 
 
 @pytest.mark.parametrize("form", ["wrap", "attach"])
