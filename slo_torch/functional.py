@@ -22,7 +22,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
     "layer_sq_norms", "slo_coefficients", "scale_layers_", "rescale_updates_", "slo_rescale_", "CoefficientBuffer",
-    "accumulate_dtype", "coefficient_factors", "unrepresentable",
+    "accumulate_dtype", "applied_dtype", "coefficient_factors", "unrepresentable",
 ]
 
 
@@ -153,6 +153,12 @@ def slo_coefficients(norms: Tensor, speeds: Tensor, eps: float = 0.0) -> Tensor:
     return torch.where(norms > 0, speeds / denominator, 1.0)  # the 0/0 branch is never selected
 
 
+def applied_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The narrowest real dtype in which coefficients for tensors of ``dtypes`` are applied: float64 if all are
+    float64 or complex128, else float32 (half precision is multiplied in float32)."""
+    return torch.float64 if all(dt in (torch.float64, torch.complex128) for dt in dtypes) else torch.float32
+
+
 def unrepresentable(coefficients: Tensor, dtype: torch.dtype) -> Tensor:
     """0-dim bool: some non-zero finite coefficient is outside ``dtype``'s normal range (it would round to
     inf, a subnormal or 0 there; e.g. ``C / ||g||`` for a float32 gradient of norm below ``3e-39 C``)."""
@@ -263,8 +269,9 @@ def slo_rescale_(
         raise ValueError(f"speeds has {speed_t.numel()} entries, expected one per layer ({len(layers)})")
     coefficients = slo_coefficients(norms, speed_t, eps)  # float64
     dtype = accumulate_dtype(t.dtype for t in flat)
+    narrow = applied_dtype(t.dtype for t in flat)
     # reading the flag waits for nothing on the CPU (on accelerators it would synchronise)
-    if device.type == "cpu" and dtype != torch.float64 and bool(unrepresentable(coefficients, dtype)):
+    if device.type == "cpu" and narrow != torch.float64 and bool(unrepresentable(coefficients, narrow)):
         hi, lo = coefficient_factors(coefficients, dtype)
         scale_layers_(flat, layer_index, hi)
         scale_layers_(flat, layer_index, lo)

@@ -23,6 +23,7 @@ from .distributed import align_grad_placements, local_tensor, whole_layer_sq_nor
 from .functional import (
     CoefficientBuffer,
     accumulate_dtype,
+    applied_dtype,
     coefficient_factors,
     index_tensor,
     rescale_updates_,
@@ -225,7 +226,9 @@ class SpeedLimiter:
         sq = self._sq_norms(grads, bins, keep, grouped, inv_scale)
         norms = sq[:-1].sqrt()
         coefficients = None if self.mode == "update" else slo_coefficients(norms, plan.speeds, self.eps)  # float64
-        may_step, split = self._may_step(sq, found_inf, coefficients)
+        narrow = applied_dtype(dt for _, dt in grouped)
+        overflow = None if coefficients is None or narrow == torch.float64 else unrepresentable(coefficients, narrow)
+        may_step, split = self._may_step(sq, found_inf, overflow)
         if not may_step:
             return False
         self._norms = (plan.layer_names, norms)
@@ -249,20 +252,21 @@ class SpeedLimiter:
         scale_layers_(tensors, bins, hi)
         scale_layers_(tensors, bins, lo)
 
-    def _may_step(self, sq: Tensor, found_inf: Tensor | None, coefficients: Tensor | None) -> tuple[bool, bool]:
+    def _may_step(self, sq: Tensor, found_inf: Tensor | None, overflow: Tensor | None) -> tuple[bool, bool]:
         """The one host synchronisation of the step: any non-finite norm, GradScaler's ``found_inf``, and
-        whether a coefficient lies outside the plan dtype's normal range. Returns (may step, split)."""
+        ``overflow`` (a coefficient outside the normal range of a dtype it is applied in). Returns
+        (may step, split the coefficients)."""
         if sq.is_meta:  # no values on the meta device: the base optimizer's own checks speak
             return True, False
         flags = [~torch.isfinite(sq).all()]
         if found_inf is not None:
             flags.append(to_device(found_inf, sq.device) > 0)
-        if coefficients is not None and self._current().dtype != torch.float64:
-            flags.append(unrepresentable(coefficients, self._current().dtype))
+        if overflow is not None:
+            flags.append(overflow)
         values = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
         nonfinite = values[0]
         scaler_inf = found_inf is not None and values[1]
-        split = coefficients is not None and self._current().dtype != torch.float64 and values[-1]
+        split = overflow is not None and values[-1]
         if scaler_inf:
             return False, False  # GradScaler found inf/NaN: it handles the skip and the scale backoff
         if nonfinite:
@@ -321,7 +325,8 @@ class SpeedLimiter:
             plan = self._current()
             k = slo_coefficients(norms, self._layer_step_sizes(), self.eps)  # float64
             # reading the flag waits for nothing on the CPU; on accelerators it would be a second host sync
-            if plan.device.type == "cpu" and plan.dtype != torch.float64 and bool(unrepresentable(k, plan.dtype)):
+            narrow = applied_dtype(p.dtype for p in snap.params)
+            if plan.device.type == "cpu" and narrow != torch.float64 and bool(unrepresentable(k, narrow)):
                 hi, lo = coefficient_factors(k, plan.dtype)
                 scale_layers_(snap.params, snap.bins, hi)
                 rescale_updates_(snap.params, snap.old, snap.bins, lo)

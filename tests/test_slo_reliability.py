@@ -100,6 +100,22 @@ def test_coefficients_beyond_float32_move_the_layer_by_its_speed(
     assert _layer_moves(model, before)[""] == pytest.approx(lr * C, rel=1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("mode", ["grad", "update"])
+def test_a_float32_layer_next_to_a_float64_one_gets_its_coefficient_exactly(mode: str) -> None:
+    # norms and coefficients are float64 (one float64 layer), but the float32 layer multiplies in float32
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False).double())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    lr, C = 0.1, 1.0
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=lr), model=model, speeds={"*": C}, mode=mode)
+    model[0].weight.grad = torch.full((3, 3), 1e-41)
+    model[1].weight.grad = torch.full((3, 3), 1e-3, dtype=torch.float64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert _layer_moves(model, before) == pytest.approx({"0": lr * C, "1": lr * C}, rel=1e-6)
+
+
 def test_slo_rescale_of_subnormal_gradients_gives_norm_c() -> None:
     g = (torch.randn(7, dtype=torch.float64) * 1e-41).float()
     slo_rescale_([g], [1.0])
