@@ -53,8 +53,8 @@ def _norm_dtype(dt: torch.dtype, device: torch.device, scaled: bool) -> torch.dt
 _CPU_TRUSTED_NORM = 2.0**-20
 # The CPU's float32 norm kernel sums squares one after another (in a few vector lanes): it loses 8e-7 of
 # the norm of 1024 equal entries, 6e-4 of 16M random ones. Longer tensors are summed in
-# rows of this many entries (at most ~3e-7 lost), the row norms combined in double: 1.25x the time of the
-# float32 kernel for a GPT-2-config model's tensors on one thread, where double accumulation takes 20-50x.
+# rows of this many entries (at most ~3e-7 lost), the row norms combined in double: 1.3-2.8x the time of the
+# float32 kernel for a small GPT-2-config model's tensors (shared 2-core CPU), where double accumulation takes 20-50x.
 _CPU_ROW = 512
 
 
@@ -71,7 +71,7 @@ def _row_norm(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     n = v.numel() - v.numel() % _CPU_ROW
     m = v[:n].view(-1, _CPU_ROW)
     # 64 rows (32768 entries, torch's grain size) per call: each runs on one thread, with no parallel region
-    # whose threads an oversubscribed CPU may not schedule (2-5x the float32 kernel's time there)
+    # whose threads an oversubscribed CPU may not schedule (one call for all rows: 4-100x the float32 kernel there)
     rows = [torch.linalg.vector_norm(v[n:], dtype=dtype).reshape(1)]  # the rest (0 if none)
     rows += [torch.linalg.vector_norm(m[i:i + 64], dim=1, dtype=dtype) for i in range(0, m.shape[0], 64)]
     return torch.linalg.vector_norm(torch.cat(rows).to(torch.float64))
