@@ -129,8 +129,8 @@ def layer_sq_norms(
     squared norms in double on ``device`` (default: the first tensor's). Norms are accumulated in
     double on accelerators; on the CPU in the tensors' own precision (at least float32), and a norm
     that may have lost precision there (below 2**-20, or infinite) is recomputed in double
-    (:func:`_cpu_norms`; long tensors are summed in rows of 512 entries). So for float32, float16 and bfloat16 tensors (and complex64) every
-    norm, square and sum is exact, whatever the scale (float32 holds neither ``||t||^2`` below ~1e-38
+    (:func:`_cpu_norms`; long tensors are summed in rows of 512 entries). So for float32, float16 and
+    bfloat16 tensors (and complex64) every norm, square and sum is exact, whatever the scale (float32 holds neither ``||t||^2`` below ~1e-38
     nor above ~3e38); float64 tensors have double's own range (norms from ~1e-150 to ~1e150). Sparse
     tensors count their (coalesced) values. Returns a float64 tensor of shape ``(num_layers,)``;
     ``layer_index`` lives on ``device``.
