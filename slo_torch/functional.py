@@ -130,10 +130,10 @@ def layer_sq_norms(
     double on accelerators; on the CPU in the tensors' own precision (at least float32), and a norm
     that may have lost precision there (below 2**-20, or infinite) is recomputed in double
     (:func:`_cpu_norms`; long tensors are summed in rows of 512 entries). So for float32, float16 and
-    bfloat16 tensors (and complex64) every norm, square and sum is exact, whatever the scale (float32 holds neither ``||t||^2`` below ~1e-38
-    nor above ~3e38); float64 tensors have double's own range (norms from ~1e-150 to ~1e150). Sparse
-    tensors count their (coalesced) values. Returns a float64 tensor of shape ``(num_layers,)``;
-    ``layer_index`` lives on ``device``.
+    bfloat16 tensors (and complex64) every norm, square and sum is exact, whatever the scale (float32
+    holds neither ``||t||^2`` below ~1e-38 nor above ~3e38); float64 tensors have double's own range
+    (norms from ~1e-150 to ~1e150). Sparse tensors count their (coalesced) values. Returns a float64
+    tensor of shape ``(num_layers,)``; ``layer_index`` lives on ``device``.
     ``grouped`` may pass a precomputed ``_group_tensors_by_device_and_dtype([tensors], True)``.
     ``inv_scale``: the tensors hold ``S t`` (e.g. GradScaler's scaled gradients) and
     ``1 / S`` is given; the result is ``sum ||t_i||^2 = sum (||S t_i|| / S)^2``, the per-tensor
