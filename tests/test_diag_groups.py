@@ -81,9 +81,11 @@ def test_grouped_ptk_covariance_equals_one_group() -> None:
 
 
 def test_grouped_measure_stays_within_its_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    import diagnostics.correlation as correlation
     import diagnostics.nfa as nfa
 
-    monkeypatch.setattr(nfa, "_CORR_BLOCK", 1024)  # small float64 blocks: the matrices dominate
+    for module in (correlation, nfa):  # small float64 blocks: the matrices dominate
+        monkeypatch.setattr(module, "CORR_BLOCK", 1024)
     torch.manual_seed(0)  # wide outputs, narrow inputs: the k x k sums dominate
     model = nn.Sequential(*[m for _ in range(2) for m in (nn.LazyLinear(512), nn.Tanh(), nn.Linear(512, 16), nn.Tanh())])
     model.append(nn.Linear(16, 4))
