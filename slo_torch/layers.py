@@ -30,10 +30,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import is_parametrized
 
-from .checks import check_model, check_speed
-
 __all__ = ["Layer", "resolve_layers", "promote", "promote_lowest", "pattern_specificity",
-           "normalize_speeds", "unwrap_model"]
+           "normalize_speeds", "unwrap_model", "check_model", "check_speed"]
 
 
 SpeedSpec = Mapping[str, float] | Sequence[float | None] | None
@@ -46,6 +44,35 @@ class Layer:
     name: str
     params: tuple[torch.Tensor, ...]
     speed: float | None
+
+
+def check_model(model: object) -> None:
+    """``TypeError`` unless ``model`` is an ``nn.Module`` (or ``None``)."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be the nn.Module that owns the optimized parameters (model=model), got "
+            f"{type(model).__name__}"
+        )
+
+
+def check_speed(speed: object, where: str) -> float:
+    """Return ``speed`` as a float; ``ValueError`` unless it is a finite real number ``>= 0``.
+
+    Python and NumPy numbers and one-element tensors are accepted.
+    """
+    if isinstance(speed, torch.Tensor):
+        if speed.numel() != 1:
+            raise ValueError(
+                f"Invalid speed for {where}: a tensor of shape {tuple(speed.shape)}; a speed is a number "
+                "or a one-element tensor"
+            )
+        speed = speed.item()
+    if isinstance(speed, bool) or not isinstance(speed, numbers.Real):
+        raise ValueError(f"Invalid speed for {where}: {speed!r}; speeds must be finite numbers >= 0")
+    speed = float(speed)
+    if not math.isfinite(speed) or speed < 0:
+        raise ValueError(f"Invalid speed for {where}: {speed}; speeds must be finite numbers >= 0")
+    return speed
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
