@@ -81,7 +81,7 @@ class Plan:
 
     signature: tuple[Any, ...]
     layer_names: tuple[str, ...]
-    layer_speeds: tuple[float, ...]  # C_l
+    layer_speeds: tuple[float, ...]  # C_l of each limited layer
     params: tuple[Tensor, ...]  # limited tensors (layer order), then all other parameters
     param_layers: tuple[str, ...]  # each tensor's layer name, for messages
     n_limited: int
@@ -92,7 +92,7 @@ class Plan:
     sharding: Sharding
     has_dtensor: bool
     dtype: torch.dtype  # of norms and coefficients
-    speeds: Tensor  # C_l, in dtype
+    speed_tensor: Tensor  # layer_speeds as a tensor in dtype
     coefficients: CoefficientBuffer  # the fast path's per-tensor coefficients of the limited tensors
     snapshots: dict[int, Tensor]  # mode="update": p_old per limited tensor, allocated on first use
 
@@ -112,7 +112,7 @@ class Plan:
             vec = torch.stack([to_device(torch.as_tensor(lr), self.device, self.dtype) for lr in lrs])
         else:
             vec = to_device(torch.tensor(lrs, dtype=self.dtype), self.device)
-        return vec[self.layer_group] * self.speeds
+        return vec[self.layer_group] * self.speed_tensor
 
     def sq_norms(
         self, tensors: Sequence[Tensor], bins: Tensor, owners: Sequence[int] | None = None,
@@ -161,10 +161,10 @@ class Plan:
 
 
 def _numeric_buffers(
-    speeds: Sequence[float], n_limited: int, dtype: torch.dtype, device: torch.device
+    layer_speeds: Sequence[float], n_limited: int, dtype: torch.dtype, device: torch.device
 ) -> dict[str, Any]:
     """The plan's fields that depend on the accumulation dtype."""
-    return {"speeds": torch.tensor(speeds, dtype=dtype, device=device),
+    return {"speed_tensor": torch.tensor(layer_speeds, dtype=dtype, device=device),
             "coefficients": CoefficientBuffer(n_limited, dtype, device)}
 
 
@@ -219,7 +219,8 @@ class _Snapshot(NamedTuple):
 class SpeedLimiter:
     """Speed-limit the layers of ``model`` optimized by ``optimizer`` (see :class:`~slo_torch.SLOptimizer`).
 
-    ``mode`` is ``"grad"`` or ``"update"`` (the shells resolve ``"auto"``: :func:`~slo_torch.optimizer.resolve_mode`).
+    ``mode`` is ``"grad"`` or ``"update"`` (the shells resolve ``"auto"``: :func:`~slo_torch.optimizer.resolve_mode`);
+    ``speeds`` is the user's specification, resolved to :attr:`layer_speeds` by the plan.
     """
 
     def __init__(
@@ -395,8 +396,8 @@ class SpeedLimiter:
         if self.mode == "update":
             self._take_snapshot(n_lim, keep, limited_bins)
         elif n_lim:  # no limited layer has a gradient: nothing to rescale
-            speeds = plan.speeds if self._factors is None else plan.speeds * self._factors
-            scale_layers_(limited, limited_bins, slo_coefficients(norms, speeds, self.eps).to(plan.dtype),
+            targets = plan.speed_tensor if self._factors is None else plan.speed_tensor * self._factors
+            scale_layers_(limited, limited_bins, slo_coefficients(norms, targets, self.eps).to(plan.dtype),
                           self._coefficient_buffer(limited, keep))
         return True
 

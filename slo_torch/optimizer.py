@@ -257,8 +257,8 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
         return self.limiter.eps
 
     @property
-    def speeds(self) -> dict[str, float]:
-        """Resolved speed ``C_l`` of every limited layer."""
+    def layer_speeds(self) -> dict[str, float]:
+        """Speed ``C_l`` of every limited layer, resolved from ``speeds``: ``{layer name: C_l}``."""
         self.limiter.refresh()
         return dict(zip(self.limiter.layer_names, self.limiter.layer_speeds))  # type: ignore[arg-type]
 
