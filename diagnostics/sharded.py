@@ -53,10 +53,10 @@ def full_weight(weight: Tensor) -> Tensor:
 def check_supported(model: nn.Module) -> None:
     """Raise ``TypeError`` for FSDP1-wrapped models (per-rank flat shards) and for ``DTensor``
     weights not sharded by FSDP2 on a 1-D mesh (tensor parallelism hands on sharded layer outputs)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    except ImportError:
+    if not dist.is_available():  # torch built without distributed: no FSDP, no DTensor
         return
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise TypeError(
             "FullyShardedDataParallel (FSDP1) models cannot be monitored: each rank holds flat shards, not "

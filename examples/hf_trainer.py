@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from diagnostics.experiments import check_ready, make_parser, nonnegative_float, nonnegative_int, positive_float
-from diagnostics.experiments import positive_int
+from diagnostics.experiments import Progress, interactive, positive_int
 from diagnostics.optional import install_hint
 
 try:
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 except ImportError as exc:
     raise ModuleNotFoundError(install_hint(exc.name or "transformers"), name=exc.name) from exc
 
@@ -152,6 +152,29 @@ def optimizer_setup(name: str, model: nn.Module, lr: float, speeds: dict[str, fl
 
 
 # ------------------------------------------------------------------------------------------ main
+class ProgressLines(TrainerCallback):
+    """Progress lines on stderr (``diagnostics.experiments.Progress``: step, last logged loss, elapsed, ETA)
+    from the main process, for runs whose output is not a terminal (the Trainer's tqdm bar is used on one)."""
+
+    bar: Progress | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.bar = Progress(total=state.max_steps, initial=state.global_step, desc="train", bar=False)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.report(logs["loss"])
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments, validated; checks the output folder (and matplotlib, unless ``--no-plot``) before
     any training."""
@@ -224,7 +247,7 @@ def main(argv: list[str] | None = None) -> Trainer | None:
         save_steps=a.save_steps or 500,
         optim=optim,
         report_to=a.report_to,
-        disable_tqdm=True,
+        disable_tqdm=not interactive(),  # a tqdm bar on a terminal, ProgressLines otherwise
         seed=a.seed,
         ddp_find_unused_parameters=False,  # every parameter is used: spares DDP a graph traversal and a warning
     )
@@ -234,6 +257,8 @@ def main(argv: list[str] | None = None) -> Trainer | None:
     # add_to: ahead of the report_to reporters, which then receive nfa/* and slo/*
     NFACallback(probe, every_n_steps=a.nfa_every, layers=a.nfa_layers, estimator=a.estimator, m=8,
                 save_snapshots=True).add_to(trainer)
+    if not interactive():
+        trainer.add_callback(ProgressLines())
     if a.optimizer == "slo":
         SLOCallback().add_to(trainer)  # warns if --max-grad-norm > 0 makes the clipping moot
     trainer.train(resume_from_checkpoint=a.resume)

@@ -30,9 +30,10 @@ __all__ = [
 
 
 def is_dtensor(t: Tensor) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (without importing that module if unused)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
+    """True for a ``torch.distributed.tensor.DTensor`` (without importing that module if unused: a
+    DTensor exists only once it is imported; ``getattr`` covers the module while it is being imported)."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local_tensor(t: Tensor) -> Tensor:

@@ -20,6 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 #: Sequence length of the tiny GPT-2 character model.
 SEQ = 16
+#: FSDP2 (``fully_shard``) on CPU records events on torch's CPU stream; torch 2.6's cannot.
+CPU_FSDP2 = hasattr(torch.cpu.Stream, "record_event")
+needs_cpu_fsdp2 = pytest.mark.skipif(
+    not CPU_FSDP2,
+    reason=f"FSDP2 (fully_shard) on CPU needs torch.cpu.Stream.record_event, which torch {torch.__version__} lacks",
+)
 
 
 def load_example(name: str, module_name: str | None = None) -> ModuleType:

@@ -13,7 +13,7 @@ from diagnostics import NFAMonitor, load_snapshot
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import free_port, run_ranks  # noqa: E402
+from conftest import free_port, needs_cpu_fsdp2, run_ranks  # noqa: E402
 
 COMMON = textwrap.dedent(
     """
@@ -136,6 +136,7 @@ def fsdp_run(tmp_path_factory):
 
 
 @pytest.mark.distributed
+@needs_cpu_fsdp2
 def test_fsdp2_records_match_one_unsharded_process(fsdp_run) -> None:
     logs, tmp_path = fsdp_run
     rec_lines = [next(line for line in log.splitlines() if line.startswith("REC ")) for log in logs]
@@ -162,6 +163,7 @@ def test_fsdp2_records_match_one_unsharded_process(fsdp_run) -> None:
 
 
 @pytest.mark.distributed
+@needs_cpu_fsdp2
 def test_fsdp2_nfa_callback_matches_unsharded(fsdp_run, tmp_path) -> None:
     """The Trainer's fsdp option needs accelerators (on CPU it runs DDP or refuses), so NFACallback's
     events are driven around a manual FSDP2 training step; the logged values equal one process."""

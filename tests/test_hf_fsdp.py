@@ -17,11 +17,11 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from conftest import free_port, run_ranks  # noqa: E402
+from conftest import free_port, needs_cpu_fsdp2, run_ranks  # noqa: E402
 
 from diagnostics import load_snapshot  # noqa: E402
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, needs_cpu_fsdp2]
 
 WORKER = textwrap.dedent(
     """

@@ -851,5 +851,5 @@ def test_attach_refuses_closures() -> None:
 
 def test_every_optim_db_entry_is_in_the_matrix() -> None:
     names = {case.values[0].name for case in CASES}
-    assert names == {info.name for info in common.optim_db} and len(names) >= 15
+    assert names == {info.name for info in common.optim_db} and len(names) >= 14  # 14 in torch 2.6, + Muon later
     assert {case.values[1] for case in CASES} == set(FORMS)

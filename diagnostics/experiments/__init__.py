@@ -1,11 +1,12 @@
 """Helpers for experiment scripts built on :mod:`diagnostics`: command lines (:mod:`.cli`), training loops on
-the MSE (:mod:`.training`) and results as CSV and markdown tables (:mod:`.report`).
+the MSE (:mod:`.training`), progress of long loops (:mod:`.console`) and results as CSV and markdown tables
+(:mod:`.report`).
 
 The scripts in ``examples/`` use them; so can a copy of one of those scripts anywhere else. Nothing here
 imports ``slo_torch``: a script builds its optimizer (plain or ``SLOptimizer``) and passes it in.
 """
 
-from . import cli, report, training
+from . import cli, console, report, training
 from .cli import (
     check_ready,
     command_line,
@@ -20,6 +21,7 @@ from .cli import (
     preset_settings,
     torch_device,
 )
+from .console import Progress, interactive, progress
 from .report import (
     finish_run,
     last_rows,
@@ -41,11 +43,10 @@ from .training import (
     hidden_layers,
     minibatches,
     mse,
-    progress,
     scale_init_,
     set_seed,
     train_epochs,
     train_mse,
 )
 
-__all__ = [*cli.__all__, *report.__all__, *training.__all__]
+__all__ = [*cli.__all__, *console.__all__, *report.__all__, *training.__all__]

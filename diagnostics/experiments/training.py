@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from ..common import eval_mode
+from .console import progress
 
 __all__ = [
     "eval_mode",
@@ -29,7 +29,6 @@ __all__ = [
     "eval_schedule",
     "train_mse",
     "train_epochs",
-    "progress",
     "PhaseTimer",
 ]
 
@@ -126,16 +125,18 @@ def train_mse(
     desc: str = "",
 ) -> None:
     """Minibatch training on the MSE ``mean((f(x) - y)^2)``; calls ``on_eval(step)`` for every step in
-    ``eval_steps`` (``0`` = before the first update, ``t`` = after ``t`` updates)."""
+    ``eval_steps`` (``0`` = before the first update, ``t`` = after ``t`` updates). Shows progress
+    (:class:`~diagnostics.experiments.console.Progress`: step, minibatch loss, elapsed time, ETA) labelled ``desc``."""
     wanted = set(eval_steps)
     if 0 in wanted:
         on_eval(0)
-    batches = minibatches(X.shape[0], batch_size, steps, generator)
-    for step, idx in enumerate(progress(batches, total=steps, desc=desc, leave=False), start=1):
+    bar = progress(minibatches(X.shape[0], batch_size, steps, generator), total=steps, desc=desc, leave=False)
+    for step, idx in enumerate(bar, start=1):
         loss = ((model(X[idx]) - Y[idx]) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        bar.report(loss.detach())
         if step in wanted:
             on_eval(step)
 
@@ -157,9 +158,10 @@ def train_epochs(
     """Epochs ``1..epochs`` of ``len(X) // batch_size`` minibatch steps (at least one) on the MSE
     ``mean((f(x) - y)^2)``, every group's learning rate set to ``lr(epoch)``, the steps timed as ``phase``;
     after each epoch ``on_epoch(epoch, lr, mean minibatch loss)``. Returns ``"completed"``, or why it stopped
-    (non-finite weights)."""
+    (non-finite weights). Shows progress per epoch (mean minibatch loss, elapsed time, ETA) labelled ``desc``."""
     steps = max(1, X.shape[0] // batch_size)
-    for epoch in progress(range(1, epochs + 1), desc=desc):
+    bar = progress(range(1, epochs + 1), desc=desc)
+    for epoch in bar:
         epoch_lr = lr(epoch)
         for group in optimizer.param_groups:
             group["lr"] = epoch_lr
@@ -174,6 +176,7 @@ def train_epochs(
                 total += loss.detach()
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             return f"diverged in epoch {epoch} (non-finite weights); stopped"
+        bar.report(float(total) / steps)
         on_epoch(epoch, epoch_lr, float(total) / steps)
     return "completed"
 
@@ -207,14 +210,3 @@ class PhaseTimer:
         n = max(1, epochs)
         return ", ".join(f"{name} {self.wall[name] / n:.3g} s (CPU {self.cpu[name] / n:.3g} s)"
                          for name in self.wall) + " per epoch"
-
-
-def progress(iterable: Iterable[Any], **kw: Any) -> Iterable[Any]:
-    """``tqdm(iterable, **kw)`` on a terminal, otherwise (or without tqdm) the plain iterable."""
-    if not sys.stderr.isatty():
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the "examples" extra
-        return iterable
-    return tqdm(iterable, **kw)
