@@ -3,6 +3,8 @@
 - :func:`peak_rss_mb`: peak resident set size during the call (``VmHWM``, reset via
   ``/proc/self/clear_refs``) minus the resident size just before it; torch's CPU allocator keeps no
   statistics, and tracemalloc does not see torch. Linux only.
+- :func:`peak_cuda_mb`: peak of ``torch.cuda.max_memory_allocated`` during the call minus the memory
+  allocated just before it (CUDA).
 - :func:`peak_bytes`: the largest sum of the sizes of the tensors allocated and not yet freed during
   the call, from the profiler's memory events.
 """
@@ -14,7 +16,7 @@ from collections.abc import Callable
 
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["peak_bytes", "peak_rss_mb", "status_kb"]
+__all__ = ["peak_bytes", "peak_cuda_mb", "peak_rss_mb", "status_kb"]
 
 
 def status_kb(key: str) -> int:
@@ -35,6 +37,20 @@ def peak_rss_mb(fn: Callable[[], object]) -> tuple[float, float]:
     fn()
     seconds = time.perf_counter() - t0
     return seconds, (status_kb("VmHWM") - base) / 1024
+
+
+def peak_cuda_mb(fn: Callable[[], object]) -> tuple[float, float]:
+    """``(seconds, (peak allocated on the current CUDA device during fn() - allocated before) / 2**20)``."""
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return seconds, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def peak_bytes(fn: Callable[[], object]) -> int:

@@ -14,7 +14,12 @@ rest of the same run (on a busy shared machine, separate runs see different load
 not depend on that).
 
     python benchmarks/monitor_overhead.py                      # 6 x 384, context 128, 300 steps
-    python benchmarks/monitor_overhead.py --steps 100 --batch 4 --vocab 8192   # smaller CPU run
+    python benchmarks/monitor_overhead.py --quick              # the same ratios in about 2 minutes on 2 CPU cores
+    python benchmarks/monitor_overhead.py --device cuda        # on a GPU (memory: peak allocated on the device)
+
+``--quick`` is ``--steps 100 --batch 2 --probe 1 --vocab 8192 --repeats 1`` (one measurement, at the last
+step). On ``--device cuda`` the memory is the peak of ``torch.cuda.max_memory_allocated`` during
+``trainer.train()`` minus the memory allocated before it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # sibling modules, also when this file is loaded by path rather than run
     sys.path.insert(0, HERE)
-from memory_use import peak_rss_mb  # noqa: E402
+from memory_use import peak_cuda_mb, peak_rss_mb  # noqa: E402
+
+#: What ``--quick`` sets.
+QUICK = {"steps": 100, "batch": 2, "probe": 1, "vocab": 8192, "repeats": 1}
 
 
 def run(args: argparse.Namespace, with_nfa: bool, out: str) -> tuple[float, float, int, float]:
@@ -64,13 +72,13 @@ def run(args: argparse.Namespace, with_nfa: bool, out: str) -> tuple[float, floa
 
         cb.measure = timed
     targs = TrainingArguments(
-        output_dir=out, use_cpu=True, max_steps=args.steps, per_device_train_batch_size=args.batch,
+        output_dir=out, use_cpu=args.device == "cpu", max_steps=args.steps, per_device_train_batch_size=args.batch,
         learning_rate=3e-4, logging_steps=args.steps, save_strategy="no", report_to="none",
         disable_tqdm=True, seed=0, dataloader_num_workers=0,
     )
     trainer = Trainer(model, targs, train_dataset=data, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # no console dict per log
-    seconds, extra_mb = peak_rss_mb(trainer.train)
+    seconds, extra_mb = (peak_rss_mb if args.device == "cpu" else peak_cuda_mb)(trainer.train)
     n_measure = len(callbacks[0].monitor.history) if with_nfa else 0
     return seconds, extra_mb, n_measure, in_measure[0]
 
@@ -88,9 +96,13 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=4, help="probe sequences")
     ap.add_argument("--repeats", type=int, default=2, help="pairs of runs (without, with)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on shared machines)")
+    ap.add_argument("--quick", action="store_true", help=f"a short run: {QUICK}")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model trains")
     args = ap.parse_args()
+    if args.quick:  # options left at their defaults take the quick values
+        vars(args).update({k: v for k, v in QUICK.items() if getattr(args, k) == ap.get_default(k)})
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs; GPT-2 config "
+    print(f"torch {torch.__version__}, {args.device}, {args.threads} thread(s), {os.cpu_count()} CPUs; GPT-2 config "
           f"{args.n_layer} x {args.n_embd}, context {args.seq_len}, vocab {args.vocab}; {args.steps} steps of "
           f"{args.batch} sequences; probe {args.probe} sequences; NFACallback defaults (every 100 steps, sketch m=8)")
     times: dict[bool, list[float]] = {False: [], True: []}

@@ -25,9 +25,16 @@ GPT-2 small (``GPT2LMHeadModel(GPT2Config())``, 124M parameters, vocabulary 5025
 units of one forward+backward pass (language-model loss) on the same probe, and the peak extra
 resident memory of each (both measured in that one run).
 
+GEMM rate: the floating-point operations exact ``K`` performs on the authors' MLP, counted from the shapes
+(:func:`exact_flops`: the forward pass, the VJPs with the ``C = 10`` output basis vectors, and the Grams
+``G^T G`` as the code forms them), divided by its time, against ``torch.mm`` timed in the same run at the
+same thread count on the same GEMM shapes (:func:`mm_rate`), printed as
+``exact K: X GFLOP/s = Y % of torch.mm (Z GFLOP/s)``.
+
     python benchmarks/ptk_cost.py                   # n = 2000 and 20000, then GPT-2 small
     python benchmarks/ptk_cost.py --quick           # n = 500, fewer repeats, no GPT-2 small
     python benchmarks/ptk_cost.py --gpt2-small-only
+    python benchmarks/ptk_cost.py --quick --device cuda   # on a GPU (memory: peak allocated on the device)
 """
 
 from __future__ import annotations
@@ -49,13 +56,15 @@ from diagnostics import ptk_covariance
 from diagnostics import LayerHooks
 from diagnostics.engine import for_each_chunk
 from diagnostics.vjps import vjp
+from diagnostics.engine import DEFAULT_CHUNK_SIZE, FIRST_CHUNK_SAMPLES
 from diagnostics.experiments import bias_free_mlp
+from diagnostics.kernel import row_bands
 from diagnostics.layers import find_linear_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # sibling modules, also when this file is loaded by path rather than run
     sys.path.insert(0, HERE)
-from memory_use import peak_rss_mb  # noqa: E402
+from memory_use import peak_cuda_mb, peak_rss_mb  # noqa: E402
 
 D_IN, WIDTH, DEPTH, D_OUT = 3072, 256, 5, 10
 
@@ -88,6 +97,74 @@ def authors_K(model: nn.Sequential, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: torch.einsum("nck,ncl->kl", J, J) / x.shape[0] for n, J in zip(names, jac)}
 
 
+def _chunks(n: int) -> list[int]:
+    """Samples per chunk of ``ptk_covariance`` on the MLP with ``chunk_size=None`` (its outputs are small:
+    ``FIRST_CHUNK_SAMPLES``, then ``DEFAULT_CHUNK_SIZE`` at a time)."""
+    sizes, done = [], 0
+    while done < n:
+        sizes.append(min(n - done, FIRST_CHUNK_SAMPLES if not sizes else DEFAULT_CHUNK_SIZE))
+        done += sizes[-1]
+    return sizes
+
+
+def _gemms(n: int) -> list[tuple[int, int, int, int]]:
+    """``(count, rows, inner, cols)`` of the GEMMs exact ``K`` performs on the MLP for ``n`` samples: per chunk
+    of ``b`` samples the forward pass ``(b, d) @ (d, k)`` per layer, the batched VJPs of the ``C`` basis
+    vectors ``(C b, k) @ (k, d)`` back through every layer above the first, and per layer the Gram bands
+    ``G[:, i:i+s]^T G[:, i:]`` over ``C b`` rows (:func:`diagnostics.kernel.row_bands`)."""
+    dims = [D_IN] + [WIDTH] * DEPTH + [D_OUT]
+    out = []
+    for b in _chunks(n):
+        for d, k in zip(dims, dims[1:]):
+            out.append((1, b, d, k))
+        for d, k in list(zip(dims, dims[1:]))[1:]:
+            out.append((1, D_OUT * b, k, d))
+        for k in dims[1:]:
+            out += [(1, s, D_OUT * b, k - i) for i, s, _ in row_bands(k)]
+    return out
+
+
+def exact_flops(n: int) -> dict[str, float]:
+    """FLOPs (``2 x rows x inner x cols`` per GEMM) of exact ``K`` on the MLP: forward, VJPs, Grams."""
+    dims = [D_IN] + [WIDTH] * DEPTH + [D_OUT]
+    layers = list(zip(dims, dims[1:]))
+    forward = sum(2.0 * n * d * k for d, k in layers)
+    vjps = sum(2.0 * D_OUT * n * k * d for d, k in layers[1:])
+    grams = sum(2.0 * D_OUT * n * s * (k - i) for _, k in layers for i, s, _ in row_bands(k))
+    return {"forward": forward, "vjps": vjps, "grams": grams}
+
+
+def mm_rate(n: int, device: str = "cpu", repeats: int = 3) -> float:
+    """FLOP/s of ``torch.mm`` doing the GEMMs of :func:`_gemms` (same shapes, float32, on ``device``): their
+    FLOPs over the sum of their best times."""
+    times: dict[tuple[int, int, int], float] = {}
+    flops = seconds = 0.0
+    for count, rows, inner, cols in _gemms(n):
+        key = (rows, inner, cols)
+        if key not in times:
+            a = torch.randn(rows, inner, device=device)
+            b = torch.randn(inner, cols, device=device)
+            out = torch.empty(rows, cols, device=device)
+            reps = max(1, int(2e8 // (2 * rows * inner * cols)))  # about 0.2 GFLOP per timing
+            best = float("inf")
+            for _ in range(repeats + 1):
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    torch.mm(a, b, out=out)
+                _sync(device)
+                best = min(best, (time.perf_counter() - t0) / reps)
+            times[key] = best
+        flops += 2.0 * count * rows * inner * cols
+        seconds += count * times[key]
+    return flops / seconds
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def ours_K(model: nn.Sequential, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return ptk_covariance(model, x)
 
@@ -95,21 +172,23 @@ def ours_K(model: nn.Sequential, x: torch.Tensor) -> dict[str, torch.Tensor]:
 METHODS: dict[str, Callable] = {"ours": ours_K, "authors": authors_K}
 
 
-def child(method: str, n: int, repeats: int, threads: int, out: str) -> None:
+def child(method: str, n: int, repeats: int, threads: int, out: str, device: str = "cpu") -> None:
     """One method at one size, in this (fresh) process: memory of a full call, then warm time."""
     torch.set_num_threads(threads)
     fn = METHODS[method]
-    model, x = authors_mlp(), probe(n)
+    model, x = authors_mlp().to(device), probe(n).to(device)
     fn(model, x[:8])  # load kernels / vmap machinery without large buffers
     out_K: list[dict[str, torch.Tensor]] = []
-    _, extra_mb = peak_rss_mb(lambda: out_K.append(fn(model, x)))
+    _, extra_mb = (peak_rss_mb if device == "cpu" else peak_cuda_mb)(lambda: out_K.append(fn(model, x)))
     K = out_K[0]
     times = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         fn(model, x)
+        _sync(device)
         times.append(time.perf_counter() - t0)
-    torch.save({k: v.contiguous() for k, v in K.items()}, out + ".pt")
+    torch.save({k: v.contiguous().cpu() for k, v in K.items()}, out + ".pt")
     with open(out + ".json", "w") as fh:
         json.dump({"time_s": min(times), "extra_mb": extra_mb}, fh)
 
@@ -118,10 +197,10 @@ def rel_err(K: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
     return max(float((K[n].double() - ref[n]).norm() / ref[n].norm()) for n in ref)
 
 
-def run_child(method: str, n: int, repeats: int, threads: int, tmp: str) -> dict:
+def run_child(method: str, n: int, repeats: int, threads: int, tmp: str, device: str = "cpu") -> dict:
     out = os.path.join(tmp, f"{method}-{n}")
     cmd = [sys.executable, __file__, "--child", method, "--n", str(n), "--repeats", str(repeats),
-           "--threads", str(threads), "--out", out]
+           "--threads", str(threads), "--out", out, "--device", device]
     subprocess.run(cmd, check=True, timeout=1800)
     with open(out + ".json") as fh:
         res = json.load(fh)
@@ -163,15 +242,24 @@ def sketch_table(n: int, seeds: int) -> list[str]:
     return lines
 
 
-def lm_head_sketch(repeats: int) -> list[str]:
+def gemm_line(n: int, seconds: float, threads: int, device: str) -> str:
+    """``exact K: X GFLOP/s = Y % of torch.mm (Z GFLOP/s)`` for exact K on ``n`` samples in ``seconds``."""
+    flops = exact_flops(n)
+    rate, mm = sum(flops.values()) / seconds, mm_rate(n, device)
+    parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in flops.items())
+    return (f"n = {n}: exact K: {rate / 1e9:.1f} GFLOP/s = {100 * rate / mm:.0f} % of torch.mm ({mm / 1e9:.1f} GFLOP/s) "
+            f"[{parts} GFLOP in {seconds:.3f} s; {threads} thread(s), {device}]")
+
+
+def lm_head_sketch(repeats: int, device: str = "cpu") -> list[str]:
     """Sketched K (m=8) on every transformer block layer of a GPT-2-config LM vs one fwd+bwd pass."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=5000, n_positions=64,
                      bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    model = GPT2LMHeadModel(cfg).to(device)
+    ids = torch.randint(0, cfg.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0)).to(device)
 
     def fwd_bwd() -> None:
         model.zero_grad(set_to_none=True)
@@ -185,8 +273,10 @@ def lm_head_sketch(repeats: int) -> list[str]:
         fn()
         ts = []
         for _ in range(repeats):
+            _sync(device)
             t0 = time.perf_counter()
             fn()
+            _sync(device)
             ts.append(time.perf_counter() - t0)
         return min(ts)
 
@@ -195,7 +285,8 @@ def lm_head_sketch(repeats: int) -> list[str]:
     return [
         f"GPT-2 config (2 layers, width 128, vocab 5000), probe 8 x 32 tokens, {outputs} outputs per sequence, "
         f"K for the {len(find_linear_layers(model, ['transformer.h.*']))} block layers:",
-        f"forward+backward {t_step:.3f} s; sketched K m=8 {t_sketch:.3f} s = {t_sketch / t_step:.1f} passes",
+        f"forward+backward {t_step:.3f} s; sketched K m=8 {t_sketch:.3f} s = {t_sketch / t_step:.1f} passes "
+        "(bound: m + 1 = 9, one forward and m backward passes, each at most one forward+backward)",
     ]
 
 
@@ -252,10 +343,11 @@ def main() -> None:
     ap.add_argument("--gpt2-small-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)  # internal: one measurement
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where K is measured")
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.n, args.repeats, args.threads, args.out)
+        child(args.child, args.n, args.repeats, args.threads, args.out, args.device)
         return
     if args.gpt2_small_child:
         gpt2_small_child(args.threads, args.out)
@@ -268,23 +360,27 @@ def main() -> None:
     sizes = args.sizes or ([500] if args.quick else [2000, 20000])
     repeats = 1 if args.quick else args.repeats
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, {args.device}, {args.threads} thread(s), {os.cpu_count()} CPUs")
+    gemm: list[str] = []
     print("| n | method | time (s) | peak extra memory (MB) | rel. error vs float64 | rel. difference ours vs authors |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             ref = ptk_covariance(authors_mlp(torch.float64), probe(n, torch.float64))
-            res = {method: run_child(method, n, repeats, args.threads, tmp) for method in ("ours", "authors")}
+            res = {method: run_child(method, n, repeats, args.threads, tmp, args.device) for method in ("ours", "authors")}
+            gemm.append(gemm_line(n, res["ours"]["time_s"], args.threads, args.device))
             diff = rel_err(res["ours"]["K"], {k: v.double() for k, v in res["authors"]["K"].items()})
             for method, r in res.items():
                 print(f"| {n} | {method} | {r['time_s']:.3f} | {r['extra_mb']:.0f} | {rel_err(r['K'], ref):.1e} "
                       f"| {diff:.1e} |", flush=True)
     print()
+    print("\n".join(gemm))
+    print()
     print(f"Sketched K, n = {sizes[0]}:")
     print("\n".join(sketch_table(sizes[0], 2 if args.quick else 5)))
     print()
-    print("\n".join(lm_head_sketch(repeats)))
-    if not args.quick:
+    print("\n".join(lm_head_sketch(repeats, args.device)))
+    if not args.quick and args.device == "cpu":
         print()
         with tempfile.TemporaryDirectory() as tmp:
             print("\n".join(gpt2_small(args.threads, tmp)))

@@ -10,6 +10,7 @@ from .io import Snapshot, load_snapshot, write_snapshot
 from .blocks import resolve_blocks
 from .layers import LayerAdapter, find_linear_layers, register_adapter
 from .correlation import matrix_correlation
+from .lora import LoraAdapter
 from .monitor import NFAMonitor
 from .nfa import (
     agop,
@@ -46,6 +47,7 @@ __all__ = [
     "find_linear_layers",
     "LayerAdapter",
     "AttentionProjectionAdapter",
+    "LoraAdapter",
     "register_adapter",
     "LayerHooks",
     "load_snapshot",

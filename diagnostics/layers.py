@@ -15,6 +15,9 @@ Supported modules:
   are the unfolded patches, ``W = weight.reshape(out, in*kh*kw)``, every spatial position is a row.
 - ``nn.MultiheadAttention``: four layers ``<name>.q``, ``<name>.k``, ``<name>.v`` and ``<name>.out_proj``
   (see :mod:`diagnostics.attention`).
+- ``peft`` LoRA layers over ``nn.Linear`` or ``Conv1D``: one layer named as the wrapped module, ``W`` the
+  effective weight ``W + sum_a s_a B_a A_a`` (see :mod:`diagnostics.lora`); other ``peft`` tuners are
+  refused (:class:`UnsupportedLayer`).
 
 Each kind is one rule in a registry (:func:`register_adapter`): the rule for a module builds its
 adapters, and the adapter class says how its outputs are captured (:meth:`LayerAdapter.attach`);
@@ -36,6 +39,7 @@ __all__ = [
     "Conv1DAdapter",
     "Conv2dAdapter",
     "Recorder",
+    "UnsupportedLayer",
     "register_adapter",
     "find_linear_layers",
     "check_layer_sizes",
@@ -64,12 +68,21 @@ class Recorder(Protocol):
         """Enter ``factory()`` around every recording until the returned handle is removed."""
 
 
+class UnsupportedLayer(TypeError):
+    """Raised by an adapter rule for a module that computes a layer no adapter reads exactly (e.g. a
+    ``peft`` tuner other than LoRA); the module and its submodules are then no layers, and selecting
+    it (by default or by name) raises ``ValueError`` with this message."""
+
+
 class LayerAdapter:
     """Read one module as a linear map ``h = W x (+ b)`` with ``W`` of shape ``(k, d)``.
 
     ``module_name`` is the name of the module that computes the layer (``name`` itself, except for
     layers inside a module such as the projections of ``nn.MultiheadAttention``). The base class reads
-    ``nn.Linear``: ``W = weight`` (``(out, in)``)."""
+    ``nn.Linear``: ``W = weight`` (``(out, in)``). An adapter class with ``covers_submodules = True``
+    reads its whole module (a wrapper such as a LoRA layer): the module's submodules are no layers."""
+
+    covers_submodules = False
 
     def __init__(self, name: str, module: nn.Module, module_name: str | None = None) -> None:
         self.name = name
@@ -167,8 +180,9 @@ def register_adapter(
 ) -> Callable[[AdapterRule], AdapterRule]:
     """Decorator registering ``rule(name, module) -> [LayerAdapter, ...]`` for the modules ``match``
     selects (a module class, a tuple of classes, or a predicate). The first registered rule that
-    matches a module is used; an empty list means the module is not supported. ``explicit_only``
-    rules apply only when ``layers`` names the module (not with ``layers=None``)."""
+    matches a module is used; an empty list means the module is not supported, :class:`UnsupportedLayer`
+    that it computes a layer that cannot be read exactly. ``explicit_only`` rules apply only when
+    ``layers`` names the module (not with ``layers=None``)."""
     if isinstance(match, (type, tuple)):
         classes = match
         match = lambda module: isinstance(module, classes)  # noqa: E731
@@ -220,7 +234,9 @@ def _conv2d(name: str, module: nn.Module) -> list[LayerAdapter]:
     return [] if _conv2d_limit(module) else [Conv2dAdapter(name, module)]
 
 
-def _adapters_for(name: str, module: nn.Module, explicit: bool) -> list[LayerAdapter]:
+def adapters_for(name: str, module: nn.Module, explicit: bool) -> list[LayerAdapter]:
+    """The adapters of the first registered rule matching ``module`` (``[]``: none, or an
+    ``explicit_only`` rule while ``explicit`` is false)."""
     for match, rule, explicit_only in _RULES:
         if match(module):
             return rule(name, module) if explicit or not explicit_only else []
@@ -250,13 +266,29 @@ def find_linear_layers(
     if isinstance(layers, str):
         layers = [layers]
     found: dict[str, LayerAdapter] = {}
+    refused: dict[str, str] = {}  # modules that compute a layer no adapter reads: the reason
+    covered: str | None = None  # prefix of the submodules of a module whose adapter reads all of it
     for name, module in model.named_modules():
         name = _user_name(name)
-        for adapter in _adapters_for(name, module, explicit=layers is not None):
+        if covered is not None and name.startswith(covered):  # named_modules lists a subtree in one run
+            continue
+        try:
+            adapters = adapters_for(name, module, explicit=layers is not None)
+        except UnsupportedLayer as exc:
+            refused[name], adapters, covered = str(exc), [], f"{name}." if name else ""
+        for adapter in adapters:
             # parents come first: a layer a parent already claimed (the out_proj of an
             # nn.MultiheadAttention, which its forward never calls) keeps the parent's adapter
             found.setdefault(adapter.name, adapter)
+            if adapter.covers_submodules:
+                covered = f"{name}." if name else ""
     if layers is None:
+        if refused:
+            raise ValueError(
+                "the model has layers that cannot be measured: "
+                + "; ".join(f"{n!r}: {why}" for n, why in refused.items())
+                + ". Select the other layers with layers=[...] (names or globs)"
+            )
         if not found:
             kinds = sorted({type(m).__name__ for m in model.modules()})
             raise ValueError(
@@ -271,6 +303,9 @@ def find_linear_layers(
     modules = {_user_name(n): m for n, m in model.named_modules()}
     chosen: set[str] = set()
     for pattern in layers:
+        bad = [n for n in refused if pattern == n or fnmatch.fnmatchcase(n, pattern)]
+        if bad:
+            raise ValueError(f"layer {bad[0]!r} (matched by {pattern!r}) cannot be measured: {refused[bad[0]]}")
         hits = [
             n for n, a in found.items()
             if pattern in (n, a.module_name)

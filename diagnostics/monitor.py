@@ -25,7 +25,7 @@ from .memory import check_memory
 from .nfa import nfa_summary
 from .output_layer import ESTIMATOR as ANALYTIC, output_layer_memory, output_layer_summary
 from .probe import OutputFn
-from .ptk import ptk_sums_all_ranks
+from .ptk import grouped_sums
 from .records import LayerRecord
 from .settings import EstimatorSettings
 from .sharded import check_lockstep, check_supported, full_weight, is_sharded
@@ -82,8 +82,12 @@ class NFAMonitor:
     recompiling it.
     Under ``torch.distributed`` every rank must call ``measure()`` with its own probe shard. FSDP2
     (``fully_shard``) models are supported (see :mod:`diagnostics.sharded`), FSDP1 ones refused.
-    Layers with ``k`` or ``d`` above ``max_k``, or an estimated total (``memory_estimate``, see
-    :func:`diagnostics.memory.measure_memory`) above ``max_memory`` bytes, are refused up front.
+    Layers with ``k`` or ``d`` above ``max_k`` are refused up front. With ``max_memory`` (bytes) the layers
+    are measured in the fewest groups of consecutive layers that fit it (``groups``; see
+    :func:`diagnostics.memory.layer_groups`), each group with its own forward and VJP passes over the probe
+    and the same sketch vectors, so the records equal those of one group; a layer that does not fit alone
+    is refused (with ``keep_matrices=True``, whose NFA terms take more memory, at that ``measure()``). The
+    kept results (``last_K``, the records' matrices) and the forward activations of one chunk come on top.
     """
 
     def __init__(
@@ -106,26 +110,37 @@ class NFAMonitor:
         self.model = model
         self.adapters = find_linear_layers(model, layers)
         self.blocks = resolve_blocks(self.adapters, blocks)
-        # A layer too wide for a k x k K (only k > max_k) may still be measured if it turns out to
-        # return the model output (K = I, only d x d matrices); that is known at the first measure().
         self.max_k = max_k
-        wide = {n: a for n, a in self.adapters.items() if _maybe_output_layer(a, max_k) and n not in self.blocks}
-        #: Bytes of the k x k / d x d matrices one ``measure()`` allocates, per layer and ``"total"``
-        #: (with ``keep_matrices=True``; see :func:`diagnostics.memory.measure_memory`).
-        self.memory_estimate = check_memory(
-            {n: a for n, a in self.adapters.items() if n not in wide}, max_k, max_memory,
-            analytic={n: output_layer_memory(a.k, a.d, work_dtype(a).itemsize, agop_power, True) for n, a in wide.items()},
-            keep_matrices=True, agop_power=agop_power, world_size=distributed.world_size(process_group),
-            blocks={n: [r.stop - r.start for _, r in parts] for n, parts in self.blocks.items()},
-        )
         self.correlation = correlation
         self.agop_power = float(agop_power)
         self.process_group = process_group
+        self.max_memory = max_memory
+        #: Bytes of the k x k / d x d matrices one ``measure()`` allocates, per layer and ``"total"``
+        #: (in one group, with ``keep_matrices=True``; see :func:`diagnostics.ptk.measure_memory`).
+        self.memory_estimate, _ = self._plan(True, None)
+        #: The layers measured together, one group after another (one group without ``max_memory``).
+        self.groups = self._plan(False, max_memory)[1]
         self.W0 = _initial_weights(W0, self)
         self.history: list[dict[str, LayerRecord]] = []
         self.last_K: dict[str, Tensor] = {}
         self._hooks = LayerHooks(self.adapters)
         self._closed = False
+
+    def _plan(self, keep_matrices: bool, max_memory: int | None) -> tuple[dict[str, int], list[list[str]]]:
+        """:func:`diagnostics.memory.check_memory` of this monitor's layers: the estimate and the groups."""
+        # A layer too wide for a k x k K (only k > max_k) may still be measured if it turns out to
+        # return the model output (K = I, only d x d matrices); that is known at the first measure().
+        wide = {n: a for n, a in self.adapters.items() if _maybe_output_layer(a, self.max_k) and n not in self.blocks}
+        analytic = {
+            n: output_layer_memory(a.k, a.d, work_dtype(a).itemsize, self.agop_power, keep_matrices)
+            for n, a in wide.items()
+        }
+        return check_memory(
+            {n: a for n, a in self.adapters.items() if n not in wide}, self.max_k, max_memory, analytic=analytic,
+            keep_matrices=keep_matrices, agop_power=self.agop_power,
+            world_size=distributed.world_size(self.process_group),
+            blocks={n: [r.stop - r.start for _, r in parts] for n, parts in self.blocks.items()},
+        )
 
     @property
     def layer_names(self) -> list[str]:
@@ -167,18 +182,24 @@ class NFAMonitor:
             step = len(self.history)
         self.last_K = {}  # the previous K are not kept alive while the new ones are summed
         check_lockstep(self.model, probe_inputs, self.process_group)
-        sums, counts = ptk_sums_all_ranks(
-            self.model, self._hooks, probe_inputs, settings, process_group=self.process_group,
+        # with kept matrices the NFA terms take more memory: plan the groups again (a layer may not fit then)
+        groups = self._plan(True, self.max_memory)[1] if keep_matrices and self.max_memory is not None else self.groups
+        passes = grouped_sums(
+            self.model, self._hooks, probe_inputs, settings, groups, process_group=self.process_group,
             analytic_outputs=True, max_k=self.max_k,
         )
         records: dict[str, LayerRecord] = {}
-        for name, adapter in self.adapters.items():
-            # FSDP2: one layer's full W (and W_0) at a time, gathered on every rank
-            W = full_weight(adapter.weight_matrix().detach()).to(work_dtype(adapter))
-            W0 = full_weight(self.W0[name])
-            # not in sums: the layer's output is the model output, K = I (formed only if it fits max_k)
-            K = covariance_from_sums(sums, counts, name, adapter) if name in sums else None
-            records.update(self._layer_records(name, W, W0, K, settings, step, counts[name], keep_matrices))
+        for group, (sums, counts) in zip(groups, passes):
+            for name in group:
+                adapter = self.adapters[name]
+                # FSDP2: one layer's full W (and W_0) at a time, gathered on every rank
+                W = full_weight(adapter.weight_matrix().detach()).to(work_dtype(adapter))
+                W0 = full_weight(self.W0[name])
+                # not in sums: the layer's output is the model output, K = I (formed only if it fits max_k)
+                K = covariance_from_sums(sums, counts, name, adapter) if name in sums else None
+                records.update(self._layer_records(name, W, W0, K, settings, step, counts[name], keep_matrices))
+        order = [r for name in self.adapters for r in (name, *(f for f, _ in self.blocks.get(name, [])))]
+        records = {r: records[r] for r in order}
         self.history.append(records)
         return records
 

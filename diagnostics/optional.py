@@ -9,7 +9,8 @@ __all__ = ["EXTRAS", "install_hint", "require"]
 
 #: Optional packages the data loaders, plots and examples use, and the extra of ``slo-torch`` that installs each.
 EXTRAS = {"matplotlib": "examples", "tqdm": "examples", "scipy": "examples", "PIL": "examples",
-          "sklearn": "examples", "transformers": "hf", "accelerate": "hf"}
+          "sklearn": "examples", "transformers": "hf", "accelerate": "hf",
+          "peft": "peft"}
 
 
 def install_hint(module: str) -> str:

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,7 @@ __all__ = [
     "ptk_covariance",
     "ptk_sums",
     "ptk_sums_all_ranks",
+    "grouped_sums",
     "layer_jacobians",
     "DEFAULT_SKETCH_SEED",
 ]
@@ -81,6 +82,7 @@ def ptk_sums(
     *,
     analytic_outputs: bool = False,
     max_k: int | None = None,
+    measured: Collection[str] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """Unnormalised ``K_unnorm`` per layer (float64 running sums; float32 on MPS) and the number of
     rows ``N`` per layer (real tokens only under a sample mask), on this process's probe, with the
@@ -90,7 +92,10 @@ def ptk_sums(
     :mod:`diagnostics.output_layer`) gets no sum (``K = I`` exactly; only its rows are counted) and
     takes no part in the VJPs; the sums are allocated after the first forward pass, once those layers
     are known, and the other layers are then checked against ``max_k``. Layers missing from the
-    returned sums but present in the counts are those; with no sample at all, the sums are empty."""
+    returned sums but present in the counts are those; with no sample at all, the sums are empty.
+
+    ``measured``: the layers that get sums and counts (default: all of ``hooks``); every layer of ``hooks``
+    is recorded, so the chunks and the sketch vectors do not depend on which layers are measured."""
     if settings is None:
         settings = EstimatorSettings()
     if not isinstance(settings, EstimatorSettings):
@@ -98,8 +103,9 @@ def ptk_sums(
                         f"got {type(settings).__name__}")
     settings.check()
     adapters = hooks.adapters
+    wanted = set(adapters if measured is None else measured)
     generator = _as_generator(settings.generator, next(iter(adapters.values())).weight_matrix().device)
-    counts: dict[str, Any] = {name: 0 for name in adapters}  # ints, or 0-dim tensors under a mask (one sync)
+    counts: dict[str, Any] = {name: 0 for name in adapters if name in wanted}  # ints, or 0-dim tensors under a mask
     sums: dict[str, Tensor] = {}
     bufs: dict[str, Tensor] = {}
     analytic: set[str] | None = None
@@ -110,7 +116,7 @@ def ptk_sums(
         found = model_output_layers(chunk) if analytic_outputs else set()
         if analytic is None:  # first chunk: allocate for the layers that need K
             analytic = found
-            rest = {n: a for n, a in adapters.items() if n not in analytic}
+            rest = {n: a for n, a in adapters.items() if n not in analytic and n in wanted}
             check_layer_sizes(rest, max_k)
             sums.update(zero_sums(rest))
             bufs.update(gram_scratch(rest))
@@ -119,13 +125,13 @@ def ptk_sums(
                 f"layers {sorted(found ^ analytic)} return the model output in some probe chunks but not "
                 "in others; the model must compute its output the same way for every input"
             )
-        names = [n for n, hs in chunk.outputs.items() for _ in hs]
-        targets = [h for hs in chunk.outputs.values() for h in hs]
+        names = [n for n, hs in chunk.outputs.items() if n in wanted for _ in hs]
+        targets = [h for n, hs in chunk.outputs.items() if n in wanted for h in hs]
         keep = [chunk.row_mask(adapters[name], h) for name, h in zip(names, targets)]
         for name, h, rows in zip(names, targets, keep):
             counts[name] = counts[name] + (adapters[name].out_rows(h).shape[0] if rows is None else rows.sum())
-        measured = [i for i, n in enumerate(names) if n not in analytic]
-        names, targets, keep = ([seq[i] for i in measured] for seq in (names, targets, keep))
+        summed = [i for i, n in enumerate(names) if n not in analytic]
+        names, targets, keep = ([seq[i] for i in summed] for seq in (names, targets, keep))
         if not targets:
             return
         plan.names = names
@@ -150,6 +156,7 @@ def ptk_sums_all_ranks(
     process_group: Any = None,
     analytic_outputs: bool = False,
     max_k: int | None = None,
+    measured: Collection[str] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """:func:`ptk_sums` on this rank's shard, summed over the ranks of ``process_group``.
 
@@ -158,11 +165,12 @@ def ptk_sums_all_ranks(
     when no rank had a sample."""
     try:
         sums, counts = ptk_sums(
-            model, hooks, probe_inputs, settings, analytic_outputs=analytic_outputs, max_k=max_k
+            model, hooks, probe_inputs, settings, analytic_outputs=analytic_outputs, max_k=max_k, measured=measured
         )
     except Exception:
         if distributed.is_distributed(process_group):
-            distributed.all_reduce_sums({}, {n: 0 for n in hooks.adapters}, process_group, failed=True)
+            names = hooks.adapters if measured is None else measured
+            distributed.all_reduce_sums({}, {n: 0 for n in names}, process_group, failed=True)
         raise
     adapters = hooks.adapters
     sums, counts = distributed.all_reduce_sums(
@@ -171,6 +179,26 @@ def ptk_sums_all_ranks(
     if not any(counts.values()):
         raise ValueError("the probe has no samples: pass inputs with at least one sample (batch dimension first)")
     return sums, counts
+
+
+def grouped_sums(
+    model: nn.Module,
+    hooks: LayerHooks,
+    probe_inputs: Any,
+    settings: EstimatorSettings,
+    groups: Sequence[Sequence[str]],
+    **options: Any,
+) -> Iterator[tuple[dict[str, Tensor], dict[str, int]]]:
+    """:func:`ptk_sums_all_ranks` (with ``options``) for each group of layers in turn, each with its own
+    forward and VJP passes over the probe. Every pass records all layers of ``hooks`` and starts from the
+    same state of ``settings.generator``, so each group sees the chunks and sketch vectors of a one-group
+    measurement; the generator ends as after one pass."""
+    generator = settings.generator
+    state = generator.get_state() if isinstance(generator, torch.Generator) else None
+    for group in groups:
+        if state is not None:
+            generator.set_state(state)
+        yield ptk_sums_all_ranks(model, hooks, probe_inputs, settings, measured=group, **options)
 
 
 def ptk_covariance(
@@ -207,16 +235,23 @@ def ptk_covariance(
     at padded positions are left out; outputs and layer outputs of shape ``(B, features)`` belong to
     the whole sequence.
 
-    Layers with ``k`` or ``d`` above ``max_k``, or a :func:`measure_memory` total above ``max_memory``
-    bytes, are refused before any computation.
+    Layers with ``k`` or ``d`` above ``max_k`` are refused before any computation. With ``max_memory``
+    (bytes) the layers are measured in the fewest groups that fit it (:func:`diagnostics.memory.layer_groups`,
+    each group its own passes over the probe, the same ``K`` as one group); a layer that does not fit
+    alone is refused; the returned ``K`` come on top of the budget.
     """
     adapters = find_linear_layers(model, layers)
-    check_memory(
+    _, groups = check_memory(
         adapters, max_k, max_memory, summary=False, world_size=distributed.world_size(process_group)
     )
     settings = EstimatorSettings(estimator, m, generator, sketch, output_fn, chunk_size, allow_unused, sample_mask)
-    sums, counts = ptk_sums_all_ranks(model, LayerHooks(adapters), probe_inputs, settings, process_group=process_group)
-    return {n: covariance_from_sums(sums, counts, n, adapters[n]) for n in list(sums)}
+    out: dict[str, Tensor] = {}
+    passes = grouped_sums(
+        model, LayerHooks(adapters), probe_inputs, settings, groups, process_group=process_group
+    )
+    for sums, counts in passes:
+        out.update({n: covariance_from_sums(sums, counts, n, adapters[n]) for n in list(sums)})
+    return {n: out[n] for n in adapters if n in out}
 
 
 def layer_jacobians(

@@ -20,7 +20,7 @@ from .common import accumulation_dtype, eval_mode
 from .correlation import matrix_correlation
 from .engine import for_each_chunk
 from .hooks import LayerHooks
-from .kernel import work_dtype
+from .kernel import unpack_sum, work_dtype
 from .layers import find_linear_layers
 from .nfa import nfa_correlation
 from .probe import Chunk, default_output
@@ -81,7 +81,7 @@ def early_weight_change(
 
     for_each_chunk(model, LayerHooks(adapters), X, visit, output_fn=output_fn, keep_inputs=True)
     sums, _ = ptk_sums(model, LayerHooks(adapters), X, EstimatorSettings("exact", output_fn=output_fn))
-    K_sum = sums[layer]
+    K_sum = unpack_sum(sums[layer], adapter.k, sums[layer].dtype)
     return dW.to(dtype), K_sum.to(dtype)
 
 

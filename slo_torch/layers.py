@@ -6,7 +6,8 @@ its own layer, named by its ``model.named_parameters()`` name. A parameter share
 (tied weights) belongs to the first module that owns it. The tensors of a parametrization
 (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``, ``orthogonal``, ...) live in
 ``<module>.parametrizations.<name>``; they belong to ``<module>``, the module that owns the
-parametrization.
+parametrization. The adapter tensors of a ``peft`` LoRA layer (``<module>.lora_A.<adapter>``,
+``<module>.lora_B.<adapter>``) belong to ``<module>``, the wrapped module (:mod:`slo_torch.lora`).
 
 Speeds are given as
 
@@ -29,6 +30,8 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 from torch.nn.utils.parametrize import is_parametrized
+
+from .lora import adapter_owners, owner_of
 
 __all__ = ["Layer", "resolve_layers", "promote", "promote_lowest", "pattern_specificity",
            "normalize_speeds", "unwrap_model", "check_model", "check_speed"]
@@ -157,13 +160,17 @@ def _parametrization_owner(name: str, parametrized: set[str]) -> str:
 def _named_owners(model: nn.Module, per_tensor: bool) -> dict[int, tuple[str, str]]:
     """``id(param) -> (layer name, module name)`` in model order, first owner wins.
 
-    Parameters of a parametrization belong to the module that owns it.
+    Parameters of a parametrization belong to the module that owns it, the adapter parameters of a
+    ``peft`` tuner layer to the tuner layer (:mod:`slo_torch.lora`).
     """
     owners: dict[int, tuple[str, str]] = {}
     parametrized = {clean_name(n) for n, m in model.named_modules() if is_parametrized(m)}
+    adapters = {clean_name(sub): clean_name(owner) for sub, owner in adapter_owners(model).items()}
     for mod_name, module in model.named_modules():
         mod_name = clean_name(mod_name)
         owner = _parametrization_owner(mod_name, parametrized) if parametrized else mod_name
+        if adapters:
+            owner = owner_of(owner, adapters)
         for p_name, p in module.named_parameters(recurse=False):
             if id(p) not in owners:
                 full = f"{mod_name}.{p_name}" if mod_name else p_name

@@ -203,6 +203,7 @@ def test_looped_and_batched_vjps_agree(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_ptk_sums_take_one_estimator_settings() -> None:
     from diagnostics import LayerHooks
+    from diagnostics.kernel import unpack_sum
     from diagnostics.ptk import ptk_sums, ptk_sums_all_ranks
     from diagnostics.settings import EstimatorSettings
 
@@ -212,7 +213,8 @@ def test_ptk_sums_take_one_estimator_settings() -> None:
     all_sums, _ = ptk_sums_all_ranks(model, hooks, x, EstimatorSettings(chunk_size=4))
     K = ptk_covariance(model, x)
     assert counts == {n: 6 for n in K}
-    assert all(rel_err(sums[n] / 6, K[n]) < 1e-12 and torch.equal(sums[n], all_sums[n]) for n in K)
+    assert all(rel_err(unpack_sum(sums[n], K[n].shape[0], torch.float64, 6), K[n]) < 1e-12 for n in K)  # packed upper triangle
+    assert all(torch.equal(sums[n], all_sums[n]) for n in K)
     with pytest.raises(TypeError, match="settings must be an EstimatorSettings, e.g. EstimatorSettings"):
         ptk_sums(model, hooks, x, "sketch")
     with pytest.raises(TypeError):

@@ -170,6 +170,7 @@ def test_optional_imports_name_the_extra(
     ("benchmarks/ptk_cost.py", ["(default: 3)"]),
     ("benchmarks/monitor_overhead.py", ["(default: 50257)", "(default: 300)", "(default: 8)"]),
     ("benchmarks/measure_memory.py", ["(default: 4096)"]),
+    ("benchmarks/memory_budget.py", ["(default: [400, 250])"]),
     ("benchmarks/nfa_summary_routes.py", ["(default: 5)"]),
 ])
 def test_help_shows_the_defaults(
