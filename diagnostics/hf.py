@@ -96,6 +96,9 @@ class NFACallback(TrainerCallback):
             (``None``, the default: every layer summarised; ``"*"``: every layer), leaving out the
             layers whose values are 1 by construction (``K`` is ``I`` or ``1 x 1``: the output layer).
             ``log_history`` and the reporters always get every layer.
+        measure_at_start: also measure at step 0, before the first optimizer step of a run that does not
+            resume (one more measurement). It goes to ``log_history`` as an entry ``{"epoch": 0.0, "step": 0,
+            "nfa/...": ...}`` (and to the snapshots); the reporters see values from the first logging step on.
 
     Add it with :meth:`add_to` so the ``report_to`` reporters receive its values (``Trainer(callbacks=
     [...])`` runs it after them, which is refused when there are any).
@@ -119,6 +122,7 @@ class NFACallback(TrainerCallback):
         chunk_size: int | None = None,
         blocks: Mapping[str, Any] | None = None,
         console_layers: str | Sequence[str] | None = None,
+        measure_at_start: bool = False,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
@@ -141,6 +145,7 @@ class NFACallback(TrainerCallback):
         self.chunk_size = chunk_size
         self.blocks = blocks
         self.console_layers = [console_layers] if isinstance(console_layers, str) else list(console_layers or [])
+        self.measure_at_start = bool(measure_at_start)
         self.monitor: NFAMonitor | None = None
         self._pending: dict[str, float] = {}
         #: Layers of the last measurement whose NFA is 1 by construction (``K = I`` analytically, or ``1 x 1``).
@@ -178,21 +183,26 @@ class NFACallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        """Refuse to run after ``report_to`` reporters; start the monitor (``W_0`` snapshot)."""
+        """Refuse to run after ``report_to`` reporters; start the monitor (``W_0`` snapshot) and, with
+        ``measure_at_start`` on a run that starts at step 0, measure into ``log_history``."""
         if not self.before_reporters and _reporters(args):
             raise ValueError(
                 f"NFACallback runs after the report_to reporters {_reporters(args)}, which would not receive "
                 "nfa/*: add it with NFACallback(...).add_to(trainer) instead of Trainer(callbacks=[...])"
             )
         if model is None:
-            raise ValueError("NFACallback needs the model; use it through transformers.Trainer(callbacks=[...])")
+            raise ValueError(
+                "NFACallback needs the model; use it with a transformers.Trainer (NFACallback(...).add_to(trainer))"
+            )
         if self.monitor is not None and self.monitor.model is model:
             if not self.monitor.attached:
                 self.monitor = NFAMonitor(model, self.layers, self.correlation, W0=self.monitor.W0, blocks=self.blocks)
-            return
-        self.monitor = NFAMonitor(
-            model, self.layers, self.correlation, W0=self._resumed_W0(args, state), blocks=self.blocks
-        )
+        else:
+            self.monitor = NFAMonitor(
+                model, self.layers, self.correlation, W0=self._resumed_W0(args, state), blocks=self.blocks
+            )
+        if self.measure_at_start and state.global_step == 0:
+            state.log_history.append({"epoch": 0.0, "step": 0, **self.measure(args, state, model)})
 
     def _due(self, state: TrainerState) -> bool:
         step = state.global_step

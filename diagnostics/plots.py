@@ -86,16 +86,29 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
-def _finish(fig: Any, title: str | None, path: str | os.PathLike[str]) -> Path:
-    """One figure-level legend below the panels (every labelled series once, none hidden behind curves),
-    the title, then save."""
+def _seed_count(rows: Sequence[Mapping[str, Any]]) -> int:
+    """Number of distinct ``seed`` values among ``rows`` (0 where no row has one)."""
+    return len({r["seed"] for r in rows if "seed" in r})
+
+
+def _finish(fig: Any, title: str | None, path: str | os.PathLike[str], band_seeds: int = 0,
+            note: str | None = None) -> Path:
+    """One figure-level legend below the panels (every labelled series once, none hidden behind curves; with
+    ``band_seeds`` > 0 a grey entry says what the shaded bands are), an optional ``note`` as the legend's
+    heading, the title, then save."""
     entries: dict[str, Any] = {}
     for ax in fig.axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
+    if band_seeds:
+        from matplotlib.patches import Patch
+
+        entries[f"band: mean ± 1 std over {band_seeds} seeds"] = Patch(color="grey", alpha=0.3, linewidth=0)
     if entries:
         fig.legend(list(entries.values()), list(entries), loc="outside lower center",
-                   ncols=min(len(entries), _MAX_COLUMNS), fontsize=8)
+                   ncols=min(len(entries), _MAX_COLUMNS), fontsize=8, title=note, title_fontsize=8)
+    elif note:
+        fig.supxlabel(note, fontsize=8)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -117,12 +130,16 @@ def _curves(
     colours: Mapping[Any, Any],
     linestyle_key: str | None,
     styles: Mapping[Any, str],
-) -> None:
+    colour: Any = None,
+) -> bool:
     """Draw ``metric`` against ``step`` for each (group, style) on ``ax``: mean line, +- std band over seeds.
+    ``colour`` (optional) is used where ``colours`` has no entry for the group. Returns whether a band
+    was drawn.
 
     Several rows with the same (group, style, seed, step) (e.g. one scalar repeated for every layer)
     count once: the first finite value is used.
     """
+    banded = False
     series: dict[tuple[Any, Any], dict[float, dict[Any, float]]] = {}
     for r in rows:
         value = _float(r.get(metric))
@@ -138,11 +155,13 @@ def _curves(
         std = [math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0 for v, m in zip(vals, mean)]
         label = " / ".join(_series_name(k, x) for k, x in ((group_key, group), (linestyle_key, style))
                            if x is not None) or _label(metric)
-        colour = colours.get(group)
-        ax.plot(steps, mean, color=colour, linestyle=styles.get(style, "-"), label=label, linewidth=1.4)
+        line_colour = colours.get(group, colour)
+        ax.plot(steps, mean, color=line_colour, linestyle=styles.get(style, "-"), label=label, linewidth=1.4)
         if any(s > 0 for s in std):
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=colour, alpha=0.2, linewidth=0)
+                            color=line_colour, alpha=0.2, linewidth=0)
+            banded = True
+    return banded
 
 
 def _series_name(key: str | None, value: Any) -> str:
@@ -168,6 +187,25 @@ def _palettes(
     return colours, styles
 
 
+def _analytic_layers(rows: Sequence[Mapping[str, Any]], layers: Sequence[str]) -> list[str]:
+    """The layers whose every row has ``estimator == "analytic"``: the model's output layer, ``K = I``
+    (:mod:`diagnostics.output_layer`), so UC-NFA = C-NFA = 1 by construction."""
+    return [layer for layer in layers
+            if all(r.get("estimator") == "analytic" for r in rows if str(r.get("layer", "")) == layer)]
+
+
+def _share_y(block: Sequence[Any]) -> None:
+    """One y-range for the panels of ``block`` (the union of their data), padded when the data is flat."""
+    spans = [ax.dataLim.intervaly for ax in block if ax.has_data()]
+    spans = [(lo, hi) for lo, hi in spans if math.isfinite(lo) and math.isfinite(hi)]
+    if not spans:
+        return
+    lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
+    pad = 0.05 * (hi - lo) if hi - lo >= 1e-6 * max(1.0, abs(hi)) else 0.05 * max(1.0, abs(hi))
+    for ax in block:
+        ax.set_ylim(lo - pad, hi + pad)
+
+
 def plot_nfa_curves(
     rows: Sequence[Mapping[str, Any]],
     path: str | os.PathLike[str],
@@ -176,29 +214,52 @@ def plot_nfa_curves(
     title: str | None = None,
     linestyle_key: str | None = None,
     x_label: str = "step",
+    layer_names: Mapping[str, str] | None = None,
 ) -> Path:
     """One block of panels per metric, one panel per layer (at most four columns), each metric against ``step``.
 
-    One colour per value of ``group_key`` (ignored when no row has that key), one line style per value of
-    ``linestyle_key`` (optional); where rows carry a ``seed`` key the line is the mean over seeds with a
-    +- one-std band. One legend for the whole figure; ``x_label`` names the ``step`` axis (e.g. "epoch").
-    Returns the PNG path.
+    One colour per value of ``group_key`` (ignored when no row has that key; then one colour per metric), one
+    line style per value of ``linestyle_key`` (optional); where rows carry a ``seed`` key the line is the mean
+    over seeds with a +- one-std band (the legend says so). The panels of one metric share one y-range, all
+    panels one step range.
+    A layer whose rows all have ``estimator == "analytic"`` (the model's output layer: ``K = I``, both
+    correlations 1 by construction) gets no panel; a note heading the legend names it. ``layer_names`` maps a
+    layer to its panel name (default ``layer <name>``). One legend for the whole figure; ``x_label`` names the
+    ``step`` axis (e.g. "epoch"). Returns the PNG path.
     """
     _check_rows(rows, ["step", *metrics], "plot_nfa_curves")
     gk = group_key if any(group_key in r for r in rows) else None
-    layers = _unique(str(r.get("layer", "")) for r in rows)
+    names = dict(layer_names or {})
+    all_layers = _unique(str(r.get("layer", "")) for r in rows)
+    constant = _analytic_layers(rows, all_layers)
+    if len(constant) == len(all_layers):  # nothing else to draw: show them rather than an empty figure
+        constant = []
+    layers = [layer for layer in all_layers if layer not in constant]
     colours, styles = _palettes(rows, gk, linestyle_key)
     fig, blocks = _panels(len(metrics), len(layers))
-    for metric, block in zip(metrics, blocks):
+    banded = False
+    for i, (metric, block) in enumerate(zip(metrics, blocks)):
         for layer, ax in zip(layers, block):
-            _curves(ax, [r for r in rows if str(r.get("layer", "")) == layer], metric, gk, colours,
-                    linestyle_key, styles)
-            _pad_flat_axis(ax)
-            ax.set_title(f"{_label(metric)} - layer {layer}" if layer else _label(metric), fontsize=9)
+            banded |= _curves(ax, [r for r in rows if str(r.get("layer", "")) == layer], metric, gk,
+                              colours if gk else {}, linestyle_key, styles, colour=f"C{i % 10}")
+            name = names.get(layer, f"layer {layer}")
+            ax.set_title(f"{_label(metric)} - {name}" if layer else _label(metric), fontsize=9)
             ax.set_xlabel(x_label)
             ax.set_ylabel(_label(metric))
             ax.grid(alpha=0.3)
-    return _finish(fig, title, path)
+        _share_y(block)
+    spans = [ax.dataLim.intervalx for block in blocks for ax in block if ax.has_data()]
+    if spans:  # one step axis for all panels (a C-NFA starts one measurement after its UC-NFA)
+        lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
+        pad = 0.03 * (hi - lo) if hi > lo else 0.5
+        for ax in (ax for block in blocks for ax in block):
+            ax.set_xlim(lo - pad, hi + pad)
+    note = None
+    if constant:
+        which = ", ".join(names.get(layer, f"layer {layer}") for layer in constant)
+        note = (f"No panel for {which}: the model's output layer, whose K is the identity, so its UC-NFA and "
+                "C-NFA are 1 by construction.")
+    return _finish(fig, title, path, band_seeds=_seed_count(rows) if banded else 0, note=note)
 
 
 def plot_scalar_curves(
@@ -218,8 +279,9 @@ def plot_scalar_curves(
     gk = group_key if any(group_key in r for r in rows) else None
     colours, styles = _palettes(rows, gk, None)
     fig, (block,) = _panels(1, len(keys))
+    banded = False
     for key, ax in zip(keys, block):
-        _curves(ax, rows, key, gk, colours, None, styles)
+        banded |= _curves(ax, rows, key, gk, colours, None, styles)
         _pad_flat_axis(ax)
         ax.set_title(_label(key), fontsize=9)
         ax.set_xlabel(x_label)
@@ -227,7 +289,7 @@ def plot_scalar_curves(
         if key in log_keys:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    return _finish(fig, title, path)
+    return _finish(fig, title, path, band_seeds=_seed_count(rows) if banded else 0)
 
 
 def plot_matrices(

@@ -2,11 +2,16 @@
 
 Target ``f*(x) = Σ_{i=1}^{r} x_i x_{i+1}`` on ``x ~ N(0, I_d)``, MSE loss, bias-free ReLU MLP. Runs, each
 over several seeds: standard-init SGD, small-init SGD (all weights scaled at init), standard-init SLO
-(first layer promoted: speed ``C``, the others ``1/C``). Every ``eval_every`` steps it records each
-layer's UC-NFA and C-NFA (``NFAMonitor``, exact ``K`` on a probe of training points), the first-layer
-feature quality ``ρ(W_1^T W_1, EGOP*)`` and the test MSE.
+(one layer promoted, by default the first: speed ``C``, the others ``1/C``). Every ``eval_every`` steps it
+records each layer's UC-NFA and C-NFA (``NFAMonitor``, exact ``K`` on a probe of training points), the
+first-layer feature quality ``ρ(W_1^T W_1, EGOP*)`` and the test MSE. ``--promote-layer`` names the promoted
+layer (``"0"``, ``"2"``, ... ``str(2 * depth)``, the readout); with ``--base-optimizer adamw`` all three runs
+use AdamW (lr ``adamw_lr``) and SLO wraps AdamW (its default mode resolves to ``"update"``: the update, not
+the gradient, is rescaled to norm ``lr·C_l``).
 
     python examples/chain_monomial.py --preset default --out results/chain_monomial
+    python examples/chain_monomial.py --preset default --promote-layer 2 --out results/chain_monomial_layer2
+    python examples/chain_monomial.py --preset default --base-optimizer adamw --out results/chain_monomial_adamw
 
 Writes ``metrics.csv``, ``results.md`` and PNG figures to ``--out``.
 """
@@ -48,6 +53,9 @@ class Settings:
     small_init: float = 0.1
     slo_lr: float = 1e-3
     slo_C: float = 500.0
+    promote_layer: str = "0"  # the layer SLO moves at speed C (the others at 1/C)
+    base_optimizer: str = "sgd"  # "sgd" or "adamw": the optimizer of all three runs (SLO wraps it)
+    adamw_lr: float = 1e-3  # learning rate of the AdamW and small-init AdamW runs (torch's default)
 
 
 PRESETS = {
@@ -58,13 +66,41 @@ PRESETS = {
 }
 
 
+BASE_OPTIMIZERS = ("sgd", "adamw")
+
+
+def linear_layers(depth: int) -> list[str]:
+    """Names of the linear layers of ``bias_free_mlp(..., depth, ...)``: ``"0", "2", ..., str(2 * depth)``."""
+    return [str(2 * i) for i in range(depth + 1)]
+
+
+def layer_names(depth: int) -> dict[str, str]:
+    """Panel names of the linear layers: ``layer 0 (first)``, ..., ``layer 2·depth (readout)``."""
+    ordinals = ("first", "second", "third", "fourth", "fifth")
+    names = {n: f"layer {n} ({ordinals[i] if i < len(ordinals) else f'hidden {i + 1}'})"
+             for i, n in enumerate(linear_layers(depth)[:-1])}
+    return {**names, str(2 * depth): f"layer {2 * depth} (readout)"}
+
+
 def runs(s: Settings) -> dict[str, dict[str, Any]]:
-    """The compared runs: optimizer, learning rate, init scale and (SLO) speed of the first layer."""
+    """The compared runs: optimizer, learning rate, init scale and (SLO) speed of the promoted layer. The first
+    run is named after the base optimizer (``sgd`` or ``adamw``)."""
+    lr = s.sgd_lr if s.base_optimizer == "sgd" else s.adamw_lr
     return {
-        "sgd": dict(optimizer="sgd", lr=s.sgd_lr, init_scale=1.0, C=None),
-        "small_init": dict(optimizer="sgd", lr=s.sgd_lr, init_scale=s.small_init, C=None),
+        s.base_optimizer: dict(optimizer=s.base_optimizer, lr=lr, init_scale=1.0, C=None),
+        "small_init": dict(optimizer=s.base_optimizer, lr=lr, init_scale=s.small_init, C=None),
         "slo": dict(optimizer="slo", lr=s.slo_lr, init_scale=1.0, C=s.slo_C),
     }
+
+
+def make_optimizer(s: Settings, model: torch.nn.Module, spec: dict[str, Any]) -> torch.optim.Optimizer:
+    """The base optimizer (SGD or AdamW, torch defaults but the lr) over ``model``; for the ``slo`` run SLO
+    wraps it: layer ``promote_layer`` moves lr·C per step, every other layer lr/C."""
+    cls = torch.optim.SGD if s.base_optimizer == "sgd" else torch.optim.AdamW
+    opt = cls(model.parameters(), lr=spec["lr"])
+    if spec["optimizer"] == "slo":
+        opt = SLOptimizer(opt, model=model, speeds=promote(model, s.promote_layer, spec["C"]))
+    return opt
 
 
 def run_one(
@@ -75,9 +111,7 @@ def run_one(
     set_seed(seed)
     model = bias_free_mlp(s.d, s.width, s.depth, 1)
     scale_init_(model, spec["init_scale"])
-    opt = torch.optim.SGD(model.parameters(), lr=spec["lr"])
-    if spec["optimizer"] == "slo":  # layer "0" moves lr·C per step, every other layer lr/C
-        opt = SLOptimizer(opt, model=model, speeds=promote(model, "0", spec["C"]))
+    opt = make_optimizer(s, model, spec)
     mon = NFAMonitor(model)
     extra: dict[int, dict[str, float]] = {}
 
@@ -100,8 +134,10 @@ def run_one(
     return rows, nfm(model[0].weight.detach())
 
 
-def observations(final: dict[str, dict[str, list[float]]], var: float) -> str:
-    """Plain-language check of the paper's claims on the final first-layer values (lists over seeds)."""
+def observations(first: dict[str, dict[str, list[float]]], promoted: dict[str, dict[str, list[float]]], s: Settings,
+                 var: float) -> str:
+    """Plain-language check of the paper's claims on the final values (lists over seeds) of the first layer
+    (``first``) and of the promoted layer (``promoted``; the same when it is the first)."""
 
     def claim(text: str, a: tuple[str, list[float]], b: tuple[str, list[float]], higher: bool = True) -> str:
         (ma, sa), (mb, sb) = mean_std(a[1]), mean_std(b[1])
@@ -114,20 +150,34 @@ def observations(final: dict[str, dict[str, list[float]]], var: float) -> str:
             verdict = "yes" if holds else "**no**"
         return f"- {text}? {verdict} ({a[0]} {ma:.3f} vs {b[0]} {mb:.3f})."
 
-    sgd, small, slo = final["sgd"], final["small_init"], final["slo"]
+    b, B = s.base_optimizer, {"sgd": "SGD", "adamw": "AdamW"}[s.base_optimizer]
+    base, small, slo = first[b], first["small_init"], first["slo"]
+    p = s.promote_layer
     lines = [
-        claim("Standard-init SGD: C-NFA above UC-NFA (the centered alignment is masked by the initial weights)",
-              ("C-NFA", sgd["c_nfa"]), ("UC-NFA", sgd["uc_nfa"])),
-        claim("Small init raises the first-layer UC-NFA over standard-init SGD",
-              ("small_init", small["uc_nfa"]), ("sgd", sgd["uc_nfa"])),
+        claim(f"Standard-init {B}: C-NFA above UC-NFA (the centered alignment is masked by the initial weights)",
+              ("C-NFA", base["c_nfa"]), ("UC-NFA", base["uc_nfa"])),
+        claim(f"Small init raises the first-layer UC-NFA over standard-init {B}",
+              ("small_init", small["uc_nfa"]), (b, base["uc_nfa"])),
         claim("Small init raises the feature quality",
-              ("small_init", small["feature_quality"]), ("sgd", sgd["feature_quality"])),
-        claim("SLO (standard init) raises the first-layer UC-NFA over standard-init SGD",
-              ("slo", slo["uc_nfa"]), ("sgd", sgd["uc_nfa"])),
-        claim("SLO raises the feature quality", ("slo", slo["feature_quality"]), ("sgd", sgd["feature_quality"])),
-        claim("Small init lowers the test MSE", ("small_init", small["test_mse"]), ("sgd", sgd["test_mse"]),
+              ("small_init", small["feature_quality"]), (b, base["feature_quality"])),
+    ]
+    if p == "0":
+        lines += [
+            claim(f"SLO (standard init) raises the first-layer UC-NFA over standard-init {B}",
+                  ("slo", slo["uc_nfa"]), (b, base["uc_nfa"])),
+            claim("SLO raises the feature quality", ("slo", slo["feature_quality"]), (b, base["feature_quality"])),
+        ]
+    else:
+        lines += [
+            claim(f"SLO (standard init, layer {p} promoted) raises layer {p}'s UC-NFA over standard-init {B}",
+                  ("slo", promoted["slo"]["uc_nfa"]), (b, promoted[b]["uc_nfa"])),
+            claim(f"SLO (layer {p} promoted) raises layer {p}'s C-NFA over standard-init {B}",
+                  ("slo", promoted["slo"]["c_nfa"]), (b, promoted[b]["c_nfa"])),
+        ]
+    lines += [
+        claim("Small init lowers the test MSE", ("small_init", small["test_mse"]), (b, base["test_mse"]),
               higher=False),
-        claim("SLO lowers the test MSE", ("slo", slo["test_mse"]), ("sgd", sgd["test_mse"]), higher=False),
+        claim("SLO lowers the test MSE", ("slo", slo["test_mse"]), (b, base["test_mse"]), higher=False),
     ]
     return "\n".join(lines) + f"\n\n(Var f* = {var:g}: a test MSE of 0.2 is R² ≈ {1 - 0.2 / var:.2f}.)\n"
 
@@ -137,35 +187,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = preset_parser(__doc__, PRESETS, "results/chain_monomial")
     ap.add_argument("--seeds", type=nonnegative_int, nargs="+", help="override the preset's seeds")
     ap.add_argument("--steps", type=positive_int, help="override the preset's number of SGD steps")
-    ap.add_argument("--slo-C", type=positive_float, help="override the SLO speed C of the first layer (others 1/C)")
-    return parse_checked(ap, argv)
+    ap.add_argument("--slo-C", type=positive_float, help="override the SLO speed C of the promoted layer (others 1/C)")
+    ap.add_argument("--promote-layer", help="the layer SLO promotes: 0 (the first, default), 2, ..., 2*depth")
+    ap.add_argument("--base-optimizer", choices=BASE_OPTIMIZERS,
+                    help="optimizer of all three runs, wrapped by SLO in the slo run (default: sgd)")
+    args = parse_checked(ap, argv)
+    layer, depth = args.promote_layer, PRESETS[args.preset].depth
+    if layer is not None and layer not in linear_layers(depth):
+        ap.error(f"argument --promote-layer: {layer!r} is not a linear layer of the {args.preset} preset's MLP; "
+                 f"choose one of {linear_layers(depth)}")
+    return args
 
 
 def report(s: Settings, preset: str, rows: list[dict], command: list[str]) -> str:
     """The markdown of ``results.md``: final values, the paper's claims checked on them, the settings."""
     last = [r for r in rows if r["step"] == s.steps]
     first = [r for r in last if r["layer"] == "0"]
+    promoted = [r for r in last if r["layer"] == s.promote_layer]
     keys = ("uc_nfa", "c_nfa", "feature_quality", "test_mse")
-    final = {name: {k: [r[k] for r in first if r["run"] == name] for k in keys} for name in runs(s)}
+
+    def final(layer_rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+        return {name: {k: [r[k] for r in layer_rows if r["run"] == name] for k in keys} for name in runs(s)}
+
+    p = s.promote_layer
     runs_table = markdown_table(
         ["run", "optimizer", "lr", "init scale", "SLO speeds"],
-        [[n, v["optimizer"], v["lr"], v["init_scale"],
-          f"layer 0: {v['C']:g}, others: {1 / v['C']:g}" if v["C"] else "-"] for n, v in runs(s).items()],
+        [[n, f"slo over {s.base_optimizer}" if v["optimizer"] == "slo" else v["optimizer"], v["lr"], v["init_scale"],
+          f"layer {p}: {v['C']:g}, others: {1 / v['C']:g}" if v["C"] else "-"] for n, v in runs(s).items()],
     )
+    promoted_table = "" if p == "0" else (
+        f"\n## Final values, promoted layer {p}\n\n"
+        + mean_std_table(promoted, ["run"], ["uc_nfa", "c_nfa", "rel_change"]))
     return (
         f"# Chain monomial ({preset} preset)\n\n"
         f"`{command_line(command)}`\n\n"
         f"## Final values, first layer (mean ± std over seeds {list(s.seeds)}, step {s.steps})\n\n"
         + mean_std_table(first, ["run"], ["uc_nfa", "c_nfa", "feature_quality", "test_mse"])
+        + promoted_table
         + "\n## Final NFA correlations, every layer\n\n"
         + mean_std_table(last, ["run", "layer"], ["uc_nfa", "c_nfa", "rel_change"])
-        + "\nThe readout has a single output, so its `K` is 1x1 and both its correlations are 1 by construction.\n"
+        + f"\nThe readout (layer {2 * s.depth}) has a single output, so its `K` is 1x1 and both its correlations are 1 by "
+        "construction; `nfa_curves.png` draws no panel for it.\n"
         + "\n## Paper claims, checked on these numbers\n\n"
-        + observations(final, var=float(s.r))
+        + observations(final(first), final(promoted), s, var=float(s.r))
         + "\n## Settings\n\n" + runs_table + "\n"
         + settings_table(asdict(s))
         + "\nTask: `x ~ N(0, I_d)`, `f*(x) = sum_{i=1}^{r} x_i x_{i+1}` (reconstructed setting, see docs/experiments.md), MSE "
-        "`mean((f(x) - y)^2)`, bias-free ReLU MLP with PyTorch default init, minibatch SGD. `K` exact on the "
+        "`mean((f(x) - y)^2)`, bias-free ReLU MLP with PyTorch default init, minibatch "
+        f"{'SGD' if s.base_optimizer == 'sgd' else 'AdamW (torch defaults but the lr)'}. `K` exact on the "
         "first `probe` training points; feature quality = Pearson correlation of the first-layer NFM with "
         "`EGOP*` (autograd, `egop_samples` Gaussian draws).\n"
         "\nFigures: `nfa_curves.png`, `feature_quality_test_mse.png`, `nfm_vs_egop.png`.\n"
@@ -175,7 +244,7 @@ def report(s: Settings, preset: str, rows: list[dict], command: list[str]) -> st
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    s = preset_settings(PRESETS, args, ("seeds", "steps", "slo_C"))
+    s = preset_settings(PRESETS, args, ("seeds", "steps", "slo_C", "promote_layer", "base_optimizer"))
 
     t0 = time.perf_counter()
     Xe = torch.randn(s.egop_samples, s.d, generator=torch.Generator().manual_seed(2**31 - 1))
@@ -191,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
 
     out = args.out
     write_csv(rows, out / "metrics.csv")
-    plot_nfa_curves(rows, out / "nfa_curves.png", title="chain monomial: NFA correlations per layer")
+    plot_nfa_curves(rows, out / "nfa_curves.png", title="chain monomial: NFA correlations per layer",
+                    layer_names=layer_names(s.depth))
     plot_scalar_curves(rows, out / "feature_quality_test_mse.png", log_keys=("test_mse",))
     plot_matrices({"target EGOP*": E, **{f"NFM layer 0, {k}": v for k, v in nfms.items()}}, out / "nfm_vs_egop.png",
                   index_name="x")

@@ -3,7 +3,7 @@
 The model is built from a ``GPT2Config`` (no downloads); the text is the docstrings of a fixed list
 of Python standard-library modules, lower-cased and encoded character by character. The NFA
 correlations of the transformer blocks' linear layers are logged as ``nfa/uc/<layer>`` and
-``nfa/c/<layer>`` with the loss; with ``--optimizer slo`` the per-layer gradient norms before the
+``nfa/c/<layer>`` with the loss (and once at step 0, before training, into the log history); with ``--optimizer slo`` the per-layer gradient norms before the
 speed limit are logged as ``slo/grad_norm/<layer>``.
 
     python examples/hf_trainer.py --optimizer slo --max-steps 300
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> Trainer | None:
     trainer = Trainer(model=model, args=args, train_dataset=train, **trainer_kwargs)
     # add_to: ahead of the report_to reporters, which then receive nfa/* and slo/*
     NFACallback(probe, every_n_steps=a.nfa_every, layers=a.nfa_layers, estimator=a.estimator, m=8,
-                save_snapshots=True).add_to(trainer)
+                save_snapshots=True, measure_at_start=True).add_to(trainer)
     if not interactive():
         trainer.add_callback(ProgressLines())
     if a.optimizer == "slo":

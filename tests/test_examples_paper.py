@@ -77,6 +77,25 @@ def test_chain_monomial_is_deterministic(chain_runs: tuple[Path, Path]) -> None:
     assert info["wall_s"] > 0 and info["command"].endswith(f"--out {a}")
 
 
+def test_chain_monomial_promotes_any_layer_over_adamw(tmp_path: Path) -> None:
+    """--promote-layer 2 --base-optimizer adamw: every run uses AdamW and SLO (update mode, chosen for AdamW)
+    moves layer 2 alone; the report tabulates the promoted layer."""
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "chain_monomial.py"), "--preset", "smoke", "--steps", "100",
+         "--promote-layer", "2", "--base-optimizer", "adamw", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = _read_csv(tmp_path / "metrics.csv")
+    assert list(dict.fromkeys(r["run"] for r in rows)) == ["adamw", "small_init", "slo"]
+    final = [r for r in rows if r["step"] == "100"]
+    moved = {r["layer"]: float(r["rel_change"]) for r in final if r["run"] == "slo"}
+    assert moved["2"] > 100 * max(moved["0"], moved["4"])
+    text = (tmp_path / "results.md").read_text()
+    assert "## Final values, promoted layer 2" in text and "| slo | slo over adamw | 0.001 | 1.0 | layer 2: 500" in text
+    assert "raises layer 2's UC-NFA over standard-init AdamW" in text
+
+
 def test_early_time_and_random_kernel_smoke(tmp_path: Path) -> None:
     procs = [_start("early_time.py", tmp_path / "early"), _start("random_kernel.py", tmp_path / "random")]
     for p in procs:

@@ -177,4 +177,6 @@ def test_example_under_accelerate_launch_multi_gpu_on_cpu(tmp_path: Path) -> Non
     assert [h["step"] for h in logged] == [2, 4]
     assert "nfa/c/transformer.h.0.mlp.c_fc" in logged[-1]
     assert "slo/grad_norm/transformer.h.0.mlp.c_fc" in logged[-1]
-    assert sorted(p.name for p in (out / "nfa").iterdir()) == ["step_0000002.safetensors", "step_0000004.safetensors"]
+    assert history[0]["step"] == 0 and "nfa/uc/transformer.h.0.mlp.c_fc" in history[0]  # measured on both ranks
+    assert sorted(p.name for p in (out / "nfa").iterdir()) == [
+        "step_0000000.safetensors", "step_0000002.safetensors", "step_0000004.safetensors"]

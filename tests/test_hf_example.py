@@ -49,7 +49,10 @@ def test_slo_run_logs_nfa_and_grad_norms_and_saves_state(tmp_path: Path, capsys:
         assert key in logged[-1]
     assert not any(k.startswith("nfa/") and "lm_head" in k for k in logged[-1])  # --nfa-layers transformer.h.*
     assert (out / "nfa_curves.png").stat().st_size > 10_000
-    assert sorted(p.name for p in (out / "nfa").iterdir()) == ["step_0000002.safetensors", "step_0000004.safetensors"]
+    # the first measurement is at step 0, before training (log_history and a snapshot, no loss yet)
+    assert history[0]["step"] == 0 and "loss" not in history[0] and "nfa/uc/transformer.h.0.mlp.c_fc" in history[0]
+    assert sorted(p.name for p in (out / "nfa").iterdir()) == [
+        "step_0000000.safetensors", "step_0000002.safetensors", "step_0000004.safetensors"]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

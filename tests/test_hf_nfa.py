@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,24 @@ def test_sketch_is_reproducible_and_close_to_exact(tmp_path: Path, data: Any) ->
     key = "nfa/uc/transformer.h.0.mlp.c_fc"
     assert a[key] == b[key]
     assert a[key] == pytest.approx(exact[key], abs=0.05)
+
+
+def test_measure_at_start_logs_the_initial_network_at_step_0(tmp_path: Path, data: Any) -> None:
+    train, probe = data
+    model = tiny_gpt2(ex)
+    w0 = copy.deepcopy(model)
+    cb = NFACallback(probe, every_n_steps=2, layers="transformer.h.0.mlp.*", estimator="exact", measure_at_start=True)
+    trainer = Trainer(model, args_for(tmp_path, max_steps=2), train_dataset=train, callbacks=[cb])
+    trainer.train()
+    entries = nfa_entries(trainer.state.log_history)
+    assert [e["step"] for e in entries] == [0, 2] and "loss" not in entries[0]
+    with NFAMonitor(w0, "transformer.h.0.mlp.*") as mon:
+        direct = mon.measure(probe, estimator="exact")
+    for name, rec in direct.items():
+        assert entries[0][f"nfa/uc/{name}"] == pytest.approx(rec.uc_nfa, abs=1e-10)
+    assert all(math.isnan(entries[0][f"nfa/c/{n}"]) for n in direct)  # W = W_0: the C-NFA is not defined yet
+    rows = nfa_rows_from_log_history(trainer.state.log_history)
+    assert sorted({r["step"] for r in rows}) == [0, 2]
 
 
 def test_snapshots_and_w0_restored_on_resume(tmp_path: Path, data: Any) -> None:

@@ -121,3 +121,37 @@ def test_matrices_have_integer_ticks(tmp_path: Path, saved_figures: list) -> Non
         ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
         assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks)
         assert ax.xaxis.get_major_formatter()(0, 0) == "$x_{1}$"  # matrix index 0 is x_1
+
+
+def test_output_layer_gets_no_panel_and_a_note(tmp_path: Path, saved_figures: list) -> None:
+    """A layer whose K is known to be the identity (estimator "analytic": NFA 1 by construction) is not drawn;
+    the legend's heading says why; panels carry the given layer names and one y-range per metric."""
+    rows = [{**r, "estimator": "analytic" if r["layer"] == "2" else "exact"} for r in _layer_rows(3)]
+    plot_nfa_curves(rows, tmp_path / "nfa.png", layer_names={"0": "layer 0 (first)", "2": "layer 2 (readout)"})
+    (fig,) = saved_figures
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["UC-NFA - layer 0 (first)", "UC-NFA - layer 1",
+                                                 "C-NFA - layer 0 (first)", "C-NFA - layer 1"]
+    note = fig.legends[0].get_title().get_text()
+    assert "layer 2 (readout)" in note and "1 by construction" in note
+    assert panels[0].get_ylim() == panels[1].get_ylim() and panels[2].get_ylim() == panels[3].get_ylim()
+    assert len({ax.get_xlim() for ax in panels}) == 1
+
+
+def test_every_layer_analytic_is_still_drawn(tmp_path: Path, saved_figures: list) -> None:
+    rows = [{**r, "estimator": "analytic"} for r in _layer_rows(2)]
+    plot_nfa_curves(rows, tmp_path / "nfa.png")
+    assert len([ax for ax in saved_figures[0].axes if ax.get_visible()]) == 4
+
+
+def test_band_is_named_in_the_legend_and_single_runs_get_a_colour_per_metric(tmp_path: Path,
+                                                                              saved_figures: list) -> None:
+    plot_nfa_curves(_rows(), tmp_path / "seeds.png")
+    labels = [t.get_text() for t in saved_figures[0].legends[0].get_texts()]
+    assert labels == ["sgd", "slo", "band: mean ± 1 std over 2 seeds"]
+    single = [{k: v for k, v in r.items() if k not in ("run", "seed")} for r in _rows() if r["run"] == "sgd"
+              and r["seed"] == 0]
+    plot_nfa_curves(single, tmp_path / "one.png")
+    legend = saved_figures[1].legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["UC-NFA", "C-NFA"]
+    assert len({h.get_color() for h in legend.legend_handles}) == 2
