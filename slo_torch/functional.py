@@ -22,7 +22,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
     "layer_sq_norms", "slo_coefficients", "scale_layers_", "rescale_updates_", "slo_rescale_", "CoefficientBuffer",
-    "accumulate_dtype",
+    "accumulate_dtype", "applied_dtype", "coefficient_factors", "unrepresentable",
 ]
 
 
@@ -40,8 +40,8 @@ def _norm_dtype(dt: torch.dtype, device: torch.device, scaled: bool) -> torch.dt
     Double (complex128 for complex tensors) on accelerators, where the foreach kernel squares each
     element in double in its one pass over the data, and for scaled gradients (``||S g||^2`` cannot
     overflow). On the CPU that path is an order of magnitude slower (a shared 2-core machine: 20-50x
-    the float32 kernel): tensors keep their own precision (half precision is accumulated in float32)
-    and :func:`_exact_on_cpu_` redoes the few norms it cannot trust.
+    the float32 kernel): tensors keep their own precision (half precision is accumulated in float32),
+    summed in rows, and :func:`_cpu_norms` redoes the few norms it cannot trust.
     """
     if scaled or device.type != "cpu":
         return torch.complex128 if dt.is_complex else torch.float64
@@ -51,6 +51,11 @@ def _norm_dtype(dt: torch.dtype, device: torch.device, scaled: bool) -> torch.dt
 # A finite float32-accumulated norm at least this large is exact: the element squares that underflow
 # float32 (|x| < 2**-63) add at most numel * 2**-126 to ||t||^2 >= 2**-40, a relative 1.4e-14 for 2**40 elements
 _CPU_TRUSTED_NORM = 2.0**-20
+# The CPU's float32 norm kernel sums squares one after another (in a few vector lanes): it loses 8e-7 of
+# the norm of 1024 equal entries, 6e-4 of 16M random ones. Longer tensors are summed in
+# rows of this many entries (at most ~3e-7 lost), the row norms combined in double: 1.3-2.8x the time of the
+# float32 kernel for a small GPT-2-config model's tensors (shared 2-core CPU), where double accumulation takes 20-50x.
+_CPU_ROW = 512
 
 
 def _single_norm(t: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -58,17 +63,34 @@ def _single_norm(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return torch.linalg.vector_norm(t.coalesce()._values() if t.is_sparse else t, dtype=dtype)
 
 
-def _exact_on_cpu_(norms: Tensor, group: Sequence[Tensor]) -> Tensor:
-    """``norms`` of CPU tensors in float32 (or float16/bfloat16) accumulation, with each one that may be
-    inexact (below :data:`_CPU_TRUSTED_NORM`, zero included, or infinite) recomputed in double.
+def _row_norm(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``||t||`` in float64 from norms of rows of :data:`_CPU_ROW` entries accumulated in ``dtype``; a complex
+    tensor as its real view (the complex kernel sums with no float32 kernel's vector lanes: 2e-6 at 512)."""
+    v = t.coalesce()._values() if t.is_sparse else t
+    v = (torch.view_as_real(v) if v.is_complex() else v).reshape(-1)
+    n = v.numel() - v.numel() % _CPU_ROW
+    m = v[:n].view(-1, _CPU_ROW)
+    # 64 rows (32768 entries, torch's grain size) per call: each runs on one thread, with no parallel region
+    # whose threads an oversubscribed CPU may not schedule (one call for all rows: 4-100x the float32 kernel there)
+    rows = [torch.linalg.vector_norm(v[n:], dtype=dtype).reshape(1)]  # the rest (0 if none)
+    rows += [torch.linalg.vector_norm(m[i:i + 64], dim=1, dtype=dtype) for i in range(0, m.shape[0], 64)]
+    return torch.linalg.vector_norm(torch.cat(rows).to(torch.float64))
 
-    Reading the values waits for nothing on the CPU. Returns float64 norms.
-    """
-    out = norms.to(torch.float64)
-    if norms.is_meta:
-        return out
-    suspect = ((norms < _CPU_TRUSTED_NORM) | torch.isinf(norms)).nonzero().flatten().tolist()
-    for i in suspect:
+
+def _cpu_norms(group: Sequence[Tensor], dtype: torch.dtype | None) -> Tensor:
+    """Float64 norms of CPU tensors accumulated in ``dtype`` (None: their own, float32 or complex64): one
+    ``torch._foreach_norm`` for the dense real tensors of at most :data:`_CPU_ROW` entries, :func:`_row_norm`
+    for the others; then each one that may be inexact (below :data:`_CPU_TRUSTED_NORM`, zero included, or
+    infinite) recomputed in double. Reading the values waits for nothing on the CPU."""
+    short = [i for i, t in enumerate(group) if not (t.is_sparse or t.is_complex()) and t.numel() <= _CPU_ROW]
+    out = torch.empty(len(group), dtype=torch.float64, device=group[0].device)
+    if short:
+        tensors = [group[i] for i in short]
+        norms = torch._foreach_norm(tensors, 2, dtype=dtype) if dtype else torch._foreach_norm(tensors, 2)
+        out[short] = torch.stack(norms).to(torch.float64)
+    for i in sorted(set(range(len(group))) - set(short)):
+        out[i] = _row_norm(group[i], dtype)
+    for i in ((out < _CPU_TRUSTED_NORM) | torch.isinf(out)).nonzero().flatten().tolist():
         t = group[i]
         out[i] = _single_norm(t, torch.complex128 if t.is_complex() else torch.float64)
     return out
@@ -107,11 +129,11 @@ def layer_sq_norms(
     squared norms in double on ``device`` (default: the first tensor's). Norms are accumulated in
     double on accelerators; on the CPU in the tensors' own precision (at least float32), and a norm
     that may have lost precision there (below 2**-20, or infinite) is recomputed in double
-    (:func:`_exact_on_cpu_`). So for float32, float16 and bfloat16 tensors (and complex64) every
-    norm, square and sum is exact, whatever the scale (float32 holds neither ``||t||^2`` below ~1e-38
-    nor above ~3e38); float64 tensors have double's own range (norms from ~1e-150 to ~1e150). Sparse
-    tensors count their (coalesced) values. Returns a float64 tensor of shape ``(num_layers,)``;
-    ``layer_index`` lives on ``device``.
+    (:func:`_cpu_norms`; long tensors are summed in rows of 512 entries). So for float32, float16 and
+    bfloat16 tensors (and complex64) every norm, square and sum is exact, whatever the scale (float32
+    holds neither ``||t||^2`` below ~1e-38 nor above ~3e38); float64 tensors have double's own range
+    (norms from ~1e-150 to ~1e150). Sparse tensors count their (coalesced) values. Returns a float64
+    tensor of shape ``(num_layers,)``; ``layer_index`` lives on ``device``.
     ``grouped`` may pass a precomputed ``_group_tensors_by_device_and_dtype([tensors], True)``.
     ``inv_scale``: the tensors hold ``S t`` (e.g. GradScaler's scaled gradients) and
     ``1 / S`` is given; the result is ``sum ||t_i||^2 = sum (||S t_i|| / S)^2``, the per-tensor
@@ -127,15 +149,17 @@ def layer_sq_norms(
     single = len(grouped) == 1
     for (dev, dt), ((group,), indices) in grouped.items():
         norm_dtype = _norm_dtype(dt, torch.device(dev), inv_scale is not None)
-        try:
-            norms = torch._foreach_norm(group, 2, dtype=norm_dtype) if norm_dtype else torch._foreach_norm(group, 2)
-        except (RuntimeError, NotImplementedError):
-            if not any(t.is_sparse for t in group):
-                raise
-            norms = [_single_norm(t, norm_dtype) for t in group]
-        stacked = torch.stack(norms)
-        if stacked.dtype != torch.float64:  # the CPU's own-precision norms
-            stacked = _exact_on_cpu_(stacked, group)
+        if norm_dtype not in (torch.float64, torch.complex128) and dt not in (torch.float64, torch.complex128):
+            stacked = _cpu_norms(group, norm_dtype)  # the CPU's own-precision (at least float32) norms
+        else:
+            try:
+                norms = (torch._foreach_norm(group, 2, dtype=norm_dtype) if norm_dtype
+                         else torch._foreach_norm(group, 2))
+            except (RuntimeError, NotImplementedError):
+                if not any(t.is_sparse for t in group):
+                    raise
+                norms = [_single_norm(t, norm_dtype) for t in group]
+            stacked = torch.stack(norms)
         if inv_scale is not None:
             stacked = stacked * to_device(inv_scale, dev, stacked.dtype)
         sq = to_device(stacked, device, torch.float64).square_()
@@ -152,6 +176,32 @@ def slo_coefficients(norms: Tensor, targets: Tensor, eps: float = 0.0) -> Tensor
     """
     denominator = norms + eps if eps else norms
     return torch.where(norms > 0, targets / denominator, 1.0)  # the 0/0 branch is never selected
+
+
+def applied_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The narrowest real dtype in which coefficients for tensors of ``dtypes`` are applied: float64 if all are
+    float64 or complex128, else float32 (half precision is multiplied in float32)."""
+    return torch.float64 if all(dt in (torch.float64, torch.complex128) for dt in dtypes) else torch.float32
+
+
+def unrepresentable(coefficients: Tensor, dtype: torch.dtype) -> Tensor:
+    """0-dim bool: some non-zero finite coefficient is outside ``dtype``'s normal range (it would round to
+    inf, a subnormal or 0 there; e.g. ``C / ||g||`` for a float32 gradient of norm below ``3e-39 C``)."""
+    info = torch.finfo(dtype)
+    c = coefficients.abs()
+    return ((c > info.max) | ((c < info.tiny) & (c > 0))).any()
+
+
+def coefficient_factors(coefficients: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``c = hi * lo`` in ``dtype``: ``hi = 2^floor(e/2)`` for ``c = m 2^e`` (``m`` in [0.5, 1)), ``lo = c / hi``.
+
+    Both are normal in float32 for ``c`` within 2^-250..2^250, so ``(t * hi) * lo`` applies a float64 ``c``
+    outside float32's range with one rounding (the product by a power of two is exact).
+    """
+    mantissa, exponent = torch.frexp(coefficients)
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    hi = torch.ldexp(torch.ones_like(coefficients), half)
+    return hi.to(dtype), torch.ldexp(mantissa, exponent - half).to(dtype)
 
 
 class CoefficientBuffer:
@@ -223,7 +273,9 @@ def slo_rescale_(
     """Rescale each layer's tensors jointly to norm ``C_l``: ``t <- C_l * t / (||t_l||_F + eps)``.
 
     ``layers[l]`` is a tensor or a list of tensors (e.g. the gradients of a weight and its bias);
-    a layer of norm zero is left at zero. Returns the pre-rescaling norms ``||t_l||_F`` (float64, see
+    a layer of norm zero is left at zero. On the CPU a coefficient outside float32's normal range (for
+    float32 or half-precision tensors) is applied exactly by :func:`coefficient_factors`. Returns the
+    pre-rescaling norms ``||t_l||_F`` (float64, see
     :func:`layer_sq_norms`), shape ``(len(layers),)``. No host synchronisation.
     """
     flat: list[Tensor] = []
@@ -240,6 +292,14 @@ def slo_rescale_(
     speed_t = to_device(torch.as_tensor(speeds, dtype=norms.dtype), device)
     if speed_t.shape != norms.shape:
         raise ValueError(f"speeds has {speed_t.numel()} entries, expected one per layer ({len(layers)})")
-    coefficients = slo_coefficients(norms, speed_t, eps).to(accumulate_dtype(t.dtype for t in flat))
-    scale_layers_(flat, layer_index, coefficients)
+    coefficients = slo_coefficients(norms, speed_t, eps)  # float64
+    dtype = accumulate_dtype(t.dtype for t in flat)
+    narrow = applied_dtype(t.dtype for t in flat)
+    # reading the flag waits for nothing on the CPU (on accelerators it would synchronise)
+    if device.type == "cpu" and narrow != torch.float64 and bool(unrepresentable(coefficients, narrow)):
+        hi, lo = coefficient_factors(coefficients, dtype)
+        scale_layers_(flat, layer_index, hi)
+        scale_layers_(flat, layer_index, lo)
+    else:
+        scale_layers_(flat, layer_index, coefficients.to(dtype))
     return norms

@@ -34,12 +34,15 @@ from .distributed import Sharding, align_grad_placements, is_dtensor, local_tens
 from .functional import (
     CoefficientBuffer,
     accumulate_dtype,
+    applied_dtype,
+    coefficient_factors,
     index_tensor,
     layer_sq_norms,
     rescale_updates_,
     scale_layers_,
     slo_coefficients,
     to_device,
+    unrepresentable,
 )
 from .layers import SpeedSpec, normalize_speeds, resolve_layers
 
@@ -367,7 +370,9 @@ class SpeedLimiter:
         gradients itself (fused optimizers): gradients are then ``S * g``, norms are ``||S g_i|| / S``
         per tensor (in double, unscaled before squaring: no overflow) and the coefficient
         ``C / (||g|| + eps)`` applied to ``S g`` leaves the base's own unscaling to produce
-        ``C g / (||g|| + eps)``. Returns False if the step must be skipped.
+        ``C g / (||g|| + eps)``. Coefficients are float64; the same host sync says whether one lies
+        outside the plan dtype's normal range (then it is applied in two factors). Returns False if
+        the step must be skipped.
         """
         self.refresh()
         plan = self._current()
@@ -386,36 +391,57 @@ class SpeedLimiter:
             plan = self._current()
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal()
         sq = plan.sq_norms(grads, bins, keep, grouped, inv_scale)
-        if not self._may_step(sq, found_inf):
-            return False
         norms = sq[:-1].sqrt()
+        self._factors = self.unit_factors(plan)  # every rank, before the sync: "relative" all-reduces when sharded
+        targets = plan.speed_tensor if self._factors is None else plan.speed_tensor * self._factors
+        coefficients = None if self.mode == "update" else slo_coefficients(norms, targets, self.eps)  # float64
+        narrow = applied_dtype(dt for _, dt in grouped)
+        overflow = None if coefficients is None or narrow == torch.float64 else unrepresentable(coefficients, narrow)
+        may_step, split = self._may_step(sq, found_inf, overflow)
+        if not may_step:
+            return False
         self._norms = (plan.layer_names, norms)
         self.taken_steps += 1
-        self._factors = self.unit_factors(plan)
         limited, limited_bins = grads[:n_lim], (plan.limited_bins if keep is None else bins[:n_lim])
         if self.mode == "update":
             self._take_snapshot(n_lim, keep, limited_bins)
         elif n_lim:  # no limited layer has a gradient: nothing to rescale
-            targets = plan.speed_tensor if self._factors is None else plan.speed_tensor * self._factors
-            scale_layers_(limited, limited_bins, slo_coefficients(norms, targets, self.eps).to(plan.dtype),
-                          self._coefficient_buffer(limited, keep))
+            self._scale(limited, limited_bins, coefficients, keep, split)  # type: ignore[arg-type]
         return True
 
-    def _may_step(self, sq: Tensor, found_inf: Tensor | None) -> bool:
-        """The one host synchronisation of the step: any non-finite norm, GradScaler's ``found_inf``."""
+    def _scale(self, tensors: list[Tensor], bins: Tensor, coefficients: Tensor, owners: list[int] | None,
+               split: bool) -> None:
+        """``t <- c t`` with float64 coefficients: one multiplication in the plan's dtype, or, where ``split``
+        (a coefficient outside that dtype's normal range), ``(t * hi) * lo`` (:func:`coefficient_factors`)."""
+        dtype = self._current().dtype
+        if not split:
+            scale_layers_(tensors, bins, coefficients.to(dtype), self._coefficient_buffer(tensors, owners))
+            return
+        hi, lo = coefficient_factors(coefficients, dtype)
+        scale_layers_(tensors, bins, hi)
+        scale_layers_(tensors, bins, lo)
+
+    def _may_step(self, sq: Tensor, found_inf: Tensor | None, overflow: Tensor | None) -> tuple[bool, bool]:
+        """The one host synchronisation of the step: any non-finite norm, GradScaler's ``found_inf``, and
+        ``overflow`` (a coefficient outside the normal range of a dtype it is applied in). Returns
+        (may step, split the coefficients)."""
         if sq.is_meta:  # no values on the meta device: the base optimizer's own checks speak
-            return True
-        if found_inf is None:
-            nonfinite, scaler_inf = not bool(torch.isfinite(sq).all()), False
-        else:
-            flags = [~torch.isfinite(sq).all(), to_device(found_inf, sq.device) > 0]
-            nonfinite, scaler_inf = torch.stack(flags).tolist()
+            return True, False
+        flags = [~torch.isfinite(sq).all()]
+        if found_inf is not None:
+            flags.append(to_device(found_inf, sq.device) > 0)
+        if overflow is not None:
+            flags.append(overflow)
+        values = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
+        nonfinite = values[0]
+        scaler_inf = found_inf is not None and values[1]
+        split = overflow is not None and values[-1]
         if scaler_inf:
-            return False  # GradScaler found inf/NaN: it handles the skip and the scale backoff
+            return False, False  # GradScaler found inf/NaN: it handles the skip and the scale backoff
         if nonfinite:
             self._report_nonfinite(sq)
-            return False
-        return True
+            return False, False
+        return True, bool(split)
 
     def _report_nonfinite(self, sq: Tensor) -> None:
         self.nonfinite_steps += 1
@@ -482,9 +508,18 @@ class SpeedLimiter:
         norms = self._current().sq_norms(snap.params, snap.bins, snap.owners)[:-1].sqrt_()
         self._update_norms = (self._current().layer_names, norms)
         if snap.params:
+            plan = self._current()
             sizes = self._layer_step_sizes() if self._factors is None else self._layer_step_sizes() * self._factors
-            k = slo_coefficients(norms, sizes, self.eps).to(self._current().dtype)
-            rescale_updates_(snap.params, snap.old, snap.bins, k, self._coefficient_buffer(snap.params, snap.owners))
+            k = slo_coefficients(norms, sizes, self.eps)  # float64
+            # reading the flag waits for nothing on the CPU; on accelerators it would be a second host sync
+            narrow = applied_dtype(p.dtype for p in snap.params)
+            if plan.device.type == "cpu" and narrow != torch.float64 and bool(unrepresentable(k, narrow)):
+                hi, lo = coefficient_factors(k, plan.dtype)
+                scale_layers_(snap.params, snap.bins, hi)
+                rescale_updates_(snap.params, snap.old, snap.bins, lo)
+            else:
+                rescale_updates_(snap.params, snap.old, snap.bins, k.to(plan.dtype),
+                                 self._coefficient_buffer(snap.params, snap.owners))
 
     def skip_all_grads(self) -> None:
         """Drop every gradient so that a following ``optimizer.step()`` changes nothing."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from slo_torch import SLOptimizer, attach, promote, promote_lowest
+from slo_torch import SLOptimizer, attach, promote, promote_lowest, slo_rescale_
 
 
 def _limited(form: str, base: torch.optim.Optimizer, model: nn.Module | None, speeds: Any, **kwargs: Any) -> Any:
@@ -71,6 +71,55 @@ def test_tiny_updates_are_rescaled_exactly(form: str) -> None:
     assert float(slo.last_grad_norms[""]) == pytest.approx(grad_norm, rel=1e-6, abs=0.0)
     assert float(slo.last_update_norms[""]) == pytest.approx(lr * grad_norm, rel=1e-5, abs=0.0)
     assert _layer_moves(model, before)[""] == pytest.approx(lr * C, rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["wrap", "attach"])
+@pytest.mark.parametrize("mode", ["grad", "update"])
+@pytest.mark.parametrize(("dtype", "scale", "C"), [(torch.float32, 1e-41, 1.0), (torch.float32, 1e-36, 1e4),
+                                                   (torch.bfloat16, 1e-39, 1.0), (torch.float32, 1e37, 1e-3)])
+def test_coefficients_beyond_float32_move_the_layer_by_its_speed(
+    form: str, mode: str, dtype: torch.dtype, scale: float, C: float
+) -> None:
+    # C / ||g|| (or lr C / ||p_new - p_old||) above float32's max (subnormal gradients) or below its
+    # normal range (huge ones): the step is still lr C, with no inf or NaN
+    torch.manual_seed(0)
+    model = nn.Linear(6, 5).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():  # p_new - p_old is exact at 0 (update mode: the subnormal SGD step)
+            p.zero_()
+    lr = 0.1
+    opt, slo = _limited(form, torch.optim.SGD(model.parameters(), lr=lr), model, {"*": C}, mode=mode)
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape, dtype=torch.float64) * scale).to(dtype)
+    grad_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+    assert grad_norm > 0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert float(slo.last_grad_norms[""]) == pytest.approx(grad_norm, rel=1e-6, abs=0.0)
+    assert _layer_moves(model, before)[""] == pytest.approx(lr * C, rel=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("mode", ["grad", "update"])
+def test_a_float32_layer_next_to_a_float64_one_gets_its_coefficient_exactly(mode: str) -> None:
+    # norms and coefficients are float64 (one float64 layer), but the float32 layer multiplies in float32
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False).double())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    lr, C = 0.1, 1.0
+    opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=lr), model=model, speeds={"*": C}, mode=mode)
+    model[0].weight.grad = torch.full((3, 3), 1e-41)
+    model[1].weight.grad = torch.full((3, 3), 1e-3, dtype=torch.float64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert _layer_moves(model, before) == pytest.approx({"0": lr * C, "1": lr * C}, rel=1e-6)
+
+
+def test_slo_rescale_of_subnormal_gradients_gives_norm_c() -> None:
+    g = (torch.randn(7, dtype=torch.float64) * 1e-41).float()
+    slo_rescale_([g], [1.0])
+    assert float(g.double().norm()) == pytest.approx(1.0, rel=1e-6)
 
 
 @pytest.mark.parametrize("form", ["wrap", "attach"])
@@ -293,3 +342,22 @@ def test_layer_norms_are_exact_at_any_scale(dtype: torch.dtype, scale: float) ->
         after = [math.sqrt(sum(float(t.abs().double().pow(2).sum()) for t in pair))
                  for pair in (tensors[:2], tensors[2:])]
         assert after == pytest.approx([1.0, 2.0], rel=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.complex64])
+@pytest.mark.parametrize("form", ["wrap", "attach"])
+def test_long_gradients_get_exact_norms(dtype: torch.dtype, form: str) -> None:
+    # float32 accumulation of 65536 equal squares one after another loses ~5e-5 of the norm, of 1M random ones ~1e-5
+    from slo_torch import layer_sq_norms
+
+    torch.manual_seed(0)
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    tensors = [torch.full((256, 256), 1 / 3, dtype=dtype), torch.randn(1 << 20, dtype=wide).to(dtype)]
+    ref = [float(t.to(wide).abs().pow(2).sum()) for t in tensors]
+    assert layer_sq_norms(tensors, torch.tensor([0, 1]), 2).tolist() == pytest.approx(ref, rel=2e-6, abs=0.0)
+    model = nn.Linear(256, 256, bias=False).to(dtype)
+    lr, C = 0.1, 1.0
+    opt, slo = _limited(form, torch.optim.SGD(model.parameters(), lr=lr), model, {"*": C})
+    model.weight.grad = tensors[0].clone()
+    opt.step()
+    assert float(slo.last_grad_norms[""]) == pytest.approx(math.sqrt(ref[0]), rel=1e-6, abs=0.0)
