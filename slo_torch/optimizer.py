@@ -108,6 +108,12 @@ class LimiterReadouts:
         return self.limiter.layer_names
 
     @property
+    def layer_speeds(self) -> dict[str, float]:
+        """Speed ``C_l`` of every limited layer, resolved from ``speeds``: ``{layer name: C_l}``."""
+        self.limiter.refresh()
+        return dict(zip(self.limiter.layer_names, self.limiter.layer_speeds))  # type: ignore[arg-type]
+
+    @property
     def last_grad_norms(self) -> dict[str, Tensor]:
         """Per-layer gradient norms ``||g_l||_F`` of the last step taken, before normalisation (0-dim tensors)."""
         return self.limiter.last_grad_norms
@@ -255,12 +261,6 @@ class SLOptimizer(torch.optim.Optimizer, LimiterReadouts):
     def slo_eps(self) -> float:
         """``slo_eps`` of ``C / (||g|| + slo_eps)``."""
         return self.limiter.eps
-
-    @property
-    def layer_speeds(self) -> dict[str, float]:
-        """Speed ``C_l`` of every limited layer, resolved from ``speeds``: ``{layer name: C_l}``."""
-        self.limiter.refresh()
-        return dict(zip(self.limiter.layer_names, self.limiter.layer_speeds))  # type: ignore[arg-type]
 
     def set_speeds(self, speeds: SpeedSpec) -> None:
         """Change the speeds (same forms as the constructor's ``speeds``); optimizer state is kept.

@@ -960,3 +960,13 @@ def test_a_layer_that_changes_dtype_mid_run_leaves_the_one_dtype_fast_path(mode,
         bf16_rounding = 5e-2 if step == 1 else 1e-5  # the bfloat16 weights round the step they take
         assert moved[0] == pytest.approx(0.1, rel=1e-5) and moved[1] == pytest.approx(0.05, rel=bf16_rounding)
     assert paths == [True, False]
+
+
+def test_attach_handle_reads_out_the_layer_speeds_as_the_wrapper_does() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    speeds = promote(model, "0", 10.0)
+    wrapped = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=speeds)
+    handle = attach(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=speeds)
+    assert handle.layer_speeds == wrapped.layer_speeds == {"0": 10.0, "2": 0.1}
+    handle.limiter.set_speeds({"*": 2.0})
+    assert handle.layer_speeds == {"0": 2.0, "2": 2.0}
