@@ -11,7 +11,8 @@ NFM ``F = A^T A`` and AGOP ``G = A^T K A`` never need to be formed:
   ``X = W0^T K dW``: ``2 Σ(KΓ_0 ∘ (KΓ_d)^T) + 2 Σ(KM ∘ (KM)^T)``.
 
 That is ``O(k² d)`` time and ``O(k²)`` memory instead of ``O(k d²)`` and ``O(d²)``: the ``k x k`` sums are
-taken over blocks of columns of ``W`` (``COLUMN_BLOCK`` entries each), so no full ``k x d`` copy is made. Everything is computed in the accumulation dtype (float64; float32 on MPS, where
+taken over blocks of columns of ``W`` (``COLUMN_BLOCK`` entries each), so no full ``k x d`` copy is made.
+Everything is computed in the accumulation dtype (float64; float32 on MPS, where
 :func:`diagnostics.nfa.nfa_summary` does not take this route). The correlations agree with the
 ``d x d`` route's to ~1e-9 relative even when the entries' mean dwarfs their spread, and are NaN where
 it gives NaN (a constant ``W``: zero centred terms) (``tests/test_diag_nfa.py``).
@@ -38,12 +39,6 @@ COLUMN_BLOCK = 1 << 18
 def _dot(X: Tensor, Y: Tensor) -> Tensor:
     """``Σ(X ∘ Y)``."""
     return (X * Y).sum()
-
-
-def _grams(A: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:
-    """``Γ = A A^T`` and ``KΓ``."""
-    gram = A @ A.t()
-    return gram, K @ gram
 
 
 def _sq_norms(gram: Tensor, k_gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,7 +97,8 @@ def _gram_sums(gram: Tensor, mean: Tensor, d: int, K: Tensor, method: str) -> tu
     mean column ``ā`` (``mean``) of ``A = B + ā 1^T`` (``B 1 = 0``; ``gram`` is ``Γ`` itself for cosine).
 
     ``F - mean(F) = u 1^T + 1 u^T + B^T B`` with ``u = B^T ā`` and ``1^T u = 0`` (likewise ``G`` with
-    ``v = B^T K ā``), so ``<F_c, G_c> = Σ(Γ_B ∘ KΓ_B) + 2d ā^T Γ_B K ā``, ``|F_c|² = Σ(Γ_B ∘ Γ_B) + 2d ā^T Γ_B ā``,
+    ``v = B^T K ā``), so ``<F_c, G_c> = Σ(Γ_B ∘ KΓ_B) + 2d ā^T Γ_B K ā``,
+    ``|F_c|² = Σ(Γ_B ∘ Γ_B) + 2d ā^T Γ_B ā``,
     ``|G_c|² = Σ(KΓ_B ∘ (KΓ_B)^T) + 2d (Kā)^T Γ_B (Kā)``: sums of the centred terms themselves, no
     difference of large sums (which rounding would leave as noise when the entries' mean is large).
     Then ``Γ = Γ_B + d ā ā^T`` and ``KΓ = KΓ_B + d (Kā) ā^T``. ``gram`` is updated in place."""
@@ -134,7 +130,7 @@ def gram_space_summary(W: Tensor, W0: Tensor, K: Tensor, method: str = "pearson"
     K = K.to(dtype)
     d = W.shape[1]
     g = _GramSums(W.detach(), W0.detach(), dtype, centred=method != "cosine")
-    alignment = matrix_correlation(g.ww, K, method)  # rho(W W^T, K), W W^T summed as the d x d route's
+    alignment = matrix_correlation(g.ww, K, method)  # rho(W W^T, K), W W^T from W itself (not centred)
     del g.ww
     uc = _gram_sums(g.gram_w, g.mean_w, d, K, method)[2]
     del g.gram_w

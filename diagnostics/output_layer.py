@@ -84,10 +84,10 @@ def identity_kernel_alignment(W: Tensor, method: str = "pearson") -> Tensor:
 
 def output_layer_memory(k: int, d: int, itemsize: int, power: float = 1.0, keep_matrices: bool = False) -> int:
     """Upper bound of the bytes :func:`output_layer_summary` allocates: five ``d x d`` terms in the weight's
-    dtype (the kept ``nfm`` with ``keep_matrices`` is one of them), the eigendecompositions for ``power != 1``, the float64 ``d x d`` Gram of
-    :func:`identity_kernel_alignment` and the float64 blocks of the correlations, and two blocks of rows
-    (``ROW_BLOCK`` entries) of at most 8 bytes (two float64 blocks of the alignment, or a block of ``dW`` and
-    the cast block of ``W0``; one after the other)."""
+    dtype (the kept ``nfm`` with ``keep_matrices`` is one of them), the eigendecompositions for
+    ``power != 1``, the float64 ``d x d`` Gram of :func:`identity_kernel_alignment` and the float64 blocks of
+    the correlations, and two blocks of rows (``ROW_BLOCK`` entries) of at most 8 bytes (two float64 blocks
+    of the alignment, or a block of ``dW`` and the cast block of ``W0``; one after the other)."""
     eigh = 8.5 * d * d if power != 1 else 0.0
     block = min(k, max(1, ROW_BLOCK // d)) * d
     return int(itemsize * (5 * d * d + eigh)) + 8 * (d * d + 4 * min(CORR_BLOCK, d * d) + 2 * block)

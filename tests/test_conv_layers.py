@@ -167,7 +167,8 @@ def test_conv_nfa_k_by_k_route_equals_the_d_by_d_route(monkeypatch) -> None:
 
     g = torch.Generator().manual_seed(0)
     keys = ("uc_nfa", "c_nfa", "kernel_alignment", "rel_change")
-    for (out_c, in_c), base, sigma in [((8, 4), 0.0, 1.0), ((16, 24), 0.0, 0.3), ((12, 7), 1.0, 1e-6), ((6, 5), 1.0, 1e-7)]:
+    shapes = [((8, 4), 0.0, 1.0), ((16, 24), 0.0, 0.3), ((12, 7), 1.0, 1e-6), ((6, 5), 1.0, 1e-7)]
+    for (out_c, in_c), base, sigma in shapes:
         monkeypatch.setattr(gram, "COLUMN_BLOCK", 5 * out_c, raising=False)  # blocks of 5 columns
         W0 = (base + sigma * torch.randn(out_c, in_c, 3, 3, generator=g, dtype=torch.float64)).reshape(out_c, -1)
         W = W0 + sigma * torch.randn(W0.shape, generator=g, dtype=torch.float64)
@@ -179,7 +180,8 @@ def test_conv_nfa_k_by_k_route_equals_the_d_by_d_route(monkeypatch) -> None:
             assert k_by_k["nfm"] is None  # the k x k route
             for key in keys:
                 if key == "kernel_alignment" and sigma < 1e-6:
-                    Wf, Kf = [[Fraction(v) for v in row] for row in W.tolist()], [Fraction(v) for v in K.flatten().tolist()]
+                    Wf = [[Fraction(v) for v in row] for row in W.tolist()]
+                    Kf = [Fraction(v) for v in K.flatten().tolist()]
                     A = [sum(a * b for a, b in zip(Wf[i], Wf[j])) for i in range(out_c) for j in range(out_c)]
                     exact = float(matrix_correlation_exact(A, Kf, method))
                     assert k_by_k[key] == pytest.approx(exact, rel=1e-8, abs=0), (out_c, in_c, sigma, method)
