@@ -10,8 +10,9 @@ NFM ``F = A^T A`` and AGOP ``G = A^T K A`` never need to be formed:
 - with ``X = W0^T dW``: ``|X + X^T|² = 2 Σ(Γ_0 ∘ Γ_d) + 2 Σ(M ∘ M^T)``, ``M = dW W0^T``, and with
   ``X = W0^T K dW``: ``2 Σ(KΓ_0 ∘ (KΓ_d)^T) + 2 Σ(KM ∘ (KM)^T)``.
 
-That is ``O(k² d)`` time and ``O(k²)`` memory (plus a ``k x d`` centred copy) instead of ``O(k d²)``
-and ``O(d²)``. Everything is computed in the accumulation dtype (float64; float32 on MPS, where
+That is ``O(k² d)`` time and ``O(k²)`` memory instead of ``O(k d²)`` and ``O(d²)``: the ``k x k`` sums are
+taken over blocks of columns of ``W`` (``COLUMN_BLOCK`` entries each), so no full ``k x d`` copy is made.
+Everything is computed in the accumulation dtype (float64; float32 on MPS, where
 :func:`diagnostics.nfa.nfa_summary` does not take this route). The correlations agree with the
 ``d x d`` route's to ~1e-9 relative even when the entries' mean dwarfs their spread, and are NaN where
 it gives NaN (a constant ``W``: zero centred terms) (``tests/test_diag_nfa.py``).
@@ -19,13 +20,20 @@ it gives NaN (a constant ``W``: zero centred terms) (``tests/test_diag_nfa.py``)
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from .common import accumulation_dtype
 from .correlation import correlation_from_sums, matrix_correlation
 
-__all__ = ["gram_space_summary", "gram_space_memory"]
+__all__ = ["gram_space_summary", "gram_space_memory", "block_mean", "COLUMN_BLOCK"]
+
+
+#: Entries of ``W`` converted to the accumulation dtype at a time: the Gram matrices are summed over blocks
+#: of ``max(1, COLUMN_BLOCK // k)`` columns, so no full float64 copy of a ``k x d`` weight is made.
+COLUMN_BLOCK = 1 << 18
 
 
 def _dot(X: Tensor, Y: Tensor) -> Tensor:
@@ -33,48 +41,76 @@ def _dot(X: Tensor, Y: Tensor) -> Tensor:
     return (X * Y).sum()
 
 
-def _grams(A: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:
-    """``Γ = A A^T`` and ``KΓ``."""
-    gram = A @ A.t()
-    return gram, K @ gram
-
-
 def _sq_norms(gram: Tensor, k_gram: Tensor) -> tuple[Tensor, Tensor]:
     """``|F|_F² = Σ(Γ ∘ Γ)`` and ``|G|_F² = Σ(KΓ ∘ (KΓ)^T)`` of ``F = A^T A``, ``G = A^T K A``."""
     return _dot(gram, gram), _dot(k_gram, k_gram.t()).clamp_min(0)
 
 
-def _centred_columns(A: Tensor) -> tuple[Tensor, Tensor]:
-    """``(B, ā)``: ``A = B + ā 1^T`` with ``ā`` the mean column of ``A`` and ``B 1 = 0``. The mean is taken
-    twice (the second pass removes what the rounding of the first left in ``B``)."""
-    mean = A.mean(dim=1, keepdim=True)
-    B = A - mean
-    rest = B.mean(dim=1, keepdim=True)
-    return B.sub_(rest), (mean + rest).squeeze(1)
+def _column_slices(k: int, d: int) -> list[slice]:
+    """The column blocks of a ``(k, d)`` weight, ``max(1, COLUMN_BLOCK // k)`` columns each."""
+    step = max(1, COLUMN_BLOCK // k)
+    return [slice(j, min(j + step, d)) for j in range(0, d, step)]
 
 
-def _gram_sums(A: Tensor, K: Tensor, method: str) -> tuple[Tensor, Tensor, Tensor]:
+def block_mean(block: Callable[[slice], Tensor], slices: list[slice], dim: int, n: int) -> tuple[Tensor, Tensor]:
+    """``(mean, rest)`` of a matrix ``A`` along ``dim`` (``n`` entries), ``A`` given by its blocks ``block(s)``
+    (in the accumulation dtype) for ``s`` in ``slices`` of the other dimension: ``mean`` of ``A`` and ``rest``,
+    the mean of ``A - mean``, which removes what the rounding of the first left (``A - mean - rest`` sums
+    to zero along ``dim`` up to the rounding of its own entries). No full copy of ``A`` is made."""
+    mean = sum(block(s).sum(dim=dim) for s in slices) / n
+    rest = sum((block(s) - mean.unsqueeze(dim)).sum(dim=dim) for s in slices) / n
+    return mean, rest
+
+
+class _GramSums:
+    """The column-block sums of :func:`gram_space_summary`: ``Γ_B`` of the centred ``W`` and ``dW`` (their
+    raw Grams with ``method="cosine"``), ``W W^T``, ``Γ_0 = W0 W0^T`` and ``M = dW W0^T``, and the mean columns."""
+
+    def __init__(self, W: Tensor, W0: Tensor, dtype: torch.dtype, centred: bool) -> None:
+        k, d = W.shape
+        slices = _column_slices(k, d)
+        w = lambda s: W[:, s].to(dtype)  # noqa: E731
+        dw = lambda s: W[:, s].to(dtype) - W0[:, s].to(dtype)  # noqa: E731
+        zero = W.new_zeros((k,), dtype=dtype)
+        (mean_w, rest_w), (mean_d, rest_d) = (
+            (block_mean(w, slices, 1, d), block_mean(dw, slices, 1, d)) if centred else ((zero, zero), (zero, zero))
+        )
+        self.gram_w, self.gram_d, self.ww, self.gram_0, self.M = (W.new_zeros((k, k), dtype=dtype) for _ in range(5))
+        for s in slices:
+            W_s, W0_s = W[:, s].to(dtype, copy=True), W0[:, s].to(dtype)  # W_s is centred in place below
+            D_s = W_s - W0_s
+            self.ww.addmm_(W_s, W_s.t())
+            self.gram_0.addmm_(W0_s, W0_s.t())
+            self.M.addmm_(D_s, W0_s.t())
+            del W0_s
+            if centred:
+                W_s = W_s.sub_(mean_w[:, None]).sub_(rest_w[:, None])
+                D_s = D_s.sub_(mean_d[:, None]).sub_(rest_d[:, None])
+            self.gram_w.addmm_(W_s, W_s.t())
+            self.gram_d.addmm_(D_s, D_s.t())
+        self.mean_w, self.mean_d = mean_w + rest_w, mean_d + rest_d
+
+
+def _gram_sums(gram: Tensor, mean: Tensor, d: int, K: Tensor, method: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(Γ, KΓ, [<F,G>, |F|², |G|²])`` for ``A`` (``(k, d)``), ``Γ = A A^T``, ``F = A^T A`` and ``G = A^T K A``,
-    each matrix centred by its mean entry in the sums for Pearson.
+    each matrix centred by its mean entry in the sums for Pearson, from ``Γ_B = B B^T`` (``gram``) and the
+    mean column ``ā`` (``mean``) of ``A = B + ā 1^T`` (``B 1 = 0``; ``gram`` is ``Γ`` itself for cosine).
 
-    With ``A = B + ā 1^T`` (:func:`_centred_columns`), ``F - mean(F) = u 1^T + 1 u^T + B^T B`` with
-    ``u = B^T ā`` and ``1^T u = 0`` (likewise ``G`` with ``v = B^T K ā``), so with ``Γ_B = B B^T``:
-    ``<F_c, G_c> = Σ(Γ_B ∘ KΓ_B) + 2d ā^T Γ_B K ā``, ``|F_c|² = Σ(Γ_B ∘ Γ_B) + 2d ā^T Γ_B ā``,
+    ``F - mean(F) = u 1^T + 1 u^T + B^T B`` with ``u = B^T ā`` and ``1^T u = 0`` (likewise ``G`` with
+    ``v = B^T K ā``), so ``<F_c, G_c> = Σ(Γ_B ∘ KΓ_B) + 2d ā^T Γ_B K ā``,
+    ``|F_c|² = Σ(Γ_B ∘ Γ_B) + 2d ā^T Γ_B ā``,
     ``|G_c|² = Σ(KΓ_B ∘ (KΓ_B)^T) + 2d (Kā)^T Γ_B (Kā)``: sums of the centred terms themselves, no
     difference of large sums (which rounding would leave as noise when the entries' mean is large).
-    Then ``Γ = Γ_B + d ā ā^T`` and ``KΓ = KΓ_B + d (Kā) ā^T``."""
+    Then ``Γ = Γ_B + d ā ā^T`` and ``KΓ = KΓ_B + d (Kā) ā^T``. ``gram`` is updated in place."""
+    k_gram = K @ gram
     if method == "cosine":
-        gram, k_gram = _grams(A, K)
         return gram, k_gram, torch.stack([_dot(gram, k_gram), *_sq_norms(gram, k_gram)])
-    B, mean = _centred_columns(A)
-    gram, k_gram = _grams(B, K)
-    del B
     k_mean = K @ mean
     p, q = gram @ mean, gram @ k_mean
-    twice_d = 2 * A.shape[1]
+    twice_d = 2 * d
     ff, gg = _sq_norms(gram, k_gram)
     sums = torch.stack([_dot(gram, k_gram) + twice_d * (p @ k_mean), ff + twice_d * (p @ mean), gg + twice_d * (q @ k_mean)])
-    return gram.addr_(mean, mean, alpha=A.shape[1]), k_gram.addr_(k_mean, mean, alpha=A.shape[1]), sums
+    return gram.addr_(mean, mean, alpha=d), k_gram.addr_(k_mean, mean, alpha=d), sums
 
 
 def _correlation(sums: Tensor) -> Tensor:
@@ -91,13 +127,16 @@ def gram_space_summary(W: Tensor, W0: Tensor, K: Tensor, method: str = "pearson"
     """``([UC-NFA, C-NFA, kernel alignment], the six NORM_KEYS norms)`` of :func:`diagnostics.nfa.nfa_summary`
     (AGOP power 1) from ``k x k`` products only; ``W``, ``W0`` are ``(k, d)``, ``K`` is ``k x k``."""
     dtype = accumulation_dtype(W.device)
-    W, W0, K = W.to(dtype), W0.to(dtype), K.to(dtype)
-    D = W - W0
-    uc = _gram_sums(W, K, method)[2]
-    alignment = matrix_correlation(W @ W.t(), K, method)  # rho(W W^T, K) of the very W W^T of the d x d route
-    gram_d, k_gram_d, c = _gram_sums(D, K, method)
-    gram_0, k_gram_0 = _grams(W0, K)
-    M = D @ W0.t()
+    K = K.to(dtype)
+    d = W.shape[1]
+    g = _GramSums(W.detach(), W0.detach(), dtype, centred=method != "cosine")
+    alignment = matrix_correlation(g.ww, K, method)  # rho(W W^T, K), W W^T from W itself (not centred)
+    del g.ww
+    uc = _gram_sums(g.gram_w, g.mean_w, d, K, method)[2]
+    del g.gram_w
+    gram_d, k_gram_d, c = _gram_sums(g.gram_d, g.mean_d, d, K, method)
+    gram_0, M = g.gram_0, g.M
+    k_gram_0 = K @ gram_0
     nfm_cross = _cross_norm(gram_0, gram_d, M)
     agop_cross = _cross_norm(k_gram_0, k_gram_d, K @ M)
     nfm_init, agop_init = (x.sqrt() for x in _sq_norms(gram_0, k_gram_0))
@@ -108,8 +147,11 @@ def gram_space_summary(W: Tensor, W0: Tensor, K: Tensor, method: str = "pearson"
 
 
 def gram_space_memory(k: int, d: int, itemsize: int) -> int:
-    """Peak bytes of the temporaries of :func:`gram_space_summary` for weights of ``itemsize`` bytes: the
-    accumulation-dtype (8-byte) copies of ``W``, ``W0`` (none when they are float64 already), ``dW`` and
-    the centred copy of Pearson's sums, ``K``'s copy, and up to eight ``k x k`` products alive at once."""
-    copies = 2 if itemsize == 8 else 4
-    return 8 * (copies * k * d + 9 * k * k)
+    """Peak bytes of the temporaries of :func:`gram_space_summary` for weights of ``itemsize`` bytes (the
+    float64 blocks of :func:`diagnostics.correlation.matrix_correlation` not included): up to eight ``k x k``
+    float64 matrices alive at once (the five column-block sums, ``KΓ``, a product and ``K``'s float64 copy;
+    seven without that copy when the weights are float64 already) and three blocks of ``COLUMN_BLOCK``
+    entries (two when no cast is needed)."""
+    cast = int(itemsize != 8)
+    block = k * min(d, max(1, COLUMN_BLOCK // k))
+    return 8 * ((7 + cast) * k * k + (2 + cast) * block)

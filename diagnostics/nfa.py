@@ -30,6 +30,7 @@ __all__ = [
     "uc_nfa",
     "c_nfa",
     "relative_change",
+    "norm_ratio",
     "kernel_alignment",
     "nfa_decomposition",
     "nfa_summary",
@@ -81,8 +82,12 @@ def c_nfa(W: Tensor, W0: Tensor, K: Tensor, method: str = "pearson", power: floa
 
 def relative_change(W: Tensor, dW: Tensor) -> Tensor:
     """Relative weight change ``|dW|_F / |W|_F`` with ``dW = W - W_0`` (0-dim tensor; NaN for ``W = 0``)."""
-    w_norm = W.norm()
-    return torch.where(w_norm > 0, dW.norm() / w_norm, torch.full_like(w_norm, float("nan")))
+    return norm_ratio(dW.norm(), W.norm())
+
+
+def norm_ratio(dw_norm: Tensor, w_norm: Tensor) -> Tensor:
+    """:func:`relative_change` from the norms ``|dW|_F`` and ``|W|_F``: their ratio, NaN where ``|W|_F = 0``."""
+    return torch.where(w_norm > 0, dw_norm / w_norm, torch.full_like(w_norm, float("nan")))
 
 
 def kernel_alignment(W: Tensor, K: Tensor, method: str = "pearson") -> Tensor:
@@ -142,7 +147,7 @@ def nfa_summary(
     W0 = W0.to(W)
     if _gram_space(W.shape, power, keep_matrices, W.device):
         corrs, norms = gram_space_summary(W, W0, K, method)
-        return summary_record(corrs, W, W - W0, norms, None, None)
+        return summary_record(corrs, relative_change(W, W - W0), norms, None, None)
     F, G = nfm(W), agop(W, K)
     uc = nfm_agop_correlation(F, G, method, power)  # the UC-NFA
     if not keep_matrices:
@@ -155,15 +160,14 @@ def nfa_summary(
     centered = torch.stack([FD.norm(), GD.norm()])
     del FD, GD
     norms = _decomposition_norms(W0, D, K, KD, centered)
-    return summary_record(torch.stack([uc, c, alignment]), W, D, norms, F, G)
+    return summary_record(torch.stack([uc, c, alignment]), relative_change(W, D), norms, F, G)
 
 
 def summary_record(
-    corrs: Tensor, W: Tensor, D: Tensor, norms: Tensor, F: Tensor | None, G: Tensor | None
+    corrs: Tensor, rel_change: Tensor, norms: Tensor, F: Tensor | None, G: Tensor | None
 ) -> dict[str, Any]:
-    """The record of :func:`nfa_summary` from ``corrs = [UC-NFA, C-NFA, kernel alignment]``, the six
-    ``NORM_KEYS`` norms and :func:`relative_change` ``||D||_F / ||W||_F``, with one host transfer."""
-    rel_change = relative_change(W, D)
+    """The record of :func:`nfa_summary` from ``corrs = [UC-NFA, C-NFA, kernel alignment]``, the
+    :func:`relative_change` and the six ``NORM_KEYS`` norms, with one host transfer."""
     values = torch.cat([corrs, torch.stack([rel_change]).to(corrs), norms.to(corrs)]).tolist()
     return {
         "uc_nfa": values[0],
@@ -190,10 +194,10 @@ def summary_memory(
     ``itemsize`` bytes (``K``, ``W`` and ``W0`` themselves not included): the largest of its stages,
     ``max(2d² + kd, k², 2kd + 2d² (+ 4.25d² for power != 1), 3kd + d²)`` entries, plus the kept
     ``nfm``/``agop`` (``2d²``) with ``keep_matrices``, plus the float64 blocks of the correlations; on the
-    ``k x k`` route (``k < d``, see :func:`nfa_summary`) :func:`diagnostics.gram.gram_space_memory`.
-    Checked against the allocations the profiler records."""
+    ``k x k`` route (``k < d``, see :func:`nfa_summary`) :func:`diagnostics.gram.gram_space_memory` and the
+    float64 blocks of the kernel alignment's correlation. Checked against the allocations the profiler records."""
     if _gram_space((k, d), power, keep_matrices, device):
-        return gram_space_memory(k, d, itemsize)
+        return gram_space_memory(k, d, itemsize) + 4 * 8 * min(CORR_BLOCK, k * k)
     eigh = 4.25 * d * d if power != 1 else 0.0  # symmetrised copy, eigenvectors, workspace, product
     stages = (2 * d * d + k * d, k * k, 2 * k * d + 2 * d * d + eigh, 3 * k * d + d * d)
     kept = 2 * d * d if keep_matrices else 0

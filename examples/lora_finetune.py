@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pretrain.train()
         acc["after task A"] = {t: accuracy(model, held_out[t], t) for t in KNOWN_FROM}
 
-        with warnings.catch_warnings():  # peft reads a property that transformers 5 deprecated
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        with warnings.catch_warnings():  # peft reads a property that transformers 5 is retiring
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
             peft_model = lora_model(model, a.rank, a.alpha)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         n_trainable, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in peft_model.parameters())

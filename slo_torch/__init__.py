@@ -5,10 +5,9 @@ Per layer ``l`` (a module's own parameters), before the wrapped optimizer steps:
 step (Beaglehole, Mitliagkas, Agarwala, *Feature learning as alignment*, TMLR 2024).
 """
 
-from .attach import SLOHandle, attach
 from .functional import layer_sq_norms, scale_layers_, slo_coefficients, slo_rescale_
 from .layers import Layer, promote, promote_lowest, resolve_layers
-from .optimizer import SLOptimizer
+from .optimizer import SLOHandle, SLOptimizer, attach
 
 __all__ = [
     "SLOptimizer",

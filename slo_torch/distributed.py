@@ -16,18 +16,16 @@ vector and all-reduced once per step over the process groups along which the ten
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .functional import index_tensor, layer_sq_norms, to_device
-
 __all__ = [
     "is_dtensor", "local_tensor", "shard_groups", "all_reduce_sum_", "align_grad_placements", "fsdp1_shard_groups",
-    "flat_shard_groups", "Sharding", "sharding_of", "whole_layer_sq_norms", "whole_layer_numels",
+    "flat_shard_groups", "Sharding", "sharding_of",
 ]
 
 
@@ -162,6 +160,28 @@ class Sharding:
         """True if some tensor is sharded (its norms need an all-reduce)."""
         return len(self.groups) > 1
 
+    def sum_over_ranks(
+        self, local_sums: Callable[[list[int]], Tensor], owners: Iterable[int], size: int, dtype: torch.dtype,
+        device: torch.device,
+    ) -> Tensor:
+        """``sum_buckets sum_ranks local_sums(js)``: per-bin sums over the whole tensors from their local shards.
+
+        The tensors ``j`` (of index ``owners[j]`` in this sharding's order) are split by bucket; ``local_sums(js)``
+        returns the local per-bin sums (shape ``(size,)``, ``dtype`` on ``device``) of the tensors ``js`` of one
+        bucket, which are all-reduced over the bucket's process groups (bucket 0, not sharded, is not). Every rank
+        calls the all-reduces, with or without local tensors.
+        """
+        members: list[list[int]] = [[] for _ in self.groups]
+        for j, i in enumerate(owners):
+            members[self.bucket[i]].append(j)
+        total = torch.zeros(size, dtype=dtype, device=device)
+        for b, (pgs, js) in enumerate(zip(self.groups, members)):
+            part = local_sums(js)
+            if b:
+                all_reduce_sum_(part, pgs)
+            total += part
+        return total
+
 
 def sharding_of(params: Sequence[Tensor], names: Sequence[str], model: nn.Module | None) -> Sharding:
     """The :class:`Sharding` of ``params`` (DTensor or FSDP1 shards of ``model``); ``names[i]`` names errors."""
@@ -177,57 +197,3 @@ def sharding_of(params: Sequence[Tensor], names: Sequence[str], model: nn.Module
             groups.append(pgs)
         bucket.append(keys[key])
     return Sharding(tuple(groups), tuple(bucket))
-
-
-def whole_layer_sq_norms(
-    tensors: Sequence[Tensor],
-    bins: Tensor,
-    nbins: int,
-    device: torch.device,
-    sharding: Sharding,
-    owners: Sequence[int] | None = None,
-    grouped: dict | None = None,
-    inv_scale: Tensor | None = None,
-) -> Tensor:
-    """Per-bin sums of squares of whole tensors from their local shards: ``s_b = sum_ranks sum_i ||t_i||^2``.
-
-    In float64, as :func:`~slo_torch.functional.layer_sq_norms`: the all-reduced sums of squares are exact
-    at any scale of float32 (and half precision) shards.
-
-    :func:`~slo_torch.functional.layer_sq_norms` of the local tensors, all-reduced per process group.
-    ``owners[j]`` is the index (in the sharding's order) of ``tensors[j]`` (default: ``j``). Every rank
-    calls the all-reduces, with or without local tensors.
-    """
-    if not sharding.distributed:
-        return layer_sq_norms(tensors, bins, nbins, device, grouped, inv_scale)
-    members: list[list[int]] = [[] for _ in sharding.groups]
-    for j, i in enumerate(owners if owners is not None else range(len(tensors))):
-        members[sharding.bucket[i]].append(j)
-    total = torch.zeros(nbins, dtype=torch.float64, device=device)
-    for b, (pgs, js) in enumerate(zip(sharding.groups, members)):
-        idx = index_tensor(js, device)
-        sq = layer_sq_norms([tensors[j] for j in js], bins[idx], nbins, device, inv_scale=inv_scale)
-        if b:
-            all_reduce_sum_(sq, pgs)
-        total += sq
-    return total
-
-
-def whole_layer_numels(tensors: Sequence[Tensor], bins: Tensor, nbins: int, sharding: Sharding) -> Tensor:
-    """Per-bin number of entries of whole tensors from their local shards: ``n_b = sum_ranks sum_i numel(t_i)``.
-
-    ``tensors[i]`` is the tensor of index ``i`` in the sharding's order; int64 on ``bins``'s device. Counted
-    and all-reduced as :func:`whole_layer_sq_norms` reduces norms (every rank calls the all-reduces).
-    """
-    device = bins.device
-    total = torch.zeros(nbins, dtype=torch.long, device=device)
-    numels = torch.tensor([t.numel() for t in tensors], dtype=torch.long)
-    for b, pgs in enumerate(sharding.groups):
-        js = [j for j in range(len(tensors)) if sharding.bucket[j] == b]
-        count = torch.zeros(nbins, dtype=torch.long, device=device)
-        if js:
-            count.index_add_(0, bins[index_tensor(js, device)], to_device(numels[js], device))
-        if b:
-            all_reduce_sum_(count, pgs)
-        total += count
-    return total

@@ -168,13 +168,14 @@ def layer_sq_norms(
     return out
 
 
-def slo_coefficients(norms: Tensor, speeds: Tensor, eps: float = 0.0) -> Tensor:
+def slo_coefficients(norms: Tensor, targets: Tensor, eps: float = 0.0) -> Tensor:
     """Per-layer scale ``c_l = C_l / (||g_l|| + eps)``, and ``c_l = 1`` where ``||g_l|| = 0``.
 
+    ``targets`` holds each layer's target norm ``C_l`` (``lr * C_l * u_l`` for update mode's updates).
     ``torch.where`` keeps it on the device; a zero layer therefore stays exactly zero.
     """
     denominator = norms + eps if eps else norms
-    return torch.where(norms > 0, speeds / denominator, 1.0)  # the 0/0 branch is never selected
+    return torch.where(norms > 0, targets / denominator, 1.0)  # the 0/0 branch is never selected
 
 
 def applied_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:

@@ -190,10 +190,10 @@ def _console_names(slo: Any, patterns: Sequence[str] | None, names: Sequence[str
     """Layers printed one by one: those matching ``patterns``, or whose speed differs from the most common one."""
     if patterns is not None:
         return {n for n in names if any(fnmatchcase(n, p) for p in patterns)}
-    speeds = getattr(slo, "speeds", None) or {}
-    values = list(speeds.values())
+    layer_speeds = getattr(slo, "layer_speeds", None) or {}
+    values = list(layer_speeds.values())
     common = max(set(values), key=values.count) if values else None
-    return {n for n in names if speeds.get(n, common) != common}
+    return {n for n in names if layer_speeds.get(n, common) != common}
 
 
 def _summarise(logs: dict[str, Any] | None, prefix: str, shown: set[str]) -> None:

@@ -6,8 +6,13 @@ its own layer, named by its ``model.named_parameters()`` name. A parameter share
 (tied weights) belongs to the first module that owns it. The tensors of a parametrization
 (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``, ``orthogonal``, ...) live in
 ``<module>.parametrizations.<name>``; they belong to ``<module>``, the module that owns the
-parametrization. The adapter tensors of a ``peft`` LoRA layer (``<module>.lora_A.<adapter>``,
-``<module>.lora_B.<adapter>``) belong to ``<module>``, the wrapped module (:mod:`slo_torch.lora`).
+parametrization. The adapter tensors of a ``peft`` tuner layer (LoRA's ``<module>.lora_A.<adapter>``,
+``<module>.lora_B.<adapter>``, DoRA's magnitude, the layers of IA³, LoHa, ...) belong to ``<module>``,
+the wrapped module (:func:`adapter_owners`): they form one layer named as the wrapper, so a speed
+bounds the joint update of ``A`` and ``B``: ``||(dA_a, dB_a)_a||_F = lr·C`` in update mode. Only the
+active adapters get gradients; the frozen base layer keeps its own name (``<wrapper>.base_layer``).
+``peft`` is never imported: a model holds peft layers only if the program imported peft, so they are
+recognised through ``sys.modules``.
 
 Speeds are given as
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -31,11 +37,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import is_parametrized
 
-from .checks import check_model, check_speed
-from .lora import adapter_owners, owner_of
-
 __all__ = ["Layer", "resolve_layers", "promote", "promote_lowest", "pattern_specificity",
-           "normalize_speeds", "unwrap_model"]
+           "normalize_speeds", "unwrap_model", "check_model", "check_speed", "adapter_owners", "owner_of"]
 
 
 SpeedSpec = Mapping[str, float] | Sequence[float | None] | None
@@ -48,6 +51,35 @@ class Layer:
     name: str
     params: tuple[torch.Tensor, ...]
     speed: float | None
+
+
+def check_model(model: object) -> None:
+    """``TypeError`` unless ``model`` is an ``nn.Module`` (or ``None``)."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be the nn.Module that owns the optimized parameters (model=model), got "
+            f"{type(model).__name__}"
+        )
+
+
+def check_speed(speed: object, where: str) -> float:
+    """Return ``speed`` as a float; ``ValueError`` unless it is a finite real number ``>= 0``.
+
+    Python and NumPy numbers and one-element tensors are accepted.
+    """
+    if isinstance(speed, torch.Tensor):
+        if speed.numel() != 1:
+            raise ValueError(
+                f"Invalid speed for {where}: a tensor of shape {tuple(speed.shape)}; a speed is a number "
+                "or a one-element tensor"
+            )
+        speed = speed.item()
+    if isinstance(speed, bool) or not isinstance(speed, numbers.Real):
+        raise ValueError(f"Invalid speed for {where}: {speed!r}; speeds must be finite numbers >= 0")
+    speed = float(speed)
+    if not math.isfinite(speed) or speed < 0:
+        raise ValueError(f"Invalid speed for {where}: {speed}; speeds must be finite numbers >= 0")
+    return speed
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -129,11 +161,37 @@ def _parametrization_owner(name: str, parametrized: set[str]) -> str:
     return name
 
 
+def adapter_owners(model: nn.Module) -> dict[str, str]:
+    """``{name of an adapter submodule: name of its tuner layer}`` over ``model``'s peft tuner layers
+    (``model.named_modules()`` names; ``{}`` without peft)."""
+    utils = sys.modules.get("peft.tuners.tuners_utils")
+    tuner = getattr(utils, "BaseTunerLayer", None)
+    if tuner is None:
+        return {}
+    owners = {}
+    for name, module in model.named_modules():
+        if isinstance(module, tuner):
+            for attr in module.adapter_layer_names:
+                if isinstance(getattr(module, attr, None), nn.Module):
+                    owners[f"{name}.{attr}" if name else attr] = name
+    return owners
+
+
+def owner_of(name: str, owners: dict[str, str]) -> str:
+    """The tuner layer owning module ``name`` (an adapter submodule or anything below it), else ``name``."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        owner = owners.get(".".join(parts[:i]))
+        if owner is not None:
+            return owner
+    return name
+
+
 def _named_owners(model: nn.Module, per_tensor: bool) -> dict[int, tuple[str, str]]:
     """``id(param) -> (layer name, module name)`` in model order, first owner wins.
 
     Parameters of a parametrization belong to the module that owns it, the adapter parameters of a
-    ``peft`` tuner layer to the tuner layer (:mod:`slo_torch.lora`).
+    ``peft`` tuner layer to the tuner layer (:func:`adapter_owners`).
     """
     owners: dict[int, tuple[str, str]] = {}
     parametrized = {clean_name(n) for n, m in model.named_modules() if is_parametrized(m)}

@@ -1,4 +1,4 @@
-"""The per-step engine shared by :class:`~slo_torch.SLOptimizer` and :func:`~slo_torch.attach`.
+"""The speed limiter, the per-step engine of :class:`~slo_torch.SLOptimizer` and :func:`~slo_torch.attach`.
 
 ``before_step`` computes every gradient's norm in one pass (speed-limited layers plus one extra bin
 for all other parameters), decides with a single host synchronisation whether the step may run
@@ -6,27 +6,38 @@ for all other parameters), decides with a single host synchronisation whether th
 (:func:`~slo_torch.functional.scale_layers_`). In ``mode="update"`` it snapshots the limited
 parameters, and ``after_step`` rescales each layer's parameter change to norm ``lr * C_l``
 (:func:`~slo_torch.functional.rescale_updates_`). The speed unit multiplies ``C_l`` by a factor ``u_l``
-per layer (:meth:`SpeedLimiter.unit_factors`). Which tensors form which layer is the
-:class:`~slo_torch.plan.Plan`, rebuilt when the param groups change.
+per layer (:meth:`SpeedLimiter.unit_factors`).
+
+Which tensors form which layer is the :class:`Plan`. Every optimized tensor gets a *bin*: the index
+of its speed-limited layer, or one extra bin for all other parameters (their norms are only checked
+for non-finite values). Limited tensors come first, in layer order. A plan's fields are never
+reassigned; it is rebuilt (:func:`build_plan`) when the param groups, their speeds or the parameters'
+device change, and re-derived (:meth:`Plan.with_dtype`) when the gradients' dtype changes. Its buffers
+are reused in place from step to step: the fast path's coefficients and, in update mode, the
+snapshots of ``p_old`` (filled on first use and shared with a plan re-derived by ``with_dtype``,
+since the parameters are the same).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .checks import check_choice, check_eps
-from .distributed import align_grad_placements, local_tensor, whole_layer_numels, whole_layer_sq_norms
+from .distributed import Sharding, align_grad_placements, is_dtensor, local_tensor, sharding_of
 from .functional import (
     CoefficientBuffer,
     accumulate_dtype,
     applied_dtype,
     coefficient_factors,
     index_tensor,
+    layer_sq_norms,
     rescale_updates_,
     scale_layers_,
     slo_coefficients,
@@ -34,13 +45,167 @@ from .functional import (
     unrepresentable,
 )
 from .layers import SpeedSpec, normalize_speeds, resolve_layers
-from .plan import UNLIMITED, Plan, build_plan, group_signature
-from .wrapping import resolve_mode
 
-__all__ = ["SpeedLimiter", "NONFINITE_CHOICES", "SPEED_UNITS"]
+__all__ = ["SpeedLimiter", "Plan", "build_plan", "group_signature", "check_choice", "check_eps", "UNLIMITED",
+           "NONFINITE_CHOICES", "SPEED_UNITS"]
 
 NONFINITE_CHOICES = ("skip", "raise")
 SPEED_UNITS = ("frobenius", "rms", "relative")
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """Return ``value``; ``ValueError`` naming ``name`` and the valid choices unless it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; valid choices: {tuple(choices)}")
+    return value  # type: ignore[return-value]
+
+
+def check_eps(eps: object, name: str = "slo_eps") -> float:
+    """Return ``eps`` as a float; ``ValueError`` unless it is a finite real number ``>= 0`` (not a bool)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"Invalid {name}: {eps!r}; {name} must be a finite number >= 0")
+    return float(eps)
+
+
+UNLIMITED = "<parameters without a speed>"  # the name of the extra bin in messages
+
+
+def group_signature(groups: Sequence[Mapping[str, Any]]) -> tuple[Any, ...]:
+    """What identifies a list of param groups for the plan: each group's parameters (identities) and speed.
+
+    A parameter replaced in place (``group["params"][i] = new``, which torch's optimizers accept) changes it.
+    """
+    return tuple((tuple(map(id, g["params"])), g.get("speed")) for g in groups)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which tensor is in which bin, and the tensors each step reuses."""
+
+    signature: tuple[Any, ...]
+    layer_names: tuple[str, ...]
+    layer_speeds: tuple[float, ...]  # C_l of each limited layer
+    params: tuple[Tensor, ...]  # limited tensors (layer order), then all other parameters
+    param_layers: tuple[str, ...]  # each tensor's layer name, for messages
+    n_limited: int
+    device: torch.device  # of the first parameter's (local) tensor: norms and coefficients live here
+    bins: Tensor  # bin of each tensor
+    limited_bins: Tensor  # bins[:n_limited]
+    layer_group: Tensor  # param group index of each limited layer
+    sharding: Sharding
+    has_dtensor: bool
+    dtype: torch.dtype  # of norms and coefficients
+    speed_tensor: Tensor  # layer_speeds as a tensor in dtype
+    coefficients: CoefficientBuffer  # the fast path's per-tensor coefficients of the limited tensors
+    snapshots: dict[int, Tensor]  # mode="update": p_old per limited tensor, allocated on first use
+
+    @property
+    def num_bins(self) -> int:
+        """Limited layers plus the bin of the other parameters."""
+        return len(self.layer_names) + 1
+
+    def is_current(self, signature: tuple[Any, ...]) -> bool:
+        """Same param groups, and the parameters were not moved (``model.cuda()`` after construction)."""
+        return signature == self.signature and (
+            not self.params or local_tensor(self.params[0]).device == self.device)
+
+    def step_sizes(self, lrs: Sequence[float | Tensor]) -> Tensor:
+        """``lr_l * C_l`` per limited layer, ``lr_l`` the lr of the layer's param group (``lrs[g]``)."""
+        if any(isinstance(lr, Tensor) for lr in lrs):
+            vec = torch.stack([to_device(torch.as_tensor(lr), self.device, self.dtype) for lr in lrs])
+        else:
+            vec = to_device(torch.tensor(lrs, dtype=self.dtype), self.device)
+        return vec[self.layer_group] * self.speed_tensor
+
+    def sq_norms(
+        self, tensors: Sequence[Tensor], bins: Tensor, owners: Sequence[int] | None = None,
+        grouped: dict | None = None, inv_scale: Tensor | None = None,
+    ) -> Tensor:
+        """Per-bin sums of squares of whole tensors from their local shards: ``s_b = sum_ranks sum_i ||t_i||^2``.
+
+        :func:`~slo_torch.functional.layer_sq_norms` (float64, exact at any scale of float32 and half precision
+        tensors) of the local tensors, all-reduced over the process groups they are sharded along
+        (:meth:`~slo_torch.distributed.Sharding.sum_over_ranks`). ``bins[j]`` is the bin of ``tensors[j]``,
+        ``owners[j]`` its index in :attr:`params` (default: ``j``); ``grouped`` and ``inv_scale`` as in
+        ``layer_sq_norms``. Every rank calls the all-reduces, with or without local tensors.
+        """
+        if not self.sharding.distributed:
+            return layer_sq_norms(tensors, bins, self.num_bins, self.device, grouped, inv_scale)
+
+        def local(js: list[int]) -> Tensor:
+            idx = index_tensor(js, self.device)
+            return layer_sq_norms([tensors[j] for j in js], bins[idx], self.num_bins, self.device,
+                                  inv_scale=inv_scale)
+
+        owners = owners if owners is not None else range(len(tensors))
+        return self.sharding.sum_over_ranks(local, owners, self.num_bins, torch.float64, self.device)
+
+    def limited_numels(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Number of entries ``n_l`` of each limited layer's whole tensors, from the local shards ``tensors``
+        (those of :attr:`params` ``[:n_limited]``): ``n_l = sum_ranks sum_{i in l} numel(t_i)``, int64.
+
+        Counted and all-reduced as :meth:`sq_norms` reduces norms (every rank calls the all-reduces).
+        """
+        numels = torch.tensor([t.numel() for t in tensors], dtype=torch.long)
+
+        def local(js: list[int]) -> Tensor:
+            count = torch.zeros(self.num_bins, dtype=torch.long, device=self.device)
+            if js:
+                idx = index_tensor(js, self.device)
+                count.index_add_(0, self.limited_bins[idx], to_device(numels[js], self.device))
+            return count
+
+        counts = self.sharding.sum_over_ranks(local, range(len(tensors)), self.num_bins, torch.long, self.device)
+        return counts[:-1]
+
+    def with_dtype(self, dtype: torch.dtype) -> Plan:
+        """This plan with norms and coefficients in ``dtype`` (follows the gradients, e.g. after ``model.double()``)."""
+        return replace(self, dtype=dtype, **_numeric_buffers(self.layer_speeds, self.n_limited, dtype, self.device))
+
+
+def _numeric_buffers(
+    layer_speeds: Sequence[float], n_limited: int, dtype: torch.dtype, device: torch.device
+) -> dict[str, Any]:
+    """The plan's fields that depend on the accumulation dtype."""
+    return {"speed_tensor": torch.tensor(layer_speeds, dtype=dtype, device=device),
+            "coefficients": CoefficientBuffer(n_limited, dtype, device)}
+
+
+def build_plan(
+    groups: list[dict[str, Any]], model: nn.Module | None, speeds: SpeedSpec, per_tensor: bool
+) -> Plan:
+    """The plan for ``groups`` (already validated by the limiter's ``check_groups``)."""
+    layers = [layer for layer in resolve_layers(model, speeds, groups, per_tensor) if layer.speed is not None]
+    names = tuple(layer.name for layer in layers)
+    layer_speeds = tuple(layer.speed for layer in layers)
+    params = [p for layer in layers for p in layer.params]
+    bins = [i for i, layer in enumerate(layers) for _ in layer.params]
+    seen = {id(p) for p in params}
+    n_limited = len(seen)
+    for g in groups:
+        for p in g["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+                bins.append(len(layers))
+    device = local_tensor(params[0]).device if params else torch.device("cpu")
+    param_layers = tuple(names[b] if b < len(layers) else UNLIMITED for b in bins)
+    group_of: dict[int, int] = {}
+    for gi, g in enumerate(groups):
+        for p in g["params"]:
+            group_of.setdefault(id(p), gi)
+    bins_t = torch.tensor(bins, dtype=torch.long, device=device)
+    dtype = accumulate_dtype(p.dtype for p in params)
+    return Plan(
+        signature=group_signature(groups), layer_names=names, layer_speeds=layer_speeds, params=tuple(params),
+        param_layers=param_layers, n_limited=n_limited, device=device, bins=bins_t,
+        limited_bins=bins_t[:n_limited],
+        layer_group=torch.tensor([group_of[id(layer.params[0])] for layer in layers], dtype=torch.long, device=device),
+        sharding=sharding_of(params, param_layers, model), has_dtensor=any(is_dtensor(p) for p in params),
+        dtype=dtype, snapshots={}, **_numeric_buffers(layer_speeds, n_limited, dtype, device),
+    )
+
+
 _CURRENT: Any = object()  # check_groups(): validate against the speeds in force
 
 
@@ -55,20 +220,24 @@ class _Snapshot(NamedTuple):
 
 
 class SpeedLimiter:
-    """Speed-limit the layers of ``model`` optimized by ``optimizer`` (see :class:`SLOptimizer`)."""
+    """Speed-limit the layers of ``model`` optimized by ``optimizer`` (see :class:`~slo_torch.SLOptimizer`).
+
+    ``mode`` is ``"grad"`` or ``"update"`` (the shells resolve ``"auto"``: :func:`~slo_torch.optimizer.resolve_mode`);
+    ``speeds`` is the user's specification, resolved to :attr:`layer_speeds` by the plan.
+    """
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         model: nn.Module | None,
         speeds: SpeedSpec,
-        mode: str = "auto",
+        mode: str,
         eps: float = 0.0,
         per_tensor: bool = False,
         on_nonfinite: str = "skip",
         speed_unit: str = "frobenius",
     ) -> None:
-        self.mode = resolve_mode(mode, optimizer)  # "grad" or "update"
+        self.mode = check_choice("mode", mode, ("grad", "update"))  # resolved by the shell (mode="auto")
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_CHOICES)
         self.speed_unit = check_choice("speed_unit", speed_unit, SPEED_UNITS)
         self.eps = check_eps(eps)
@@ -171,15 +340,6 @@ class SpeedLimiter:
             return {}
         return dict(zip(self._update_norms[0], self._update_norms[1].unbind(0)))
 
-    def _sq_norms(
-        self, tensors: list[Tensor], bins: Tensor, owners: list[int] | None, grouped: dict | None = None,
-        inv_scale: Tensor | None = None,
-    ) -> Tensor:
-        """Per-bin sums of squares (float64) of the whole (unsharded) tensors (of ``tensors * inv_scale``)."""
-        plan = self._current()
-        return whole_layer_sq_norms(tensors, bins, plan.num_bins, plan.device, plan.sharding, owners, grouped,
-                                    inv_scale)
-
     def _gather(self, plan: Plan) -> tuple[list[Tensor], Tensor, int, list[int] | None]:
         """The gradients present, their bins, how many are limited, their indices (``None``: all)."""
         grads = [p.grad for p in plan.params]
@@ -230,11 +390,11 @@ class SpeedLimiter:
             self._reset_plan(plan.with_dtype(dtype))
             plan = self._current()
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal()
-        sq = self._sq_norms(grads, bins, keep, grouped, inv_scale)
+        sq = plan.sq_norms(grads, bins, keep, grouped, inv_scale)
         norms = sq[:-1].sqrt()
         self._factors = self.unit_factors(plan)  # every rank, before the sync: "relative" all-reduces when sharded
-        speeds = plan.speeds if self._factors is None else plan.speeds * self._factors
-        coefficients = None if self.mode == "update" else slo_coefficients(norms, speeds, self.eps)  # float64
+        targets = plan.speed_tensor if self._factors is None else plan.speed_tensor * self._factors
+        coefficients = None if self.mode == "update" else slo_coefficients(norms, targets, self.eps)  # float64
         narrow = applied_dtype(dt for _, dt in grouped)
         overflow = None if coefficients is None or narrow == torch.float64 else unrepresentable(coefficients, narrow)
         may_step, split = self._may_step(sq, found_inf, overflow)
@@ -309,10 +469,9 @@ class SpeedLimiter:
         params = [local_tensor(p) for p in plan.params[:plan.n_limited]]
         if self.speed_unit == "rms":
             if self._numels is None or self._numels[0] is not plan.bins:
-                counts = whole_layer_numels(params, plan.limited_bins, plan.num_bins, plan.sharding)[:-1]
-                self._numels = (plan.bins, counts)
+                self._numels = (plan.bins, plan.limited_numels(params))
             return self._numels[1].to(plan.dtype).sqrt_()
-        weights = self._sq_norms(params, plan.limited_bins, None)[:-1].sqrt_()
+        weights = plan.sq_norms(params, plan.limited_bins)[:-1].sqrt_()
         return torch.where(weights > 0, weights, 1.0)
 
     def _take_snapshot(self, n_lim: int, keep: list[int] | None, bins: Tensor) -> None:
@@ -346,7 +505,7 @@ class SpeedLimiter:
             return  # sharded: every rank joins the norms' all-reduce
         if snap.params:
             torch._foreach_sub_(snap.params, snap.old)  # params = p_new - p_old
-        norms = self._sq_norms(snap.params, snap.bins, snap.owners)[:-1].sqrt_()
+        norms = self._current().sq_norms(snap.params, snap.bins, snap.owners)[:-1].sqrt_()
         self._update_norms = (self._current().layer_names, norms)
         if snap.params:
             plan = self._current()

@@ -4,6 +4,7 @@ independent float64 references, and SLO treating each conv module (weight and bi
 from __future__ import annotations
 
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,3 +142,84 @@ def test_unbatched_conv_calls_give_the_batched_K() -> None:
         for model in (looped, batched):
             K = ptk_covariance(model, x, layers=["conv", "lin"])
             assert rel_err(K["conv"], ref["conv"]) < 1e-10 and rel_err(K["lin"], ref["lin"]) < 1e-10, height
+
+
+def matrix_correlation_exact(A: list, B: list, method: str) -> float:
+    """``rho(A, B)`` of two flattened matrices of ``Fraction`` entries, exact up to the final square root."""
+    if method == "pearson":
+        mean_a, mean_b = sum(A) / len(A), sum(B) / len(B)
+        A, B = [a - mean_a for a in A], [b - mean_b for b in B]
+    ab, aa, bb = sum(a * b for a, b in zip(A, B)), sum(a * a for a in A), sum(b * b for b in B)
+    return float(ab) / (float(aa) * float(bb)) ** 0.5
+
+
+def test_conv_nfa_k_by_k_route_equals_the_d_by_d_route(monkeypatch) -> None:
+    """Conv layers (d = in·9 > k = out) are summarised from k x k sums taken over column blocks of W (several
+    forced, the last shorter): the d x d route's values to 1e-9 relative in float64, also when W = 1 + σ·noise,
+    and NaN where the d x d route gives NaN; likewise every record of a VGG measurement. At σ = 1e-7 the kernel
+    alignment ``rho(W W^T, K)`` of both routes is as far from exact rational arithmetic (~1e-9 relative, the
+    rounding of ``W W^T``'s entries near ``d``); it is checked against that exact value there."""
+    import math
+    from fractions import Fraction
+
+    import diagnostics.gram as gram
+    from diagnostics.nfa import nfa_summary
+
+    g = torch.Generator().manual_seed(0)
+    keys = ("uc_nfa", "c_nfa", "kernel_alignment", "rel_change")
+    shapes = [((8, 4), 0.0, 1.0), ((16, 24), 0.0, 0.3), ((12, 7), 1.0, 1e-6), ((6, 5), 1.0, 1e-7)]
+    for (out_c, in_c), base, sigma in shapes:
+        monkeypatch.setattr(gram, "COLUMN_BLOCK", 5 * out_c, raising=False)  # blocks of 5 columns
+        W0 = (base + sigma * torch.randn(out_c, in_c, 3, 3, generator=g, dtype=torch.float64)).reshape(out_c, -1)
+        W = W0 + sigma * torch.randn(W0.shape, generator=g, dtype=torch.float64)
+        J = torch.randn(out_c, out_c, generator=g, dtype=torch.float64)
+        K = J @ J.t() / out_c
+        for method in ("pearson", "cosine"):
+            d_by_d = nfa_summary(W, W0, K, method, keep_matrices=True)
+            k_by_k = nfa_summary(W, W0, K, method, keep_matrices=False)
+            assert k_by_k["nfm"] is None  # the k x k route
+            for key in keys:
+                if key == "kernel_alignment" and sigma < 1e-6:
+                    Wf = [[Fraction(v) for v in row] for row in W.tolist()]
+                    Kf = [Fraction(v) for v in K.flatten().tolist()]
+                    A = [sum(a * b for a, b in zip(Wf[i], Wf[j])) for i in range(out_c) for j in range(out_c)]
+                    exact = float(matrix_correlation_exact(A, Kf, method))
+                    assert k_by_k[key] == pytest.approx(exact, rel=1e-8, abs=0), (out_c, in_c, sigma, method)
+                    continue
+                assert k_by_k[key] == pytest.approx(d_by_d[key], rel=1e-9, abs=0), (out_c, in_c, sigma, method, key)
+            assert k_by_k["norms"] == pytest.approx(d_by_d["norms"], rel=1e-9, abs=0)
+        nan_cases = 0
+        for value in (0.5, 0.7, 1 / 3):  # a constant W: no Pearson correlation (unless rounding leaves one)
+            W = torch.full((out_c, in_c * 9), value, dtype=torch.float64)
+            if math.isnan(nfa_summary(W, W0, K, keep_matrices=True)["uc_nfa"]):
+                nan_cases += 1
+                assert math.isnan(nfa_summary(W, W0, K, keep_matrices=False)["uc_nfa"]), value
+        assert nan_cases >= 1
+    model = tiny_vgg(2)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    names = conv_layers(model)
+    with NFAMonitor(model, layers=names) as mon:
+        with torch.no_grad():  # away from W0: a C-NFA to compare
+            for n in names:
+                model.get_submodule(n).weight.add_(0.1 * torch.randn_like(model.get_submodule(n).weight))
+        dense, small = mon.measure(x, keep_matrices=True), mon.measure(x)
+    for n in names:
+        for key in keys:
+            assert getattr(small[n], key) == pytest.approx(getattr(dense[n], key), rel=1e-9, abs=0), (n, key)
+        assert small[n].norms == pytest.approx(dense[n].norms, rel=1e-9, abs=0)
+
+
+def test_vgg_sized_conv_summary_stays_small() -> None:
+    """A 512 -> 512 3x3 conv (d = 4608): measure() on 2 images of 4x4 allocates well under 100 MB (a float64
+    d x d term alone is 170 MB), no k x d float64 copy of W, and no more than its estimate."""
+    from diagnostics.memory import measure_memory
+    from test_diag_robust import _peak_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(512, 512, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512 * 16, 10))
+    x = torch.randn(2, 512, 4, 4)
+    mon = NFAMonitor(model, layers=["0"])
+    mon.measure(x[:1])  # warm-up
+    peak = _peak_bytes(lambda: mon.measure(x))
+    assert peak < 40 * 10**6, peak
+    assert peak <= measure_memory(mon.adapters)["total"] + 2**20  # plus the passes over the tiny probe

@@ -145,11 +145,13 @@ def test_gram_space_route_gives_the_d_by_d_values(method: str) -> None:
 
 
 def test_memory_estimate_follows_the_summary_route() -> None:
+    from diagnostics.correlation import CORR_BLOCK
     from diagnostics.gram import gram_space_memory
     from diagnostics.nfa import summary_memory
 
     k, d = 64, 512
-    assert summary_memory(k, d, 4, device=torch.device("cpu")) == gram_space_memory(k, d, 4)
+    corr_blocks = 4 * 8 * min(CORR_BLOCK, k * k)
+    assert summary_memory(k, d, 4, device=torch.device("cpu")) == gram_space_memory(k, d, 4) + corr_blocks
     # kept matrices, another AGOP power, k >= d or MPS (float32 sums): the d x d route
     d_by_d = summary_memory(k, d, 4, device=torch.device("mps"))
     assert d_by_d > gram_space_memory(k, d, 4) and d_by_d >= 4 * 2 * d * d

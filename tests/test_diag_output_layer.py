@@ -175,3 +175,48 @@ def test_default_chunks_bound_outputs_by_tokens(monkeypatch) -> None:
     for name, r in rec.items():
         assert r.uc_nfa == pytest.approx(by_memory[name].uc_nfa, rel=1e-10)
         assert r.n_samples == by_memory[name].n_samples == 42
+
+
+@pytest.mark.parametrize("method", ["pearson", "cosine"])
+def test_output_layer_summary_in_row_blocks_gives_the_dense_values(monkeypatch, method: str) -> None:
+    """Taken over blocks of rows (several forced, the last one shorter), the analytic summary equals the
+    d x d route with K = I to 1e-12 in float64, also for a weight whose entries' mean dwarfs their spread."""
+    import diagnostics.output_layer as output_layer
+
+    g = torch.Generator().manual_seed(3)
+    for k, d, base, scale in ((50, 7, 0.0, 1.0), (33, 12, 1.0, 1e-3), (9, 30, 0.3, 1.0)):
+        monkeypatch.setattr(output_layer, "ROW_BLOCK", 4 * d)  # blocks of 4 rows
+        W0 = base + scale * torch.randn(k, d, generator=g, dtype=torch.float64)
+        W = W0 + 0.1 * scale * torch.randn(k, d, generator=g, dtype=torch.float64)
+        eye = torch.eye(k, dtype=torch.float64)
+        for power in (1.0, 0.5) if k > d else (1.0,):  # rank-deficient AGOP powers: eigh noise of the d x d route
+            ref = nfa_summary(W, W0, eye, method, power, keep_matrices=True)
+            got = output_layer_summary(W, W0, method, power, keep_matrices=False)
+            for key in ("uc_nfa", "c_nfa", "rel_change", "kernel_alignment"):
+                assert got[key] == pytest.approx(ref[key], rel=1e-12), (k, d, power, key)
+            assert got["norms"] == pytest.approx(ref["norms"], rel=1e-12)
+            dense = matrix_correlation(W @ W.t(), eye, method)
+            assert float(identity_kernel_alignment(W, method)) == pytest.approx(float(dense), rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_output_layer_memory_bounds_what_the_summary_allocates(monkeypatch, dtype: torch.dtype) -> None:
+    """A wide output layer (an LM head's shape, k >> d): the profiled peak of its summary is at most its
+    estimate, and the estimate at most 1.25x the peak; no copy of the whole k x d weight is made."""
+    import diagnostics.correlation as correlation
+    from diagnostics.output_layer import output_layer_memory
+    from test_diag_robust import _peak_bytes
+
+    import diagnostics.output_layer as output_layer
+
+    monkeypatch.setattr(correlation, "CORR_BLOCK", 1024)
+    k, d = 20000, 48
+    monkeypatch.setattr(output_layer, "ROW_BLOCK", 1000 * d, raising=False)
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(k, d, generator=g, dtype=dtype)
+    W = W0 + 0.1 * torch.randn(k, d, generator=g, dtype=dtype)
+    for method in ("pearson", "cosine"):
+        peak = _peak_bytes(lambda: output_layer_summary(W, W0, method, keep_matrices=False))
+        estimate = output_layer_memory(k, d, dtype.itemsize)
+        assert peak <= estimate <= 1.25 * peak, (method, peak, estimate)
+        assert peak < W.numel() * dtype.itemsize / 4  # not one whole copy of dW, let alone a float64 one

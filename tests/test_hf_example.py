@@ -68,6 +68,6 @@ def test_slo_speeds_name_hf_modules() -> None:
     cls, kwargs = extra["optimizer_cls_and_kwargs"]
     kwargs = dict(kwargs)
     opt = cls(kwargs.pop("model"), **kwargs)  # what the Trainer does with a "model" kwarg
-    assert opt.speeds["transformer.h.0.mlp.c_fc"] == 4.0 and opt.speeds["transformer.h.0.attn.c_attn"] == 0.25
+    assert opt.layer_speeds["transformer.h.0.mlp.c_fc"] == 4.0 and opt.layer_speeds["transformer.h.0.attn.c_attn"] == 0.25
     with pytest.raises(ValueError, match="optimizer"):
         ex.optimizer_setup("lion", model, 0.1, {})

@@ -239,14 +239,14 @@ def test_console_line_shows_the_promoted_layer_and_summarises_the_rest(
     printed = [line for line in capsys.readouterr().out.splitlines() if "'loss'" in line]
     assert len(printed) == 1
     line = printed[0]
-    others = len(opt.speeds) - 1
+    others = len(opt.layer_speeds) - 1
     assert "'slo/grad_norm/transformer.h.0.mlp.c_fc'" in line
     assert f"'slo/grad_norm/<{others} other layers> min/mean/max'" in line
     assert "slo/grad_norm/transformer.wte" not in line and len(line) < 400
     logged = trainer.state.log_history[0]  # the full values still reach log_history (and the reporters)
     per_layer = {k for k in logged if k.startswith("slo/grad_norm/")}
-    assert per_layer == {f"slo/grad_norm/{name}" for name in opt.speeds}
-    rest = [logged[f"slo/grad_norm/{n}"] for n in opt.speeds if n != "transformer.h.0.mlp.c_fc"]
+    assert per_layer == {f"slo/grad_norm/{name}" for name in opt.layer_speeds}
+    rest = [logged[f"slo/grad_norm/{n}"] for n in opt.layer_speeds if n != "transformer.h.0.mlp.c_fc"]
     lo, mean, hi = (float(v) for v in line.split("min/mean/max': '")[1].split("'")[0].split("/"))
     assert lo == pytest.approx(min(rest), rel=1e-2) and hi == pytest.approx(max(rest), rel=1e-2)
     assert mean == pytest.approx(sum(rest) / len(rest), rel=1e-2)

@@ -49,6 +49,6 @@ def test_lora_finetune_with_slo(tmp_path: Path, one_thread: None) -> None:
     assert all(math.isfinite(r["c_nfa"]) for r in out["rows"])
     trainer = out["trainer"]
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
-    assert opt.speeds == {name: 0.5 for name in LAYERS}  # A and B of each LoRA layer: one layer
+    assert opt.layer_speeds == {name: 0.5 for name in LAYERS}  # A and B of each LoRA layer: one layer
     logged = {k for h in trainer.state.log_history for k in h}
     assert {f"slo/grad_norm/{name}" for name in LAYERS} <= logged

@@ -111,10 +111,10 @@ WORKER = COMMON + textwrap.dedent("""
         model = make_model()
         net = wrap(wrapper, model)
         if head:  # only the last layer, which FSDP1 without auto-wrap places on rank 1 alone
-            params, layer_speeds = [p for n, p in net.named_parameters() if clean_name(n).startswith("4.")], {"4": 2.0}
+            params, spec = [p for n, p in net.named_parameters() if clean_name(n).startswith("4.")], {"4": 2.0}
         else:
-            params, layer_speeds = net.parameters(), speeds
-        opt = SLOptimizer(make_optimizer(kind, params), model=net, speeds=layer_speeds, mode=mode, speed_unit=unit)
+            params, spec = net.parameters(), speeds
+        opt = SLOptimizer(make_optimizer(kind, params), model=net, speeds=spec, mode=mode, speed_unit=unit)
         xb, yb = batch(wrapper)
         norms, snapshots, local, reduced = [], [], [], []
         for _ in range(steps):

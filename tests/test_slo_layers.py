@@ -153,7 +153,7 @@ def test_speed_key_in_param_groups() -> None:
     groups = [{"params": model.embed.parameters(), "speed": 3.0}, {"params": model.head.parameters()},
               {"params": list(model.layers.parameters()), "speed": None}]
     opt = SLOptimizer(groups, base_optimizer=torch.optim.SGD, model=model, lr=0.1)
-    assert opt.speeds == {"embed.weight": 3.0, "embed.bias": 3.0}
+    assert opt.layer_speeds == {"embed.weight": 3.0, "embed.bias": 3.0}
     with pytest.raises(ValueError, match="speed"):
         SLOptimizer([{"params": model.parameters(), "speed": -2.0}], base_optimizer=torch.optim.SGD, model=model, lr=0.1)
 
@@ -164,10 +164,10 @@ def test_promote_lowest_and_set_speeds() -> None:
     assert speeds == {"layers.0": 10.0, "*": 0.1}
     opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds={"*": 1.0})
     opt.set_speeds(speeds)
-    assert opt.speeds == {"embed": 0.1, "layers.0": 10.0, "layers.1": 0.1, "head": 0.1}
+    assert opt.layer_speeds == {"embed": 0.1, "layers.0": 10.0, "layers.1": 0.1, "head": 0.1}
     with pytest.raises(ValueError, match="match no layer"):
         opt.set_speeds({"nope": 1.0})
-    assert opt.speeds["layers.0"] == 10.0  # unchanged after a rejected update
+    assert opt.layer_speeds["layers.0"] == 10.0  # unchanged after a rejected update
     with pytest.raises(ValueError, match="non-NaN"):
         promote_lowest(model, {"embed": float("nan")}, 10.0)
 
@@ -200,7 +200,7 @@ def test_parametrized_tensors_belong_to_the_owning_module(kind: str) -> None:
     assert {id(p) for p in layers[0].params} == {id(p) for p in owned}
     speeds = promote(model, "0", 10.0)
     opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model=model, speeds=speeds)
-    assert opt.speeds == {"0": 10.0, "2": 0.1}
+    assert opt.layer_speeds == {"0": 10.0, "2": 0.1}
     before = [p.detach().clone() for p in owned]
     model(torch.randn(8, 4, dtype=torch.float64)).pow(2).sum().backward()
     opt.step()
@@ -213,9 +213,9 @@ def test_parametrized_tensors_belong_to_the_owning_module(kind: str) -> None:
 def test_numpy_and_one_element_tensor_speeds(speed) -> None:
     model = Net()
     opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds={"embed": speed, "*": 1.0})
-    assert opt.speeds["embed"] == 2.0 and type(opt.speeds["embed"]) is float
+    assert opt.layer_speeds["embed"] == 2.0 and type(opt.layer_speeds["embed"]) is float
     opt.set_speeds([speed, None, 1.0, speed])
-    assert opt.speeds == {"embed": 2.0, "layers.1": 1.0, "head": 2.0}
+    assert opt.layer_speeds == {"embed": 2.0, "layers.1": 1.0, "head": 2.0}
     assert promote(model, "head", speed) == {"head": 2.0, "*": 0.5}
 
 

@@ -251,7 +251,7 @@ def test_built_from_class_and_kwargs() -> None:
                       speeds=promote(model, "0", 500.0), mode="update", lr=3e-4, weight_decay=0.1)
     assert type(opt.base_optimizer) is torch.optim.AdamW
     assert opt.param_groups[0]["lr"] == 3e-4 and opt.defaults["weight_decay"] == 0.1
-    assert opt.speeds == {"0": 500.0, "2": 0.002, "4": 0.002}
+    assert opt.layer_speeds == {"0": 500.0, "2": 0.002, "4": 0.002}
 
 
 def test_hooks_zero_grad_and_closure() -> None:
@@ -801,7 +801,7 @@ def test_failed_load_state_dict_leaves_the_optimizer_unchanged() -> None:
     plain = torch.optim.Adam([{"params": model[0].parameters()}, {"params": list(model[2:].parameters())}], lr=0.5)
     with pytest.raises(ValueError, match=r"Cannot load this state dict \(the optimizer is unchanged\).*No speeds"):
         opt.load_state_dict(plain.state_dict())  # its groups carry no "speed"
-    assert state_equal(opt.state_dict(), before) and opt.speeds == {"0.weight": 2.0, "0.bias": 2.0}
+    assert state_equal(opt.state_dict(), before) and opt.layer_speeds == {"0.weight": 2.0, "0.bias": 2.0}
     bad = copy.deepcopy(before)
     bad["slo_speeds"] = {"nope": 1.0}
     bad["param_groups"] = [{k: v for k, v in g.items() if k != "speed"} for g in bad["param_groups"]]
@@ -819,9 +819,9 @@ def test_set_speeds_are_saved_and_loaded() -> None:
     assert sd["slo_speeds"] == {"0": 7.0, "*": 1.0}
     other = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=SPEEDS)
     other.load_state_dict(sd)
-    assert other.speeds == {"0": 7.0, "2": 1.0, "4": 1.0}
+    assert other.layer_speeds == {"0": 7.0, "2": 1.0, "4": 1.0}
     other.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())  # plain: speeds kept
-    assert other.speeds == {"0": 7.0, "2": 1.0, "4": 1.0}
+    assert other.layer_speeds == {"0": 7.0, "2": 1.0, "4": 1.0}
 
 
 @pytest.mark.parametrize("form", ["grad", "update"])
@@ -840,11 +840,11 @@ def test_deepcopy_and_pickle_after_a_scheduler_behave_as_torch(form: str, tmp_pa
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the original is untouched
     deltas = [float((p.detach() - b).norm()) for p, b in zip(twin_params, twin_before)]
     assert math.hypot(deltas[0], deltas[1]) == pytest.approx(0.1 * 5.0, rel=1e-12)
-    assert twin.speeds == opt.speeds and not twin._optimizer_step_pre_hooks
+    assert twin.layer_speeds == opt.layer_speeds and not twin._optimizer_step_pre_hooks
     torch.save(opt, tmp_path / "opt.pt")
     loaded = torch.load(tmp_path / "opt.pt", weights_only=False)
     assert state_equal(loaded.state_dict()["state"], opt.state_dict()["state"])
-    assert loaded.speeds == opt.speeds
+    assert loaded.layer_speeds == opt.layer_speeds
 
 
 def test_eps_of_the_base_reaches_it_and_slo_eps_is_slo_s() -> None:
@@ -960,3 +960,13 @@ def test_a_layer_that_changes_dtype_mid_run_leaves_the_one_dtype_fast_path(mode,
         bf16_rounding = 5e-2 if step == 1 else 1e-5  # the bfloat16 weights round the step they take
         assert moved[0] == pytest.approx(0.1, rel=1e-5) and moved[1] == pytest.approx(0.05, rel=bf16_rounding)
     assert paths == [True, False]
+
+
+def test_attach_handle_reads_out_the_layer_speeds_as_the_wrapper_does() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    speeds = promote(model, "0", 10.0)
+    wrapped = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=speeds)
+    handle = attach(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds=speeds)
+    assert handle.layer_speeds == wrapped.layer_speeds == {"0": 10.0, "2": 0.1}
+    handle.limiter.set_speeds({"*": 2.0})
+    assert handle.layer_speeds == {"0": 2.0, "2": 2.0}

@@ -196,7 +196,7 @@ def test_bracket_expressions_are_wildcards_not_literal_text(pattern: str, rank: 
 def test_a_glob_with_more_literal_text_beats_a_bracket_expression() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     opt = SLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, speeds={"[0-9]": 1.0, "1*": 2.0})
-    assert opt.speeds == {"0": 1.0, "1": 2.0}
+    assert opt.layer_speeds == {"0": 1.0, "1": 2.0}
 
 
 @pytest.mark.parametrize("scope", ["instance", "global"])
@@ -271,7 +271,7 @@ def test_the_saved_speeds_are_a_copy(speeds: Any) -> None:
     else:
         saved[0] = 99.0
     assert opt.state_dict()["slo_speeds"] == speeds
-    assert copy.deepcopy(opt).speeds == {"0": 2.0, "1": 1.0}
+    assert copy.deepcopy(opt).layer_speeds == {"0": 2.0, "1": 1.0}
 
 
 def test_list_speeds_and_add_param_group_say_how_to_add_layers() -> None:
@@ -284,7 +284,7 @@ def test_list_speeds_and_add_param_group_say_how_to_add_layers() -> None:
         opt.set_speeds([1.0, 2.0, 3.0])
     opt.set_speeds({"0": 1.0, "1": 2.0, "2": 3.0})  # what the message says
     opt.add_param_group({"params": model[2].parameters()})
-    assert opt.speeds == {"0": 1.0, "1": 2.0, "2": 3.0}
+    assert opt.layer_speeds == {"0": 1.0, "1": 2.0, "2": 3.0}
 
 
 def test_add_param_group_refuses_a_set_as_torch_does() -> None:

@@ -181,7 +181,7 @@ def test_state_dict_records_the_unit_and_refuses_another() -> None:
     other = SLOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), model=model, speeds={"*": 1.0}, mode="update")
     with pytest.raises(ValueError, match=r"speed_unit='relative'.*speed_unit='frobenius'"):
         other.load_state_dict(saved)
-    assert len(other.state) == 0 and other.speeds == {"0": 1.0, "2": 1.0, "4": 1.0}  # unchanged
+    assert len(other.state) == 0 and other.layer_speeds == {"0": 1.0, "2": 1.0, "4": 1.0}  # unchanged
     plain = {k: v for k, v in saved.items() if not k.startswith("slo_")}
     other.load_state_dict(plain)  # a plain optimizer's state dict carries no unit: loaded as it is
     assert len(other.state) == len(saved["state"])
