@@ -64,6 +64,11 @@ WORKER = textwrap.dedent(
     logs = [{k: v for k, v in h.items() if k.startswith("nfa/") or k == "loss"} for h in trainer.state.log_history]
     weight = type(trainer.model.lm_head.weight).__name__
     print("RESULT", json.dumps({"weight": weight, "logs": [h for h in logs if h]}))
+    # everything checked is printed: skip interpreter finalization, where gloo's worker threads rarely
+    # abort the process ("terminate called without an active exception", a torch/gloo shutdown race)
+    import os
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 
