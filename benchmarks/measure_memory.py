@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from diagnostics import NFAMonitor
-from diagnostics.memory import measure_memory
+from diagnostics.memory import estimate_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # sibling modules, also when this file is loaded by path rather than run
@@ -40,7 +40,7 @@ def main() -> None:
     t0 = time.perf_counter()
     peak = peak_bytes(lambda: mon.measure(x, keep_matrices=args.keep_matrices))
     seconds = time.perf_counter() - t0
-    estimate = measure_memory(mon.adapters, keep_matrices=args.keep_matrices)["total"]
+    estimate = estimate_memory(mon.adapters, keep_matrices=args.keep_matrices)["total"]
     mib = 2**20
     print(f"k = d = {k}, float32, keep_matrices={args.keep_matrices}: peak {peak / mib:.0f} MiB "
           f"= {peak / (4 * k * k):.2f} k x k float32 matrices; estimate {estimate / mib:.0f} MiB; {seconds:.1f} s")

@@ -65,7 +65,7 @@ def llama_groups() -> list[str]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from diagnostics import NFAMonitor
-    from diagnostics.memory import layer_groups, measure_memory
+    from diagnostics.memory import layer_groups, estimate_memory
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          vocab_size=32000)
@@ -76,7 +76,7 @@ def llama_groups() -> list[str]:
         mon = NFAMonitor(model, layers=["model.layers.*"], max_k=None, max_memory=gb * 10**9)
         sizes = [len(g) for g in mon.groups]
         _, largest = layer_groups(mon.adapters, gb * 10**9)
-        one = measure_memory(mon.adapters)["total"]
+        one = estimate_memory(mon.adapters)["total"]
         lines.append(f"Llama-7B shape, {len(mon.adapters)} block layers, max_memory={gb} GB: {len(mon.groups)} group(s) "
                      f"(layers per group {min(sizes)}-{max(sizes)}), largest group {largest / 10**9:.1f} GB "
                      f"(one group: {one / 10**9:.1f} GB)")

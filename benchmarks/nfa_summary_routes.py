@@ -2,7 +2,7 @@
 
 The ``d x d`` route forms the NFM, AGOP and their decomposition terms (taken when the matrices are kept,
 ``keep_matrices=True``); the ``k x k`` route (``k < d``, AGOP power 1) works from the Gram matrices
-``W W^T`` in float64 (``diagnostics/gram.py``). Both routes are timed interleaved on the same float32
+``W W^T`` in float64 (``diagnostics/output_space.py``). Both routes are timed interleaved on the same float32
 weights and ``K``; prints the median of each, their ratio and the largest difference of the records.
 
     python benchmarks/nfa_summary_routes.py --shapes 384x1536 768x3072 --repeats 5

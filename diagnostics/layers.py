@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: Largest layer dimension (``k`` for ``K``, ``d`` for the NFM/AGOP) accepted by default. Measuring
-#: one float32 layer with k = d = 8192 allocates about 1.3 GiB (see ``diagnostics.memory.measure_memory``).
+#: one float32 layer with k = d = 8192 allocates about 1.3 GiB (see ``diagnostics.memory.estimate_memory``).
 DEFAULT_MAX_K = 8192
 
 
@@ -338,7 +338,7 @@ def check_layer_sizes(
 ) -> None:
     """Raise ``ValueError`` before any computation if a layer's ``K`` (k x k) or NFM (d x d) would be
     larger than ``max_k`` x ``max_k`` (``max_k=None`` disables the check); ``memory`` (bytes per layer
-    and ``"total"``, from :func:`diagnostics.memory.measure_memory`) is quoted in the message."""
+    and ``"total"``, from :func:`diagnostics.memory.estimate_memory`) is quoted in the message."""
     if max_k is None:
         return
     if not isinstance(max_k, int) or max_k < 1:
@@ -351,5 +351,5 @@ def check_layer_sizes(
         raise ValueError(
             f"layers too large for k x k / d x d matrices with max_k={max_k}: {desc}.{total} "
             "Exclude them with layers=[...] (names or globs of the layers to keep), "
-            "or raise the limit with max_k=... (see diagnostics.memory.measure_memory for the memory needed)"
+            "or raise the limit with max_k=... (see diagnostics.memory.estimate_memory for the memory needed)"
         )

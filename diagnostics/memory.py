@@ -12,7 +12,7 @@ from .layers import DEFAULT_MAX_K, LayerAdapter, check_layer_sizes, format_bytes
 from .nfa import summary_memory
 from .vjps import VJP_BUDGET_BYTES
 
-__all__ = ["measure_memory", "check_memory", "layer_groups", "PASS_BYTES"]
+__all__ = ["estimate_memory", "check_memory", "layer_groups", "PASS_BYTES"]
 
 #: Bytes of one chunk's passes counted in a ``max_memory`` budget: one block of batched VJP results
 #: (cotangents and layer gradients, bounded by ``VJP_BUDGET_BYTES``).
@@ -82,7 +82,7 @@ def _costs(
     return {n: _layer_cost(a, summary, keep_matrices, agop_power, (blocks or {}).get(n, [])) for n, a in adapters.items()}
 
 
-def measure_memory(
+def estimate_memory(
     adapters: dict[str, LayerAdapter],
     *,
     summary: bool = True,
@@ -124,7 +124,7 @@ def layer_groups(
     forward and VJP passes), each fit ``max_memory`` bytes, and the working memory of the largest.
 
     A group fits when its working memory (its running sums, scratch, the ``K`` being formed and the NFA
-    terms, as in :func:`measure_memory`, without the ``K`` and matrices already kept as results) plus
+    terms, as in :func:`estimate_memory`, without the ``K`` and matrices already kept as results) plus
     ``PASS_BYTES`` (one block of VJP results) is at most ``max_memory``. The kept ``K`` (``last_K``, the
     result of :func:`diagnostics.ptk_covariance`) and the forward activations of one chunk come on top.
     ``analytic``: bytes of layers whose ``K = I`` is not formed (:mod:`diagnostics.output_layer`); they
@@ -172,14 +172,14 @@ def check_memory(
     analytic: dict[str, int] | None = None,
     **estimate_options: Any,
 ) -> tuple[dict[str, int], list[list[str]]]:
-    """The :func:`measure_memory` estimate and the groups of layers to measure one after another, after
+    """The :func:`estimate_memory` estimate and the groups of layers to measure one after another, after
     refusing layers larger than ``max_k`` (see :func:`diagnostics.layers.check_layer_sizes`). Without
     ``max_memory`` (bytes) every layer is in one group; with it, :func:`layer_groups` (a layer that does
     not fit alone is refused) and ``"total"`` is the working memory of the largest group (without the
     kept results).
     ``analytic``: bytes of further layers whose ``K = I`` is not formed (:mod:`diagnostics.output_layer`),
     added to the estimate and its total, and not checked against ``max_k``."""
-    estimate = measure_memory(adapters, **estimate_options)
+    estimate = estimate_memory(adapters, **estimate_options)
     check_layer_sizes(adapters, max_k, estimate)
     if max_memory is None:
         if analytic:

@@ -116,7 +116,7 @@ class NFAMonitor:
         self.process_group = process_group
         self.max_memory = max_memory
         #: Bytes of the k x k / d x d matrices one ``measure()`` allocates, per layer and ``"total"``
-        #: (in one group, with ``keep_matrices=True``; see :func:`diagnostics.ptk.measure_memory`).
+        #: (in one group, with ``keep_matrices=True``; see :func:`diagnostics.memory.estimate_memory`).
         self.memory_estimate, _ = self._plan(True, None)
         #: The layers measured together, one group after another (one group without ``max_memory``).
         self.groups = self._plan(False, max_memory)[1]

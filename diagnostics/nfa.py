@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .correlation import CORR_BLOCK, matrix_correlation
-from .gram import gram_space_memory, gram_space_summary
+from .output_space import output_space_memory, output_space_summary
 
 __all__ = [
     "nfm",
@@ -138,15 +138,15 @@ def nfa_summary(
 
     The terms are formed one after another and each is freed once its scalars are taken (the
     centred ``dW^T dW`` and ``dW^T K dW`` are shared by the C-NFA and the decomposition); all scalars
-    reach the host in one transfer. :func:`diagnostics.layers.measure_memory` accounts for what
+    reach the host in one transfer. :func:`diagnostics.memory.estimate_memory` accounts for what
     this allocates.
 
     A layer with fewer outputs than inputs (``k < d``), AGOP power 1 and no kept matrices is measured
-    from its ``k x k`` Gram matrices instead (:func:`diagnostics.gram.gram_space_summary`: the same
+    from its ``k x k`` Gram matrices instead (:func:`diagnostics.output_space.output_space_summary`: the same
     values to rounding, without any ``d x d`` term)."""
     W0 = W0.to(W)
-    if _gram_space(W.shape, power, keep_matrices, W.device):
-        corrs, norms = gram_space_summary(W, W0, K, method)
+    if _output_space(W.shape, power, keep_matrices, W.device):
+        corrs, norms = output_space_summary(W, W0, K, method)
         return summary_record(corrs, relative_change(W, W - W0), norms, None, None)
     F, G = nfm(W), agop(W, K)
     uc = nfm_agop_correlation(F, G, method, power)  # the UC-NFA
@@ -180,7 +180,7 @@ def summary_record(
     }
 
 
-def _gram_space(shape: tuple[int, ...], power: float, keep_matrices: bool, device: torch.device | None) -> bool:
+def _output_space(shape: tuple[int, ...], power: float, keep_matrices: bool, device: torch.device | None) -> bool:
     """Whether :func:`nfa_summary` takes the ``k x k`` route for a ``(k, d)`` weight on ``device`` (not on
     MPS, whose float32 sums would leave that route's Pearson centring inexact)."""
     on_mps = device is not None and torch.device(device).type == "mps"
@@ -194,10 +194,10 @@ def summary_memory(
     ``itemsize`` bytes (``K``, ``W`` and ``W0`` themselves not included): the largest of its stages,
     ``max(2d² + kd, k², 2kd + 2d² (+ 4.25d² for power != 1), 3kd + d²)`` entries, plus the kept
     ``nfm``/``agop`` (``2d²``) with ``keep_matrices``, plus the float64 blocks of the correlations; on the
-    ``k x k`` route (``k < d``, see :func:`nfa_summary`) :func:`diagnostics.gram.gram_space_memory` and the
+    ``k x k`` route (``k < d``, see :func:`nfa_summary`) :func:`diagnostics.output_space.output_space_memory` and the
     float64 blocks of the kernel alignment's correlation. Checked against the allocations the profiler records."""
-    if _gram_space((k, d), power, keep_matrices, device):
-        return gram_space_memory(k, d, itemsize) + 4 * 8 * min(CORR_BLOCK, k * k)
+    if _output_space((k, d), power, keep_matrices, device):
+        return output_space_memory(k, d, itemsize) + 4 * 8 * min(CORR_BLOCK, k * k)
     eigh = 4.25 * d * d if power != 1 else 0.0  # symmetrised copy, eigenvectors, workspace, product
     stages = (2 * d * d + k * d, k * k, 2 * k * d + 2 * d * d + eigh, 3 * k * d + d * d)
     kept = 2 * d * d if keep_matrices else 0

@@ -19,7 +19,7 @@ from torch import Tensor
 from .probe import Chunk
 from .common import accumulation_dtype, check_choice
 from .correlation import CORR_BLOCK, CORRELATIONS, correlation_from_sums
-from .gram import block_mean
+from .output_space import block_mean
 from .nfa import norm_ratio, sym_norm, nfm, nfm_agop_correlation, summary_record
 
 __all__ = ["model_output_layers", "identity_kernel_alignment", "output_layer_summary", "output_layer_memory", "ESTIMATOR"]

@@ -24,7 +24,7 @@ from .engine import for_each_chunk
 from .hooks import LayerHooks
 from .kernel import add_gram, covariance_from_sums, gram_scratch, zero_sums
 from .layers import DEFAULT_MAX_K, check_layer_sizes, find_linear_layers
-from .memory import check_memory, measure_memory
+from .memory import check_memory, estimate_memory
 from .output_layer import model_output_layers
 from .probe import Chunk, OutputFn, SampleMask
 from .settings import EstimatorSettings

@@ -162,14 +162,14 @@ def test_conv_nfa_k_by_k_route_equals_the_d_by_d_route(monkeypatch) -> None:
     import math
     from fractions import Fraction
 
-    import diagnostics.gram as gram
+    import diagnostics.output_space as output_space
     from diagnostics.nfa import nfa_summary
 
     g = torch.Generator().manual_seed(0)
     keys = ("uc_nfa", "c_nfa", "kernel_alignment", "rel_change")
     shapes = [((8, 4), 0.0, 1.0), ((16, 24), 0.0, 0.3), ((12, 7), 1.0, 1e-6), ((6, 5), 1.0, 1e-7)]
     for (out_c, in_c), base, sigma in shapes:
-        monkeypatch.setattr(gram, "COLUMN_BLOCK", 5 * out_c, raising=False)  # blocks of 5 columns
+        monkeypatch.setattr(output_space, "COLUMN_BLOCK", 5 * out_c, raising=False)  # blocks of 5 columns
         W0 = (base + sigma * torch.randn(out_c, in_c, 3, 3, generator=g, dtype=torch.float64)).reshape(out_c, -1)
         W = W0 + sigma * torch.randn(W0.shape, generator=g, dtype=torch.float64)
         J = torch.randn(out_c, out_c, generator=g, dtype=torch.float64)
@@ -212,7 +212,7 @@ def test_conv_nfa_k_by_k_route_equals_the_d_by_d_route(monkeypatch) -> None:
 def test_vgg_sized_conv_summary_stays_small() -> None:
     """A 512 -> 512 3x3 conv (d = 4608): measure() on 2 images of 4x4 allocates well under 100 MB (a float64
     d x d term alone is 170 MB), no k x d float64 copy of W, and no more than its estimate."""
-    from diagnostics.memory import measure_memory
+    from diagnostics.memory import estimate_memory
     from test_diag_robust import _peak_bytes
 
     torch.manual_seed(0)
@@ -222,4 +222,4 @@ def test_vgg_sized_conv_summary_stays_small() -> None:
     mon.measure(x[:1])  # warm-up
     peak = _peak_bytes(lambda: mon.measure(x))
     assert peak < 40 * 10**6, peak
-    assert peak <= measure_memory(mon.adapters)["total"] + 2**20  # plus the passes over the tiny probe
+    assert peak <= estimate_memory(mon.adapters)["total"] + 2**20  # plus the passes over the tiny probe

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from diagnostics import NFAMonitor, ptk_covariance
-from diagnostics.memory import PASS_BYTES, layer_groups, measure_memory
+from diagnostics.memory import PASS_BYTES, layer_groups, estimate_memory
 
 from test_diag_robust import _peak_bytes
 
@@ -107,7 +107,7 @@ def test_grouped_measure_stays_within_its_estimate(monkeypatch: pytest.MonkeyPat
 
 def test_groups_are_fewest_and_consecutive() -> None:
     adapters = NFAMonitor(_mlp(), layers=LAYERS).adapters
-    total = measure_memory(adapters)["total"]
+    total = estimate_memory(adapters)["total"]
     groups, peak = layer_groups(adapters, PASS_BYTES + total)
     assert groups == [LAYERS] and peak <= total  # the kept K are not part of the working memory
     budget = _smallest_budget(lambda b: layer_groups(adapters, b))

@@ -114,7 +114,7 @@ def test_uc_and_c_nfa_are_the_nfa_correlation_of_w_and_dw(method: str, power: fl
 
 
 @pytest.mark.parametrize("method", ["pearson", "cosine"])
-def test_gram_space_route_gives_the_d_by_d_values(method: str) -> None:
+def test_output_space_route_gives_the_d_by_d_values(method: str) -> None:
     """A layer with k < d is summarised from k x k Gram matrices: the values of the d x d route (float64),
     and from float32 weights as close to a float64 reference as the d x d route is."""
     from diagnostics.nfa import nfa_summary
@@ -146,18 +146,18 @@ def test_gram_space_route_gives_the_d_by_d_values(method: str) -> None:
 
 def test_memory_estimate_follows_the_summary_route() -> None:
     from diagnostics.correlation import CORR_BLOCK
-    from diagnostics.gram import gram_space_memory
+    from diagnostics.output_space import output_space_memory
     from diagnostics.nfa import summary_memory
 
     k, d = 64, 512
     corr_blocks = 4 * 8 * min(CORR_BLOCK, k * k)
-    assert summary_memory(k, d, 4, device=torch.device("cpu")) == gram_space_memory(k, d, 4) + corr_blocks
+    assert summary_memory(k, d, 4, device=torch.device("cpu")) == output_space_memory(k, d, 4) + corr_blocks
     # kept matrices, another AGOP power, k >= d or MPS (float32 sums): the d x d route
     d_by_d = summary_memory(k, d, 4, device=torch.device("mps"))
-    assert d_by_d > gram_space_memory(k, d, 4) and d_by_d >= 4 * 2 * d * d
+    assert d_by_d > output_space_memory(k, d, 4) and d_by_d >= 4 * 2 * d * d
     assert summary_memory(k, d, 4, keep_matrices=True) > d_by_d
     assert summary_memory(k, d, 4, power=0.5) > d_by_d
-    assert summary_memory(d, k, 4) != gram_space_memory(d, k, 4)
+    assert summary_memory(d, k, 4) != output_space_memory(d, k, 4)
 
 
 @pytest.mark.parametrize("method", ["pearson", "cosine"])
@@ -199,7 +199,7 @@ def _exact_pearson(F: list, G: list) -> float:
     return float(fg) / math.sqrt(float(ff) * float(gg))
 
 
-def test_gram_space_route_centres_without_cancellation() -> None:
+def test_output_space_route_centres_without_cancellation() -> None:
     """A weight whose entries' mean dwarfs their spread: the k x k route agrees with the d x d route to 1e-9
     relative and with exact rational arithmetic to 1e-12; a constant weight gives NaN on both routes."""
     from fractions import Fraction

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 import diagnostics.vjps as vjps
 from diagnostics import NFAMonitor, ptk_covariance
-from diagnostics.memory import PASS_BYTES, measure_memory
+from diagnostics.memory import PASS_BYTES, estimate_memory
 
 from test_diag_ptk import reference_K, rel_err
 
@@ -426,11 +426,11 @@ def test_memory_estimate_bounds_what_measure_allocates(
     mon = NFAMonitor(model, layers=names, agop_power=power, blocks=blocks)  # fresh: no earlier K to free
     records: list = []
     peak = _peak_bytes(lambda: records.append(mon.measure(x, keep_matrices=keep)))
-    estimate = mon.memory_estimate["total"] if keep else measure_memory(mon.adapters, agop_power=power)["total"]
+    estimate = mon.memory_estimate["total"] if keep else estimate_memory(mon.adapters, agop_power=power)["total"]
     slack = 2**18  # the forward/backward passes of the tiny probe are not part of the estimate
     assert peak - slack <= estimate <= 1.25 * peak, (peak, estimate)
     K_peak = _peak_bytes(lambda: ptk_covariance(model, x, layers=names))
-    K_estimate = measure_memory(mon.adapters, summary=False)["total"]
+    K_estimate = estimate_memory(mon.adapters, summary=False)["total"]
     assert K_peak - slack <= K_estimate <= 1.25 * K_peak, (K_peak, K_estimate)
 
 

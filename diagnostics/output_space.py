@@ -1,4 +1,5 @@
-"""The NFA terms of a layer from its ``k x k`` Gram matrices, for layers with fewer outputs than inputs.
+"""The NFA terms of a layer computed in its output space, from ``k x k`` matrices, for layers with fewer
+outputs than inputs.
 
 For ``A`` (``k x d``: ``W`` or ``dW``) with Gram matrix ``Γ = A A^T`` and a symmetric ``K``, the ``d x d``
 NFM ``F = A^T A`` and AGOP ``G = A^T K A`` never need to be formed:
@@ -28,7 +29,7 @@ from torch import Tensor
 from .common import accumulation_dtype
 from .correlation import correlation_from_sums, matrix_correlation
 
-__all__ = ["gram_space_summary", "gram_space_memory", "block_mean", "COLUMN_BLOCK"]
+__all__ = ["output_space_summary", "output_space_memory", "block_mean", "COLUMN_BLOCK"]
 
 
 #: Entries of ``W`` converted to the accumulation dtype at a time: the Gram matrices are summed over blocks
@@ -63,7 +64,7 @@ def block_mean(block: Callable[[slice], Tensor], slices: list[slice], dim: int, 
 
 
 class _GramSums:
-    """The column-block sums of :func:`gram_space_summary`: ``Γ_B`` of the centred ``W`` and ``dW`` (their
+    """The column-block sums of :func:`output_space_summary`: ``Γ_B`` of the centred ``W`` and ``dW`` (their
     raw Grams with ``method="cosine"``), ``W W^T``, ``Γ_0 = W0 W0^T`` and ``M = dW W0^T``, and the mean columns."""
 
     def __init__(self, W: Tensor, W0: Tensor, dtype: torch.dtype, centred: bool) -> None:
@@ -123,7 +124,7 @@ def _cross_norm(gram_0: Tensor, gram_d: Tensor, M: Tensor) -> Tensor:
     return (2 * _dot(gram_0, gram_d.t()) + 2 * _dot(M, M.t())).clamp_min(0).sqrt()
 
 
-def gram_space_summary(W: Tensor, W0: Tensor, K: Tensor, method: str = "pearson") -> tuple[Tensor, Tensor]:
+def output_space_summary(W: Tensor, W0: Tensor, K: Tensor, method: str = "pearson") -> tuple[Tensor, Tensor]:
     """``([UC-NFA, C-NFA, kernel alignment], the six NORM_KEYS norms)`` of :func:`diagnostics.nfa.nfa_summary`
     (AGOP power 1) from ``k x k`` products only; ``W``, ``W0`` are ``(k, d)``, ``K`` is ``k x k``."""
     dtype = accumulation_dtype(W.device)
@@ -146,8 +147,8 @@ def gram_space_summary(W: Tensor, W0: Tensor, K: Tensor, method: str = "pearson"
     return corrs, norms
 
 
-def gram_space_memory(k: int, d: int, itemsize: int) -> int:
-    """Peak bytes of the temporaries of :func:`gram_space_summary` for weights of ``itemsize`` bytes (the
+def output_space_memory(k: int, d: int, itemsize: int) -> int:
+    """Peak bytes of the temporaries of :func:`output_space_summary` for weights of ``itemsize`` bytes (the
     float64 blocks of :func:`diagnostics.correlation.matrix_correlation` not included): up to eight ``k x k``
     float64 matrices alive at once (the five column-block sums, ``KΓ``, a product and ``K``'s float64 copy;
     seven without that copy when the weights are float64 already) and three blocks of ``COLUMN_BLOCK``
