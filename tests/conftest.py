@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -76,6 +77,19 @@ def tiny_gpt2(ex: ModuleType) -> torch.nn.Module:
 def char_ids(ex: ModuleType) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out token ids of a small corpus (the docstrings of ``textwrap`` and ``heapq``)."""
     return ex.split_corpus(ex.encode(ex.corpus_text(("textwrap", "heapq"))))
+
+
+def cuda_host_syncs(fn: Callable[[], object]) -> int:
+    """Synchronisations of the host with the CUDA device during ``fn()``, counted by torch's sync debug mode."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 @pytest.fixture

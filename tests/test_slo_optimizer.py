@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import cuda_host_syncs
 from slo_torch import SLOptimizer, attach, promote
 
 # grad mode over Adam-type optimizers is tested here for its mechanics; the warning it earns, in test_slo_auto_mode.py
@@ -662,15 +663,7 @@ def test_cuda_step_synchronises_with_the_host_once(mode: str) -> None:
     for i in range(steps + 1):  # the first step builds optimizer state
         opt.zero_grad()
         loss_of(model, x, y).backward()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        syncs += sum("synchroniz" in str(w.message) for w in caught)
+        syncs += cuda_host_syncs(opt.step)
         sched.step()
         if i == 0:
             syncs = 0

@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 import io
 import math
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import cuda_host_syncs
 from slo_torch import SLOptimizer, attach
 
 SPEEDS = {"0": 5.0, "2": 0.5, "4": 0.2}
@@ -232,15 +232,7 @@ def test_cuda_step_with_a_unit_synchronises_with_the_host_once(unit: str, mode: 
     for i in range(4):  # the first step builds optimizer state and counts the entries
         opt.zero_grad()
         backward(model, x, y)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        syncs += sum("synchroniz" in str(w.message) for w in caught) if i else 0
+        syncs += cuda_host_syncs(opt.step) if i else 0
     assert syncs <= 3
 
 
