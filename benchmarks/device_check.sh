@@ -35,9 +35,12 @@ step() {  # step TITLE SECONDS COMMAND...: run COMMAND with a timeout, its outpu
     if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
 }
 
-step "CUDA tests" 240 "$PYTHON" -m pytest -q -rs tests/test_cuda.py tests/test_slo_optimizer.py tests/test_diag_robust.py -k cuda
-step "Cost of K (ptk_cost.py --quick --device cuda)" 120 "$PYTHON" benchmarks/ptk_cost.py --quick --device cuda
+step "CUDA tests" 180 "$PYTHON" -m pytest -q -rs tests/test_cuda.py tests/test_slo_optimizer.py tests/test_diag_robust.py -k cuda
+step "Cost of K (ptk_cost.py --quick --device cuda)" 90 "$PYTHON" benchmarks/ptk_cost.py --quick --device cuda
 step "Cost of monitoring a Trainer run (monitor_overhead.py --quick --device cuda)" 120 \
     "$PYTHON" benchmarks/monitor_overhead.py --quick --device cuda
+step "Cost of an SLO step (slo_step.py at GPT-2 small's size, --device cuda)" 90 \
+    "$PYTHON" benchmarks/slo_step.py --device cuda --layers 100 --width 1024 --steps 100 --warmup 20 \
+    --whole-steps 10 --gpt2-blocks 12 --gpt2-width 768 --seq 512 --batch 8
 echo "device_check: report written to $report" >&2
 exit "$status"
