@@ -10,7 +10,7 @@ float32); K for all 6 linear layers.
 Each (method, n) runs in a fresh subprocess. Memory = peak resident set size (``VmHWM``, reset via
 ``/proc/self/clear_refs``) during one full call minus the resident size just before it (after the
 data and a tiny warm-up call exist); torch's CPU allocator keeps no statistics, and tracemalloc
-does not see torch. Time = best of ``--repeats`` warm calls (after one untimed call).
+does not see torch. Time = median of ``--repeats`` warm calls (after one untimed call).
 Relative error = ``max_layer |K - K_ref|_F / |K_ref|_F`` against ``ptk_covariance`` in float64
 (this includes the float32 forward pass's own rounding, e.g. ReLU masks that flip), and between
 the two float32 routes.
@@ -23,16 +23,20 @@ GPT-2 small (``GPT2LMHeadModel(GPT2Config())``, 124M parameters, vocabulary 5025
 ``NFAMonitor(model).measure`` with the default layers (48 block layers and the LM head, whose
 ``K = I`` is analytic), sketch m = 8, on a 4 x 128-token probe, in a fresh subprocess: its time in
 units of one forward+backward pass (language-model loss) on the same probe, and the peak extra
-resident memory of each (both measured in that one run).
+resident memory of each (both measured in that one run), and how much of the measurement is the per-layer NFA
+terms (``nfa_summary`` and the LM head's ``output_layer_summary``) rather than the ``K`` sums.
 
 GEMM rate: the floating-point operations exact ``K`` performs on the authors' MLP, counted from the shapes
 (:func:`exact_flops`: the forward pass, the VJPs with the ``C = 10`` output basis vectors, and the Grams
 ``G^T G`` as the code forms them), divided by its time, against ``torch.mm`` timed in the same run at the
 same thread count on the same GEMM shapes (:func:`mm_rate`), printed as
-``exact K: X GFLOP/s = Y % of torch.mm (Z GFLOP/s)``.
+``exact K: X GFLOP/s = Y % of torch.mm (Z GFLOP/s)``. Where the rest goes: one more call with every aten op
+timed (:func:`time_by_op`, a ``TorchDispatchMode``), split into the GEMMs (and their own rate), the ReLU masks
+of the backward passes, the float64 additions of the Gram bands, other ops, and the time outside any op
+(Python, autograd, hooks).
 
     python benchmarks/ptk_cost.py                   # n = 2000 and 20000, then GPT-2 small
-    python benchmarks/ptk_cost.py --quick           # n = 500, fewer repeats, no GPT-2 small
+    python benchmarks/ptk_cost.py --quick           # n = 500, fewer seeds, no GPT-2 small
     python benchmarks/ptk_cost.py --gpt2-small-only
     python benchmarks/ptk_cost.py --quick --device cuda   # on a GPU (memory: peak allocated on the device)
 """
@@ -42,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +56,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.func import jacrev, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diagnostics import ptk_covariance
 from diagnostics import LayerHooks
@@ -135,8 +141,8 @@ def exact_flops(n: int) -> dict[str, float]:
 
 
 def mm_rate(n: int, device: str = "cpu", repeats: int = 3) -> float:
-    """FLOP/s of ``torch.mm`` doing the GEMMs of :func:`_gemms` (same shapes, float32, on ``device``): their
-    FLOPs over the sum of their best times."""
+    """FLOP/s of ``torch.mm`` doing the GEMMs of :func:`_gemms` (same shapes, float32, on ``device``, into a
+    preallocated output): their FLOPs over the sum of their median times."""
     times: dict[tuple[int, int, int], float] = {}
     flops = seconds = 0.0
     for count, rows, inner, cols in _gemms(n):
@@ -146,15 +152,16 @@ def mm_rate(n: int, device: str = "cpu", repeats: int = 3) -> float:
             b = torch.randn(inner, cols, device=device)
             out = torch.empty(rows, cols, device=device)
             reps = max(1, int(2e8 // (2 * rows * inner * cols)))  # about 0.2 GFLOP per timing
-            best = float("inf")
-            for _ in range(repeats + 1):
+            torch.mm(a, b, out=out)  # warm-up
+            runs = []
+            for _ in range(repeats):
                 _sync(device)
                 t0 = time.perf_counter()
                 for _ in range(reps):
                     torch.mm(a, b, out=out)
                 _sync(device)
-                best = min(best, (time.perf_counter() - t0) / reps)
-            times[key] = best
+                runs.append((time.perf_counter() - t0) / reps)
+            times[key] = statistics.median(runs)
         flops += 2.0 * count * rows * inner * cols
         seconds += count * times[key]
     return flops / seconds
@@ -190,7 +197,7 @@ def child(method: str, n: int, repeats: int, threads: int, out: str, device: str
         times.append(time.perf_counter() - t0)
     torch.save({k: v.contiguous().cpu() for k, v in K.items()}, out + ".pt")
     with open(out + ".json", "w") as fh:
-        json.dump({"time_s": min(times), "extra_mb": extra_mb}, fh)
+        json.dump({"time_s": statistics.median(times), "extra_mb": extra_mb}, fh)
 
 
 def rel_err(K: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
@@ -238,8 +245,53 @@ def sketch_table(n: int, seeds: int) -> list[str]:
             times.append(time.perf_counter() - t0)
             errs.append(rel_err(K, ref))
             errs_b.append(rel_err(broadcast_sketch_K(model, x, m, torch.Generator().manual_seed(seed)), ref))
-        lines.append(f"| {m} | {min(times):.3f} | {sum(errs) / seeds:.3f} | {sum(errs_b) / seeds:.3f} |")
+        lines.append(f"| {m} | {statistics.median(times):.3f} | {sum(errs) / seeds:.3f} | {sum(errs_b) / seeds:.3f} |")
     return lines
+
+
+class _OpTimer(TorchDispatchMode):
+    """Wall time and GEMM FLOPs of every aten op run under it (CPU: each op finishes before it returns)."""
+
+    GEMMS = ("mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: dict[str, float] = {"gemm": 0.0, "relu masks": 0.0, "float64 additions": 0.0, "other ops": 0.0}
+        self.gemm_flops = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        seconds = time.perf_counter() - t0
+        name = func.overloadpacket.__name__
+        if name in self.GEMMS:
+            a, b = args[-2], args[-1]
+            self.gemm_flops += 2.0 * a.shape[:-1].numel() * a.shape[-1] * b.shape[-1]
+            kind = "gemm"
+        elif name == "threshold_backward":
+            kind = "relu masks"
+        elif name == "add_" and args[0].dtype == torch.float64:
+            kind = "float64 additions"
+        else:
+            kind = "other ops"
+        self.seconds[kind] += seconds
+        return out
+
+
+def time_by_op(n: int, seconds: float, threads: int) -> str:
+    """Where exact K's ``seconds`` on ``n`` samples go: one more call with every aten op timed, as shares of
+    ``seconds``; what no op accounts for is Python, autograd and the hooks (CPU only)."""
+    torch.set_num_threads(threads)
+    model, x = authors_mlp(), probe(n)
+    ours_K(model, x)
+    with _OpTimer() as timer:
+        ours_K(model, x)
+    parts = dict(timer.seconds)
+    parts["outside ops"] = max(0.0, seconds - sum(parts.values()))
+    shares = ", ".join(f"{k} {100 * v / seconds:.1f} %" for k, v in parts.items())
+    gemm_rate = timer.gemm_flops / timer.seconds["gemm"]
+    return (f"n = {n}: where the time goes: {shares} of {seconds:.3f} s; the GEMMs inside K run at "
+            f"{gemm_rate / 1e9:.1f} GFLOP/s ({timer.gemm_flops / 1e9:.1f} GFLOP)")
 
 
 def gemm_line(n: int, seconds: float, threads: int, device: str) -> str:
@@ -269,7 +321,7 @@ def lm_head_sketch(repeats: int, device: str = "cpu") -> list[str]:
         ptk_covariance(model, ids, layers=["transformer.h.*"], estimator="sketch", m=8,
                        generator=torch.Generator().manual_seed(0))
 
-    def best(fn: Callable[[], None]) -> float:
+    def median_time(fn: Callable[[], None]) -> float:
         fn()
         ts = []
         for _ in range(repeats):
@@ -278,9 +330,9 @@ def lm_head_sketch(repeats: int, device: str = "cpu") -> list[str]:
             fn()
             _sync(device)
             ts.append(time.perf_counter() - t0)
-        return min(ts)
+        return statistics.median(ts)
 
-    t_step, t_sketch = best(fwd_bwd), best(sketch)
+    t_step, t_sketch = median_time(fwd_bwd), median_time(sketch)
     outputs = ids.shape[1] * cfg.vocab_size
     return [
         f"GPT-2 config (2 layers, width 128, vocab 5000), probe 8 x 32 tokens, {outputs} outputs per sequence, "
@@ -310,10 +362,32 @@ def gpt2_small_child(threads: int, out: str) -> None:
     model.zero_grad(set_to_none=True)
     t_step, mb_step = peak_rss_mb(fwd_bwd)
     model.zero_grad(set_to_none=True)
+    t_terms = _time_layer_summaries()
     t_nfa, mb_nfa = peak_rss_mb(lambda: mon.measure(ids, estimator="sketch", m=8, generator=0))
     with open(out, "w") as fh:
         json.dump({"layers": len(mon.adapters), "t_step": t_step, "mb_step": mb_step, "t_nfa": t_nfa,
-                   "mb_nfa": mb_nfa}, fh)
+                   "mb_nfa": mb_nfa, "t_terms": t_terms[0]}, fh)
+
+
+def _time_layer_summaries() -> list[float]:
+    """Make ``NFAMonitor.measure`` add the time of its per-layer NFA terms (``nfa_summary``, and
+    ``output_layer_summary`` for an analytic output layer) to the returned one-element list."""
+    import diagnostics.monitor as monitor
+
+    total = [0.0]
+
+    def timed(fn: Callable) -> Callable:
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                total[0] += time.perf_counter() - t0
+        return run
+
+    monitor.nfa_summary = timed(monitor.nfa_summary)
+    monitor.output_layer_summary = timed(monitor.output_layer_summary)
+    return total
 
 
 def gpt2_small(threads: int, tmp: str) -> list[str]:
@@ -328,16 +402,19 @@ def gpt2_small(threads: int, tmp: str) -> list[str]:
         f"forward+backward {r['t_step']:.1f} s, peak extra {r['mb_step']:.0f} MB; "
         f"NFAMonitor.measure {r['t_nfa']:.1f} s = {r['t_nfa'] / r['t_step']:.1f} passes, "
         f"peak extra {r['mb_nfa']:.0f} MB",
+        f"of which the K sums (forward, VJPs, Grams) {r['t_nfa'] - r['t_terms']:.1f} s = "
+        f"{(r['t_nfa'] - r['t_terms']) / r['t_step']:.1f} passes and the per-layer NFA terms {r['t_terms']:.1f} s = "
+        f"{r['t_terms'] / r['t_step']:.1f} passes",
     ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="n = 500, fewer repeats and seeds")
+    ap.add_argument("--quick", action="store_true", help="n = 500, fewer seeds, no GPT-2 small")
     ap.add_argument("--sizes", type=int, nargs="*", default=None,
                     help="probe sizes n (default: %(default)s, i.e. 2000 20000, or 500 with --quick)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls per method (the best is reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per method (the median is reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on shared machines)")
     ap.add_argument("--gpt2-small-only", action="store_true", help="only the GPT-2 small case")
     ap.add_argument("--gpt2-small-child", action="store_true", help=argparse.SUPPRESS)
@@ -358,7 +435,7 @@ def main() -> None:
             print("\n".join(gpt2_small(args.threads, tmp)))
         return
     sizes = args.sizes or ([500] if args.quick else [2000, 20000])
-    repeats = 1 if args.quick else args.repeats
+    repeats = args.repeats
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.device}, {args.threads} thread(s), {os.cpu_count()} CPUs")
     gemm: list[str] = []
@@ -369,6 +446,8 @@ def main() -> None:
             ref = ptk_covariance(authors_mlp(torch.float64), probe(n, torch.float64))
             res = {method: run_child(method, n, repeats, args.threads, tmp, args.device) for method in ("ours", "authors")}
             gemm.append(gemm_line(n, res["ours"]["time_s"], args.threads, args.device))
+            if args.device == "cpu":
+                gemm.append(time_by_op(n, res["ours"]["time_s"], args.threads))
             diff = rel_err(res["ours"]["K"], {k: v.double() for k, v in res["authors"]["K"].items()})
             for method, r in res.items():
                 print(f"| {n} | {method} | {r['time_s']:.3f} | {r['extra_mb']:.0f} | {rel_err(r['K'], ref):.1e} "
