@@ -9,7 +9,10 @@ models or hooks.
   kernel alignment ``rho(W W^T, K)``; relative change ``|dW|_F / |W|_F``.
 
 Each formula has one function here; :func:`nfa_summary` (what a monitor records per layer) forms the
-``d x d`` terms once and calls those functions on them.
+products ``K dW`` and ``K W0`` (``O(k² d)``) and eight ``d x d`` ones: ``F = W^T W``, the decomposition
+terms ``dW^T dW``, ``W0^T dW``, ``W0^T W0``, ``dW^T K dW``, ``W0^T K dW`` and ``W0^T K W0`` (the last three
+summed in place into ``G = W^T K W``; ``K`` is symmetric), and ``B^T B`` of ``W`` less its mean row for the
+kernel alignment (:func:`gram_alignment`, from ``K W = K W0 + K dW``; no ``k x k`` ``W W^T``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .correlation import CORR_BLOCK, matrix_correlation
-from .output_space import output_space_memory, output_space_summary
+from .common import accumulation_dtype, check_choice
+from .correlation import CORR_BLOCK, CORRELATIONS, correlation_from_sums, matrix_correlation
+from .output_space import block_mean, output_space_memory, output_space_summary
 
 __all__ = [
     "nfm",
@@ -32,6 +36,7 @@ __all__ = [
     "relative_change",
     "norm_ratio",
     "kernel_alignment",
+    "gram_alignment",
     "nfa_decomposition",
     "nfa_summary",
     "summary_memory",
@@ -95,6 +100,51 @@ def kernel_alignment(W: Tensor, K: Tensor, method: str = "pearson") -> Tensor:
     return matrix_correlation(W @ W.t(), K, method)
 
 
+def gram_alignment(W: Tensor, KW: Tensor, K: Tensor, F: Tensor, method: str = "pearson") -> Tensor:
+    """:func:`kernel_alignment` ``rho(W W^T, K)`` without the ``k x k`` ``W W^T``, from ``KW = K W`` and
+    ``F = W^T W`` (symmetric ``K``).
+
+    cosine: ``<W W^T, K> = Σ(W ∘ KW)`` and ``|W W^T|_F = |F|_F``. pearson: with ``W = B + 1 w̄^T`` (``w̄``
+    the mean row, ``1^T B = 0``), ``mean(W W^T) = |w̄|²`` and the centred ``A_c = B B^T + p 1^T + 1 p^T`` with
+    ``p = B w̄`` (``1^T p = 0``), so ``<A_c, K - mean(K)> = Σ(B ∘ KB) + 2 p·(K 1)`` with
+    ``KB = KW - (K 1) w̄^T`` and ``|A_c|² = |B^T B|_F² + 2k |p|²``: sums of centred terms, no difference of
+    large sums. Taken over blocks of rows in the accumulation dtype (``B^T B`` in ``W``'s dtype), so no full
+    copy of ``W``, ``KW`` or ``K`` is made; NaN where the definition gives NaN."""
+    check_choice("correlation", method, CORRELATIONS)
+    dtype = accumulation_dtype(W.device)
+    k, d = W.shape
+    rows, k_rows = _row_slices(k, d), _row_slices(k, k)
+    block = lambda A, r: A[r].to(dtype)  # noqa: E731
+    zero = torch.zeros((), dtype=dtype, device=W.device)
+    if method == "cosine":
+        dot = sum(((block(W, r) * block(KW, r)).sum() for r in rows), zero)
+        sq_a = sum((block(F, r).square().sum() for r in _row_slices(d, d)), zero)
+        return correlation_from_sums(dot, sq_a, sum((block(K, r).square().sum() for r in k_rows), zero))
+    k_ones = torch.cat([block(K, r).sum(dim=1) for r in k_rows])  # K 1
+    mean_k = k_ones.sum() / (k * k)
+    sq_b = sum(((block(K, r) - mean_k).square().sum() for r in k_rows), zero)
+    mean, rest = block_mean(lambda r: block(W, r), rows, 0, k)
+    w_bar = mean + rest  # the mean row
+    dot, p = zero, torch.empty(k, dtype=dtype, device=W.device)
+    BtB = W.new_zeros((d, d))
+    for r in rows:
+        B = W[r].to(dtype, copy=True).sub_(mean).sub_(rest)
+        KB = KW[r].to(dtype, copy=True).addr_(k_ones[r], w_bar, alpha=-1)
+        dot = dot + (B * KB).sum()
+        del KB
+        p[r] = B @ w_bar
+        B_w = B.to(W.dtype)
+        BtB.addmm_(B_w.t(), B_w)
+    sq_a = sum((block(BtB, r).square().sum() for r in _row_slices(d, d)), zero) + 2 * k * (p @ p)
+    return correlation_from_sums(dot + 2 * (p @ k_ones), sq_a, sq_b)
+
+
+def _row_slices(n: int, width: int) -> list[slice]:
+    """Blocks of rows of an ``n x width`` matrix, ``CORR_BLOCK`` entries each (at least one row)."""
+    step = max(1, CORR_BLOCK // max(width, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 NORM_KEYS = ("nfm_init", "nfm_cross", "nfm_centered", "agop_init", "agop_cross", "agop_centered")
 
 
@@ -103,15 +153,48 @@ def sym_norm(X: Tensor) -> Tensor:
     return (X + X.t()).norm()
 
 
-def _decomposition_norms(W0: Tensor, D: Tensor, K: Tensor, KD: Tensor, centered: Tensor) -> Tensor:
-    """The six norms of :func:`nfa_decomposition` stacked in ``NORM_KEYS`` order (no host sync), given
-    ``KD = K dW`` and the norms of the centred terms ``(|dW^T dW|, |dW^T K dW|)``. Every d x d term is
-    freed as soon as its norm is taken."""
+def _symmetrise_(X: Tensor) -> Tensor:
+    """``X + X^T`` written into the square ``X`` (by blocks of rows: no full-size temporary); returns ``X``."""
+    n = X.shape[0]
+    for r in _row_slices(n, n):
+        T = X[r, r.start :] + X[r.start :, r].t()
+        X[r, r.start :] = T
+        X[r.start :, r] = T.t()
+    return X
+
+
+def _add_term(A: Tensor, T: Tensor) -> Tensor:
+    """``A += T`` in place; returns ``|T|_F``."""
+    A.add_(T)
+    return T.norm()
+
+
+def _terms(
+    W: Tensor, W0: Tensor, K: Tensor, method: str | None, power: float
+) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor, Tensor]:
+    """``(F, G, C-NFA, norms, KW)`` of a ``(k, d)`` weight ``W = W0 + dW``: ``F = W^T W``, ``G = W^T K W``, the
+    C-NFA ``rho(dW^T dW, (dW^T K dW)^power)`` (``F`` and the C-NFA ``None`` for ``method=None``), the six
+    ``NORM_KEYS`` norms and ``KW = K W``, from two ``k x k``-by-``k x d`` products (``K dW``, ``K W0``; ``K``
+    symmetric) and seven ``d x d`` ones: ``G = dW^T K dW + (Y + Y^T) + W0^T K W0`` with ``Y = W0^T K dW``
+    by linearity, each term added in place into ``G`` once its norm is taken, then freed. ``F`` is formed
+    as ``W^T W`` itself (not summed from its terms), so that a constant ``W`` gives an exactly constant
+    ``F`` (no Pearson correlation: NaN) rather than rounding noise."""
+    D = W - W0
+    KD = K @ D
+    FD, G = nfm(D), agop(D, K, KW=KD)  # the centred terms; G accumulates the others below
+    c = None if method is None else nfm_agop_correlation(FD, G, method, power)
+    nfm_centered, agop_centered = FD.norm(), G.norm()
+    del FD
+    nfm_cross = _symmetrise_(W0.t() @ D).norm()
+    del D
     nfm_init = nfm(W0).norm()
-    nfm_cross = sym_norm(W0.t() @ D)
-    agop_init = agop(W0, K).norm()
-    agop_cross = sym_norm(W0.t() @ KD)  # W0^T K dW
-    return torch.stack([nfm_init, nfm_cross, centered[0], agop_init, agop_cross, centered[1]])
+    KW = K @ W0
+    agop_init = _add_term(G, agop(W0, K, KW=KW))
+    agop_cross = _add_term(G, _symmetrise_(W0.t() @ KD))
+    KW.add_(KD)  # K W0 + K dW = K W
+    del KD
+    norms = torch.stack([nfm_init, nfm_cross, nfm_centered, agop_init, agop_cross, agop_centered])
+    return None if method is None else nfm(W), G, c, norms, KW
 
 
 def nfa_decomposition(W: Tensor, W0: Tensor, K: Tensor) -> dict[str, float]:
@@ -121,11 +204,7 @@ def nfa_decomposition(W: Tensor, W0: Tensor, K: Tensor) -> dict[str, float]:
     ``nfm_init = |W0^T W0|``, ``nfm_cross = |W0^T dW + dW^T W0|``, ``nfm_centered = |dW^T dW|``,
     ``agop_init = |W0^T K W0|``, ``agop_cross = |W0^T K dW + dW^T K W0|``, ``agop_centered = |dW^T K dW|``.
     """
-    W0 = W0.to(W)
-    D = W - W0
-    KD = K @ D
-    centered = torch.stack([nfm(D).norm(), agop(D, K, KW=KD).norm()])
-    norms = _decomposition_norms(W0, D, K, KD, centered)
+    norms = _terms(W, W0.to(W), K, None, 1.0)[3]
     return dict(zip(NORM_KEYS, norms.tolist()))
 
 
@@ -136,10 +215,11 @@ def nfa_summary(
     (``|W - W0|_F / |W|_F``), ``kernel_alignment`` and the decomposition ``norms``, plus the
     matrices ``nfm`` and ``agop`` (of ``W``; ``None`` unless ``keep_matrices``).
 
-    The terms are formed one after another and each is freed once its scalars are taken (the
-    centred ``dW^T dW`` and ``dW^T K dW`` are shared by the C-NFA and the decomposition); all scalars
-    reach the host in one transfer. :func:`diagnostics.memory.estimate_memory` accounts for what
-    this allocates.
+    ``K`` must be symmetric. The products are ``K dW`` and ``K W0`` (``O(k² d)``) and seven ``d x d`` ones
+    (``O(k d²)``): ``F = W^T W``, the decomposition terms, whose sum is ``G = W^T K W`` (``_terms``); the
+    kernel alignment comes from ``K W`` and one more ``d x d`` product
+    (:func:`gram_alignment`, no ``k x k`` ``W W^T``). Each term is freed once its norm is taken and added;
+    all scalars reach the host in one transfer. :func:`summary_memory` accounts for what this allocates.
 
     A layer with fewer outputs than inputs (``k < d``), AGOP power 1 and no kept matrices is measured
     from its ``k x k`` Gram matrices instead (:func:`diagnostics.output_space.output_space_summary`: the same
@@ -148,19 +228,13 @@ def nfa_summary(
     if _output_space(W.shape, power, keep_matrices, W.device):
         corrs, norms = output_space_summary(W, W0, K, method)
         return summary_record(corrs, relative_change(W, W - W0), norms, None, None)
-    F, G = nfm(W), agop(W, K)
+    F, G, c, norms, KW = _terms(W, W0, K, method, power)
+    alignment = gram_alignment(W, KW, K, F, method)
+    del KW
     uc = nfm_agop_correlation(F, G, method, power)  # the UC-NFA
     if not keep_matrices:
         F = G = None
-    alignment = kernel_alignment(W, K, method)
-    D = W - W0
-    KD = K @ D
-    FD, GD = nfm(D), agop(D, K, KW=KD)
-    c = nfm_agop_correlation(FD, GD, method, power)  # the C-NFA
-    centered = torch.stack([FD.norm(), GD.norm()])
-    del FD, GD
-    norms = _decomposition_norms(W0, D, K, KD, centered)
-    return summary_record(torch.stack([uc, c, alignment]), relative_change(W, D), norms, F, G)
+    return summary_record(torch.stack([uc, c, alignment]), relative_change(W, W - W0), norms, F, G)
 
 
 def summary_record(
@@ -192,13 +266,13 @@ def summary_memory(
 ) -> int:
     """Peak bytes of the temporaries :func:`nfa_summary` allocates for a ``(k, d)`` weight in a dtype of
     ``itemsize`` bytes (``K``, ``W`` and ``W0`` themselves not included): the largest of its stages,
-    ``max(2d² + kd, k², 2kd + 2d² (+ 4.25d² for power != 1), 3kd + d²)`` entries, plus the kept
-    ``nfm``/``agop`` (``2d²``) with ``keep_matrices``, plus the float64 blocks of the correlations; on the
-    ``k x k`` route (``k < d``, see :func:`nfa_summary`) :func:`diagnostics.output_space.output_space_memory` and the
-    float64 blocks of the kernel alignment's correlation. Checked against the allocations the profiler records."""
+    ``max(2kd + 3d², 2kd + 2d² (+ 4.25d² for power != 1))`` entries (``K dW`` with ``dW`` or ``K W0``, two
+    or three ``d x d`` terms, ``F`` and ``G`` at the end; ``F`` and ``G`` are what ``keep_matrices`` keeps), plus the float64 blocks
+    of the correlations; on the ``k x k`` route (``k < d``, see :func:`nfa_summary`)
+    :func:`diagnostics.output_space.output_space_memory` and the float64 blocks of the kernel alignment's
+    correlation. Checked against the allocations the profiler records."""
     if _output_space((k, d), power, keep_matrices, device):
         return output_space_memory(k, d, itemsize) + 4 * 8 * min(CORR_BLOCK, k * k)
     eigh = 4.25 * d * d if power != 1 else 0.0  # symmetrised copy, eigenvectors, workspace, product
-    stages = (2 * d * d + k * d, k * k, 2 * k * d + 2 * d * d + eigh, 3 * k * d + d * d)
-    kept = 2 * d * d if keep_matrices else 0
-    return int(itemsize * (max(stages) + kept)) + 4 * 8 * min(CORR_BLOCK, max(k, d) ** 2)
+    stages = (2 * k * d + 3 * d * d, 2 * k * d + 2 * d * d + eigh)
+    return int(itemsize * max(stages)) + 4 * 8 * min(CORR_BLOCK, max(k, d) ** 2)

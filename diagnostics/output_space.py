@@ -8,6 +8,9 @@ NFM ``F = A^T A`` and AGOP ``G = A^T K A`` never need to be formed:
 - Pearson's centring without a difference of large sums: with ``A = B + ā 1^T`` (``ā`` the mean column),
   ``F - mean(F) = u 1^T + 1 u^T + B^T B``, ``u = B^T ā``, so the centred terms come from ``Γ_B = B B^T``
   (``_gram_sums``);
+- the kernel alignment ``rho(W W^T, K)``: for Pearson from ``W W^T`` less its mean entry,
+  ``R R^T + p 1^T + 1 p^T`` with ``W = R + 1 w̄^T`` (``w̄`` the mean row) and ``p = R w̄``; for cosine
+  ``W W^T = Γ`` itself;
 - with ``X = W0^T dW``: ``|X + X^T|² = 2 Σ(Γ_0 ∘ Γ_d) + 2 Σ(M ∘ M^T)``, ``M = dW W0^T``, and with
   ``X = W0^T K dW``: ``2 Σ(KΓ_0 ∘ (KΓ_d)^T) + 2 Σ(KM ∘ (KM)^T)``.
 
@@ -65,7 +68,9 @@ def block_mean(block: Callable[[slice], Tensor], slices: list[slice], dim: int, 
 
 class _GramSums:
     """The column-block sums of :func:`output_space_summary`: ``Γ_B`` of the centred ``W`` and ``dW`` (their
-    raw Grams with ``method="cosine"``), ``W W^T``, ``Γ_0 = W0 W0^T`` and ``M = dW W0^T``, and the mean columns."""
+    raw Grams with ``method="cosine"``), ``Γ_0 = W0 W0^T``, ``M = dW W0^T``, the mean columns, and for Pearson
+    ``W W^T`` less its mean entry: with ``W = R + 1 w̄^T`` (``w̄`` the mean row, ``1^T R = 0``, taken per
+    column), ``W W^T - mean(W W^T) = R R^T + p 1^T + 1 p^T``, ``p = R w̄`` (no difference of large sums)."""
 
     def __init__(self, W: Tensor, W0: Tensor, dtype: torch.dtype, centred: bool) -> None:
         k, d = W.shape
@@ -76,19 +81,28 @@ class _GramSums:
         (mean_w, rest_w), (mean_d, rest_d) = (
             (block_mean(w, slices, 1, d), block_mean(dw, slices, 1, d)) if centred else ((zero, zero), (zero, zero))
         )
-        self.gram_w, self.gram_d, self.ww, self.gram_0, self.M = (W.new_zeros((k, k), dtype=dtype) for _ in range(5))
+        self.gram_w, self.gram_d, self.gram_0, self.M = (W.new_zeros((k, k), dtype=dtype) for _ in range(4))
+        self.ww_centred = W.new_zeros((k, k), dtype=dtype) if centred else None
+        p = zero.clone()
         for s in slices:
             W_s, W0_s = W[:, s].to(dtype, copy=True), W0[:, s].to(dtype)  # W_s is centred in place below
             D_s = W_s - W0_s
-            self.ww.addmm_(W_s, W_s.t())
             self.gram_0.addmm_(W0_s, W0_s.t())
             self.M.addmm_(D_s, W0_s.t())
             del W0_s
             if centred:
+                R_s = W_s - W_s.mean(dim=0)
+                rest = R_s.mean(dim=0)
+                R_s.sub_(rest)
+                self.ww_centred.addmm_(R_s, R_s.t())
+                p.addmv_(R_s, W_s.mean(dim=0) + rest)
+                del R_s
                 W_s = W_s.sub_(mean_w[:, None]).sub_(rest_w[:, None])
                 D_s = D_s.sub_(mean_d[:, None]).sub_(rest_d[:, None])
             self.gram_w.addmm_(W_s, W_s.t())
             self.gram_d.addmm_(D_s, D_s.t())
+        if centred:
+            self.ww_centred.addr_(p, torch.ones_like(p)).addr_(torch.ones_like(p), p)
         self.mean_w, self.mean_d = mean_w + rest_w, mean_d + rest_d
 
 
@@ -131,17 +145,24 @@ def output_space_summary(W: Tensor, W0: Tensor, K: Tensor, method: str = "pearso
     K = K.to(dtype)
     d = W.shape[1]
     g = _GramSums(W.detach(), W0.detach(), dtype, centred=method != "cosine")
-    alignment = matrix_correlation(g.ww, K, method)  # rho(W W^T, K), W W^T from W itself (not centred)
-    del g.ww
-    uc = _gram_sums(g.gram_w, g.mean_w, d, K, method)[2]
-    del g.gram_w
+    if g.ww_centred is not None:  # rho(W W^T, K) from W W^T less its mean entry
+        alignment = matrix_correlation(g.ww_centred, K, method)
+        del g.ww_centred
+    gram_w, _, uc = _gram_sums(g.gram_w, g.mean_w, d, K, method)
+    if method == "cosine":  # gram_w is W W^T itself
+        alignment = matrix_correlation(gram_w, K, method)
+    del g.gram_w, gram_w
     gram_d, k_gram_d, c = _gram_sums(g.gram_d, g.mean_d, d, K, method)
-    gram_0, M = g.gram_0, g.M
-    k_gram_0 = K @ gram_0
-    nfm_cross = _cross_norm(gram_0, gram_d, M)
-    agop_cross = _cross_norm(k_gram_0, k_gram_d, K @ M)
-    nfm_init, agop_init = (x.sqrt() for x in _sq_norms(gram_0, k_gram_0))
+    del g.gram_d
+    nfm_cross = _cross_norm(g.gram_0, gram_d, g.M)
     nfm_centred, agop_centred = (x.sqrt() for x in _sq_norms(gram_d, k_gram_d))
+    del gram_d
+    k_gram_0 = K @ g.gram_0
+    nfm_init, agop_init = (x.sqrt() for x in _sq_norms(g.gram_0, k_gram_0))
+    del g.gram_0
+    k_M = K @ g.M
+    del g.M
+    agop_cross = _cross_norm(k_gram_0, k_gram_d, k_M)
     corrs = torch.stack([_correlation(uc), _correlation(c), alignment.to(uc.dtype)])
     norms = torch.stack([nfm_init, nfm_cross, nfm_centred, agop_init, agop_cross, agop_centred])
     return corrs, norms
@@ -149,10 +170,10 @@ def output_space_summary(W: Tensor, W0: Tensor, K: Tensor, method: str = "pearso
 
 def output_space_memory(k: int, d: int, itemsize: int) -> int:
     """Peak bytes of the temporaries of :func:`output_space_summary` for weights of ``itemsize`` bytes (the
-    float64 blocks of :func:`diagnostics.correlation.matrix_correlation` not included): up to eight ``k x k``
-    float64 matrices alive at once (the five column-block sums, ``KΓ``, a product and ``K``'s float64 copy;
-    seven without that copy when the weights are float64 already) and three blocks of ``COLUMN_BLOCK``
-    entries (two when no cast is needed)."""
+    float64 blocks of :func:`diagnostics.correlation.matrix_correlation` not included): up to seven ``k x k``
+    float64 matrices alive at once (four column-block sums, ``KΓ``, a product and ``K``'s float64 copy;
+    six without that copy when the weights are float64 already) and three blocks of ``COLUMN_BLOCK``
+    entries."""
     cast = int(itemsize != 8)
     block = k * min(d, max(1, COLUMN_BLOCK // k))
-    return 8 * ((7 + cast) * k * k + (2 + cast) * block)
+    return 8 * ((6 + cast) * k * k + 3 * block)

@@ -155,7 +155,7 @@ def test_memory_estimate_follows_the_summary_route() -> None:
     # kept matrices, another AGOP power, k >= d or MPS (float32 sums): the d x d route
     d_by_d = summary_memory(k, d, 4, device=torch.device("mps"))
     assert d_by_d > output_space_memory(k, d, 4) and d_by_d >= 4 * 2 * d * d
-    assert summary_memory(k, d, 4, keep_matrices=True) > d_by_d
+    assert summary_memory(k, d, 4, keep_matrices=True) == d_by_d  # the kept F and G are formed anyway
     assert summary_memory(k, d, 4, power=0.5) > d_by_d
     assert summary_memory(d, k, 4) != output_space_memory(d, k, 4)
 
@@ -252,3 +252,57 @@ def test_identity_kernel_alignment_centres_without_cancellation() -> None:
         A = [[sum(a * b for a, b in zip(Wf[i], Wf[j])) for j in range(k)] for i in range(k)]
         eye = [[Fraction(int(i == j)) for j in range(k)] for i in range(k)]
         assert float(identity_kernel_alignment(W)) == pytest.approx(_exact_pearson(A, eye), rel=1e-9), sigma
+
+
+def _reference_summary(W: torch.Tensor, W0: torch.Tensor, K: torch.Tensor, method: str, power: float) -> dict:
+    """The record of ``nfa_summary`` from the definitions, in float64."""
+    D = W - W0
+    F, G, FD, GD = W.t() @ W, W.t() @ K @ W, D.t() @ D, D.t() @ K @ D
+    cross = lambda X: (X + X.t()).norm()  # noqa: E731
+    return {
+        "uc_nfa": float(matrix_correlation(F, psd_power(G, power), method)),
+        "c_nfa": float(matrix_correlation(FD, psd_power(GD, power), method)),
+        "kernel_alignment": float(matrix_correlation(W @ W.t(), K, method)),
+        "rel_change": float(D.norm() / W.norm()),
+        "norms": {
+            "nfm_init": float((W0.t() @ W0).norm()), "nfm_cross": float(cross(W0.t() @ D)),
+            "nfm_centered": float(FD.norm()), "agop_init": float((W0.t() @ K @ W0).norm()),
+            "agop_cross": float(cross(W0.t() @ K @ D)), "agop_centered": float(GD.norm()),
+        },
+        "nfm": F, "agop": G,
+    }
+
+
+@pytest.mark.parametrize("method", ["pearson", "cosine"])
+@pytest.mark.parametrize("power", [1.0, 0.5])
+@pytest.mark.parametrize("keep", [True, False])
+def test_d_by_d_route_gives_the_definitions(one_thread, method: str, power: float, keep: bool) -> None:
+    """The d x d route (F and G summed from their decomposition terms, the kernel alignment without W W^T)
+    equals the definitions to 1e-9 relative in float64 (k > d and k = d), also when the entries' mean
+    dwarfs their spread (a raw-moment formula for rho(W W^T, K) would be off by ~1e-8 there); a constant
+    weight gives NaN where the definition does."""
+    from diagnostics.nfa import nfa_summary
+
+    g = torch.Generator().manual_seed(7)
+    for k, d, base in ((40, 12, 0.0), (12, 12, 0.0), (40, 12, 1e4)):
+        W0 = base + torch.randn(k, d, generator=g, dtype=torch.float64)
+        W = W0 + 0.3 * torch.randn(k, d, generator=g, dtype=torch.float64)
+        J = torch.randn(k, 2 * k, generator=g, dtype=torch.float64)
+        K = J @ J.t() / k + 0.5
+        got, ref = nfa_summary(W, W0, K, method, power, keep_matrices=keep), _reference_summary(W, W0, K, method, power)
+        for key in ("c_nfa", "kernel_alignment", "rel_change", *(("uc_nfa",) if power == 1 or base == 0 else ())):
+            assert got[key] == pytest.approx(ref[key], rel=1e-9, abs=0), (k, d, base, key)
+        assert got["norms"] == pytest.approx(ref["norms"], rel=1e-9)
+        if keep:
+            assert torch.allclose(got["nfm"], ref["nfm"], rtol=1e-12, atol=0)
+            assert torch.allclose(got["agop"], ref["agop"], rtol=1e-12, atol=1e-12 * float(ref["agop"].abs().max()))
+        else:
+            assert got["nfm"] is None and got["agop"] is None
+    W = torch.full((12, 5), 1 / 3, dtype=torch.float64)  # constant: W W^T constant, no Pearson correlation
+    K = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    K = K @ K.t()
+    got = nfa_summary(W, torch.zeros_like(W), K, method, power, keep_matrices=keep)["kernel_alignment"]
+    if method == "pearson":
+        assert math.isnan(got)
+    else:
+        assert got == pytest.approx(float(matrix_correlation(W @ W.t(), K, method)), rel=1e-12)

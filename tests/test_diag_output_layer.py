@@ -193,7 +193,9 @@ def test_output_layer_summary_in_row_blocks_gives_the_dense_values(monkeypatch, 
             ref = nfa_summary(W, W0, eye, method, power, keep_matrices=True)
             got = output_layer_summary(W, W0, method, power, keep_matrices=False)
             for key in ("uc_nfa", "c_nfa", "rel_change", "kernel_alignment"):
-                assert got[key] == pytest.approx(ref[key], rel=1e-12), (k, d, power, key)
+                # power 1/2: eigh turns the rounding of G (summed from its terms on the d x d route) into ~1e-10
+                tol = 1e-9 if power != 1 and key in ("uc_nfa", "c_nfa") else 1e-12
+                assert got[key] == pytest.approx(ref[key], rel=tol), (k, d, power, key)
             assert got["norms"] == pytest.approx(ref["norms"], rel=1e-12)
             dense = matrix_correlation(W @ W.t(), eye, method)
             assert float(identity_kernel_alignment(W, method)) == pytest.approx(float(dense), rel=1e-10)
