@@ -39,6 +39,7 @@ __all__ = [
     "gram_alignment",
     "nfa_decomposition",
     "nfa_summary",
+    "check_symmetric",
     "summary_memory",
     "NORM_KEYS",
 ]
@@ -169,6 +170,28 @@ def _add_term(A: Tensor, T: Tensor) -> Tensor:
     return T.norm()
 
 
+#: Largest ``|K - K^T|`` accepted, relative to ``max |K|``: rounding of a product such as ``J^T J``, not a
+#: matrix that is not a covariance.
+SYMMETRY_TOL = 1e-5
+
+
+def check_symmetric(K: Tensor) -> None:
+    """Raise ``ValueError`` if ``max |K - K^T| > SYMMETRY_TOL * max |K|`` (taken over blocks of rows: no
+    ``k x k`` temporary). The NFA terms use ``K = K^T`` (``dW^T K W0 = (W0^T K dW)^T``)."""
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"K must be a square k x k matrix, got shape {tuple(K.shape)}")
+    k = K.shape[0]
+    gap = scale = K.new_zeros((), dtype=torch.float64)
+    for r in _row_slices(k, k):
+        gap = torch.maximum(gap, (K[r] - K[:, r].t()).abs().max().double())
+        scale = torch.maximum(scale, K[r].abs().max().double())
+    if bool(gap > SYMMETRY_TOL * scale):  # NaN entries pass here: they give NaN correlations downstream
+        raise ValueError(
+            f"K must be a symmetric covariance (max |K - K^T| = {float(gap):.3g}, max |K| = {float(scale):.3g}); "
+            "pass K = (K + K.T) / 2 if yours is symmetric up to rounding, or the K that ptk_covariance returns"
+        )
+
+
 def _terms(
     W: Tensor, W0: Tensor, K: Tensor, method: str | None, power: float
 ) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor, Tensor]:
@@ -204,6 +227,7 @@ def nfa_decomposition(W: Tensor, W0: Tensor, K: Tensor) -> dict[str, float]:
     ``nfm_init = |W0^T W0|``, ``nfm_cross = |W0^T dW + dW^T W0|``, ``nfm_centered = |dW^T dW|``,
     ``agop_init = |W0^T K W0|``, ``agop_cross = |W0^T K dW + dW^T K W0|``, ``agop_centered = |dW^T K dW|``.
     """
+    check_symmetric(K)
     norms = _terms(W, W0.to(W), K, None, 1.0)[3]
     return dict(zip(NORM_KEYS, norms.tolist()))
 
@@ -225,6 +249,7 @@ def nfa_summary(
     from its ``k x k`` Gram matrices instead (:func:`diagnostics.output_space.output_space_summary`: the same
     values to rounding, without any ``d x d`` term)."""
     W0 = W0.to(W)
+    check_symmetric(K)
     if _output_space(W.shape, power, keep_matrices, W.device):
         corrs, norms = output_space_summary(W, W0, K, method)
         return summary_record(corrs, relative_change(W, W - W0), norms, None, None)

@@ -306,3 +306,23 @@ def test_d_by_d_route_gives_the_definitions(one_thread, method: str, power: floa
         assert math.isnan(got)
     else:
         assert got == pytest.approx(float(matrix_correlation(W @ W.t(), K, method)), rel=1e-12)
+
+
+def test_an_asymmetric_K_is_refused_by_name() -> None:
+    from diagnostics.nfa import nfa_decomposition, nfa_summary
+
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    W = W0 + 0.1 * torch.randn(6, 4, generator=g, dtype=torch.float64)
+    J = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    K = J.t() @ J
+    nfa_summary(W, W0, K)  # symmetric: accepted
+    nfa_summary(W.float(), W0.float(), (J.t().float() @ J.float()))  # symmetric up to float32 rounding
+    bad = K.clone()
+    bad[0, 1] += 0.5 * K.abs().max()
+    wide, wide0 = W.t().contiguous(), W0.t().contiguous()  # k = 4 < d = 6: the k x k route
+    bad_small = bad[:4, :4]
+    for fn in (lambda: nfa_summary(W, W0, bad), lambda: nfa_decomposition(W, W0, bad),
+               lambda: nfa_summary(wide, wide0, bad_small)):
+        with pytest.raises(ValueError, match="symmetric"):
+            fn()
