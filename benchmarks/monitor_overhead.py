@@ -29,13 +29,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # sibling modules, also when this file is loaded by path rather than run
     sys.path.insert(0, HERE)
+from call_time import summing_time  # noqa: E402
 from memory_use import peak_cuda_mb, peak_rss_mb  # noqa: E402
 
 #: What ``--quick`` sets.
@@ -61,16 +61,7 @@ def run(args: argparse.Namespace, with_nfa: bool, out: str) -> tuple[float, floa
     callbacks = [NFACallback(probe)] if with_nfa else []
     in_measure = [0.0]
     if with_nfa:  # time spent inside the callback's measurements, within the same run
-        cb, measure = callbacks[0], callbacks[0].measure
-
-        def timed(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return measure(*a, **kw)
-            finally:
-                in_measure[0] += time.perf_counter() - t
-
-        cb.measure = timed
+        callbacks[0].measure = summing_time(callbacks[0].measure, in_measure)
     targs = TrainingArguments(
         output_dir=out, use_cpu=args.device == "cpu", max_steps=args.steps, per_device_train_batch_size=args.batch,
         learning_rate=3e-4, logging_steps=args.steps, save_strategy="no", report_to="none",

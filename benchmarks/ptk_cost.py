@@ -70,6 +70,7 @@ from diagnostics.layers import find_linear_layers
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # sibling modules, also when this file is loaded by path rather than run
     sys.path.insert(0, HERE)
+from call_time import summing_time  # noqa: E402
 from memory_use import peak_cuda_mb, peak_rss_mb  # noqa: E402
 
 D_IN, WIDTH, DEPTH, D_OUT = 3072, 256, 5, 10
@@ -375,18 +376,8 @@ def _time_layer_summaries() -> list[float]:
     import diagnostics.monitor as monitor
 
     total = [0.0]
-
-    def timed(fn: Callable) -> Callable:
-        def run(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                total[0] += time.perf_counter() - t0
-        return run
-
-    monitor.nfa_summary = timed(monitor.nfa_summary)
-    monitor.output_layer_summary = timed(monitor.output_layer_summary)
+    monitor.nfa_summary = summing_time(monitor.nfa_summary, total)
+    monitor.output_layer_summary = summing_time(monitor.output_layer_summary, total)
     return total
 
 
