@@ -155,3 +155,22 @@ def test_band_is_named_in_the_legend_and_single_runs_get_a_colour_per_metric(tmp
     legend = saved_figures[1].legends[0]
     assert [t.get_text() for t in legend.get_texts()] == ["UC-NFA", "C-NFA"]
     assert len({h.get_color() for h in legend.legend_handles}) == 2
+
+
+def test_experiment_rows_keep_the_estimator_so_the_output_layer_gets_no_panel(tmp_path: Path,
+                                                                               saved_figures: list) -> None:
+    # the image examples' path: NFAMonitor records -> nfa_row -> nfa_long_rows -> one panel per measured layer
+    from torch import nn
+
+    from diagnostics import NFAMonitor
+    from diagnostics.experiments import nfa_long_rows, nfa_row
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6, bias=False), nn.ReLU(), nn.Linear(6, 3, bias=False))
+    mon = NFAMonitor(model)
+    rows = [nfa_row({"run": "sgd", "seed": 0, "step": step}, rec, lr=0.1)
+            for step in (0, 1) for rec in mon.measure(torch.randn(8, 5), step=step).values()]
+    assert {r["layer"]: r["estimator"] for r in rows} == {"0": "exact", "2": "analytic"}
+    plot_nfa_curves(nfa_long_rows(rows), tmp_path / "nfa.png", metrics=("correlation",), linestyle_key="measure")
+    (fig,) = saved_figures
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ["correlation - layer 0"]

@@ -81,9 +81,10 @@ def write_run_info(out: str | os.PathLike[str], argv: Sequence[str], wall_s: flo
 
 def nfa_long_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Rows with one ``correlation`` value each and ``measure`` = UC-NFA or C-NFA (for one panel per layer with
-    both curves); ``step`` is the row's ``step`` or, where it has none, its ``epoch``."""
+    both curves); ``step`` is the row's ``step`` or, where it has none, its ``epoch``; the row's ``estimator``
+    is kept where it has one (the plots leave out the analytic output layer, 1 by construction)."""
     return [{"run": r["run"], "seed": r["seed"], "step": r.get("step", r.get("epoch")), "layer": r["layer"],
-             "measure": name, "correlation": r[key]}
+             **({"estimator": r["estimator"]} if "estimator" in r else {}), "measure": name, "correlation": r[key]}
             for r in rows for key, name in (("uc_nfa", "UC-NFA"), ("c_nfa", "C-NFA"))]
 
 
@@ -142,11 +143,12 @@ def mean_std_table(
 
 
 def nfa_row(head: Mapping[str, Any], record: Any, **values: float) -> dict[str, Any]:
-    """``head``, the record's ``layer``, then its ``uc_nfa``, ``c_nfa``, ``rel_change``, ``kernel_alignment`` and
-    ``values``, each rounded to 5 significant digits."""
+    """``head``, the record's ``layer`` and ``estimator``, then its ``uc_nfa``, ``c_nfa``, ``rel_change``,
+    ``kernel_alignment`` and ``values``, each rounded to 5 significant digits."""
     numbers = dict(uc_nfa=record.uc_nfa, c_nfa=record.c_nfa, rel_change=record.rel_change,
                    kernel_alignment=record.kernel_alignment, **values)
-    return {**head, "layer": record.layer, **{k: float(f"{v:.5g}") for k, v in numbers.items()}}
+    return {**head, "layer": record.layer, "estimator": record.estimator,
+            **{k: float(f"{v:.5g}") for k, v in numbers.items()}}
 
 
 def last_rows(rows: Sequence[Mapping[str, Any]], step_key: str = "step") -> list[Mapping[str, Any]]:
