@@ -243,7 +243,8 @@ def nfa_summary(
     (``O(k d²)``): ``F = W^T W``, the decomposition terms, whose sum is ``G = W^T K W`` (``_terms``); the
     kernel alignment comes from ``K W`` and one more ``d x d`` product
     (:func:`gram_alignment`, no ``k x k`` ``W W^T``). Each term is freed once its norm is taken and added;
-    all scalars reach the host in one transfer. :func:`summary_memory` accounts for what this allocates.
+    all scalars reach the host in one transfer (after the one of :func:`check_symmetric`, which must decide
+    before any term is formed). :func:`summary_memory` accounts for what this allocates.
 
     A layer with fewer outputs than inputs (``k < d``), AGOP power 1 and no kept matrices is measured
     from its ``k x k`` Gram matrices instead (:func:`diagnostics.output_space.output_space_summary`: the same

@@ -91,16 +91,20 @@ class _GramSums:
             self.M.addmm_(D_s, W0_s.t())
             del W0_s
             if centred:
-                R_s = W_s - W_s.mean(dim=0)
+                w_bar = W_s.mean(dim=0)  # the mean row of these columns
+                R_s = W_s - w_bar
                 rest = R_s.mean(dim=0)
                 R_s.sub_(rest)
+                w_bar.add_(rest)
+                del rest
                 self.ww_centred.addmm_(R_s, R_s.t())
-                p.addmv_(R_s, W_s.mean(dim=0) + rest)
-                del R_s
+                p.addmv_(R_s, w_bar)
+                del R_s, w_bar
                 W_s = W_s.sub_(mean_w[:, None]).sub_(rest_w[:, None])
                 D_s = D_s.sub_(mean_d[:, None]).sub_(rest_d[:, None])
             self.gram_w.addmm_(W_s, W_s.t())
             self.gram_d.addmm_(D_s, D_s.t())
+            del W_s, D_s  # not alive while the next block's are cast
         if centred:
             self.ww_centred.addr_(p, torch.ones_like(p)).addr_(torch.ones_like(p), p)
         self.mean_w, self.mean_d = mean_w + rest_w, mean_d + rest_d
@@ -172,8 +176,9 @@ def output_space_memory(k: int, d: int, itemsize: int) -> int:
     """Peak bytes of the temporaries of :func:`output_space_summary` for weights of ``itemsize`` bytes (the
     float64 blocks of :func:`diagnostics.correlation.matrix_correlation` not included): up to seven ``k x k``
     float64 matrices alive at once (four column-block sums, ``KΓ``, a product and ``K``'s float64 copy;
-    six without that copy when the weights are float64 already) and three blocks of ``COLUMN_BLOCK``
-    entries."""
+    six without that copy when the weights are float64 already), three blocks of ``k x w`` entries
+    (``w = min(d, max(1, COLUMN_BLOCK // k))`` columns: ``W``, ``dW`` and ``W`` less its mean row) and two
+    rows of ``w`` entries (the mean row and its correction)."""
     cast = int(itemsize != 8)
-    block = k * min(d, max(1, COLUMN_BLOCK // k))
-    return 8 * ((6 + cast) * k * k + 3 * block)
+    width = min(d, max(1, COLUMN_BLOCK // k))
+    return 8 * ((6 + cast) * k * k + 3 * k * width + 2 * width)

@@ -449,3 +449,37 @@ def test_memory_guard_reports_the_estimate() -> None:
         ptk_covariance(model, torch.randn(3, 4), max_memory=budget)
     mon = NFAMonitor(model, max_memory=est["total"] + PASS_BYTES)
     assert mon.memory_estimate == est and mon.groups == [["0", "2"]]
+
+
+@pytest.mark.parametrize(
+    "k, d, dtype, power, keep",
+    [
+        (1, 300, torch.float32, 1.0, False),  # k x k route: rows of w entries as large as the blocks
+        (3, 700, torch.float32, 1.0, False),  # several column blocks
+        (4, 500, torch.float64, 1.0, False),
+        (40, 60, torch.float32, 1.0, False),
+        (60, 40, torch.float32, 1.0, False),  # d x d route: k > d, k = d, power 0.5, kept matrices
+        (50, 50, torch.float64, 1.0, False),
+        (30, 50, torch.float32, 0.5, False),
+        (30, 50, torch.float32, 1.0, True),
+    ],
+)
+def test_summary_memory_bounds_what_nfa_summary_allocates(
+    monkeypatch: pytest.MonkeyPatch, k: int, d: int, dtype: torch.dtype, power: float, keep: bool
+) -> None:
+    import diagnostics.correlation as correlation
+    import diagnostics.nfa as nfa
+    import diagnostics.output_space as output_space
+
+    for module in (correlation, nfa):  # small float64 blocks: the matrices dominate
+        monkeypatch.setattr(module, "CORR_BLOCK", 256)
+    monkeypatch.setattr(output_space, "COLUMN_BLOCK", 1024)
+    torch.manual_seed(0)
+    J = torch.randn(k, 2 * k, dtype=torch.float64)
+    K = (J @ J.t() / (2 * k)).to(dtype)
+    W0 = torch.randn(k, d, dtype=dtype)
+    W = W0 + 0.1 * torch.randn(k, d, dtype=dtype)
+    out: list = []
+    peak = _peak_bytes(lambda: out.append(nfa.nfa_summary(W, W0, K, "pearson", power, keep)))
+    estimate = nfa.summary_memory(k, d, W.element_size(), power, keep, W.device)
+    assert peak - 2**8 <= estimate <= 1.5 * peak, (peak, estimate)  # 2**8: the record's scalars
