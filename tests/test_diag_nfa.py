@@ -322,7 +322,11 @@ def test_an_asymmetric_K_is_refused_by_name() -> None:
     bad[0, 1] += 0.5 * K.abs().max()
     wide, wide0 = W.t().contiguous(), W0.t().contiguous()  # k = 4 < d = 6: the k x k route
     bad_small = bad[:4, :4]
+    # an asymmetry small against max |K| but not against the entries it sits between (dynamic range)
+    scaled = torch.diag(torch.tensor([1e6, 1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    scaled[1, 2] = 1.0
+    nfa_summary(W.bfloat16(), W0.bfloat16(), (J.t() @ J).bfloat16())  # half precision: its own rounding
     for fn in (lambda: nfa_summary(W, W0, bad), lambda: nfa_decomposition(W, W0, bad),
-               lambda: nfa_summary(wide, wide0, bad_small)):
+               lambda: nfa_summary(wide, wide0, bad_small), lambda: nfa_summary(W, W0, scaled)):
         with pytest.raises(ValueError, match="symmetric"):
             fn()
