@@ -63,33 +63,60 @@ def _single_norm(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return torch.linalg.vector_norm(t.coalesce()._values() if t.is_sparse else t, dtype=dtype)
 
 
-def _row_norm(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """``||t||`` in float64 from norms of rows of :data:`_CPU_ROW` entries accumulated in ``dtype``; a complex
-    tensor as its real view (the complex kernel sums with no float32 kernel's vector lanes: 2e-6 at 512)."""
+def _row_norms(t: Tensor, dtype: torch.dtype | None) -> list[Tensor]:
+    """Norms, accumulated in ``dtype``, of the rows of :data:`_CPU_ROW` entries of ``t`` (and of the shorter
+    rest): ``||t||² = Σ row norms²``. A complex tensor as its real view (the complex kernel sums with no float32
+    kernel's vector lanes: 2e-6 at 512)."""
     v = t.coalesce()._values() if t.is_sparse else t
     v = (torch.view_as_real(v) if v.is_complex() else v).reshape(-1)
     n = v.numel() - v.numel() % _CPU_ROW
     m = v[:n].view(-1, _CPU_ROW)
     # 64 rows (32768 entries, torch's grain size) per call: each runs on one thread, with no parallel region
     # whose threads an oversubscribed CPU may not schedule (one call for all rows: 4-100x the float32 kernel there)
-    rows = [torch.linalg.vector_norm(v[n:], dtype=dtype).reshape(1)]  # the rest (0 if none)
-    rows += [torch.linalg.vector_norm(m[i:i + 64], dim=1, dtype=dtype) for i in range(0, m.shape[0], 64)]
-    return torch.linalg.vector_norm(torch.cat(rows).to(torch.float64))
+    rows = [torch.linalg.vector_norm(m[i:i + 64], dim=1, dtype=dtype) for i in range(0, m.shape[0], 64)]
+    if n < v.numel():
+        rows.append(torch.linalg.vector_norm(v[n:], dtype=dtype).reshape(1))
+    return rows
 
 
 def _cpu_norms(group: Sequence[Tensor], dtype: torch.dtype | None) -> Tensor:
     """Float64 norms of CPU tensors accumulated in ``dtype`` (None: their own, float32 or complex64): one
-    ``torch._foreach_norm`` for the dense real tensors of at most :data:`_CPU_ROW` entries, :func:`_row_norm`
-    for the others; then each one that may be inexact (below :data:`_CPU_TRUSTED_NORM`, zero included, or
-    infinite) recomputed in double. Reading the values waits for nothing on the CPU."""
+    ``torch._foreach_norm`` for the dense real tensors of at most :data:`_CPU_ROW` entries; for the others the
+    norms of their rows of :data:`_CPU_ROW` entries (one call for all tensors of one size up to 64 rows, else
+    :func:`_row_norms`), squared and summed per tensor in double;
+    then each one that may be inexact (below :data:`_CPU_TRUSTED_NORM`, zero included, or infinite) recomputed
+    in double. Reading the values waits for nothing on the CPU."""
     short = [i for i, t in enumerate(group) if not (t.is_sparse or t.is_complex()) and t.numel() <= _CPU_ROW]
     out = torch.empty(len(group), dtype=torch.float64, device=group[0].device)
     if short:
         tensors = [group[i] for i in short]
         norms = torch._foreach_norm(tensors, 2, dtype=dtype) if dtype else torch._foreach_norm(tensors, 2)
         out[short] = torch.stack(norms).to(torch.float64)
-    for i in sorted(set(range(len(group))) - set(short)):
-        out[i] = _row_norm(group[i], dtype)
+    rest = sorted(set(range(len(group))) - set(short))
+    # tensors of one size up to 64 rows (e.g. every weight of a stack of equal layers): one stacked kernel call
+    # for all their rows instead of a few small calls per tensor (a copy of at most 64 rows per tensor)
+    by_size: dict[int, list[int]] = {}
+    for i in rest:
+        t = group[i]
+        if not (t.is_sparse or t.is_complex()) and t.numel() % _CPU_ROW == 0 and t.numel() <= 64 * _CPU_ROW:
+            by_size.setdefault(t.numel(), []).append(i)
+    for numel, same in by_size.items():
+        if len(same) > 1:
+            stacked = torch.stack([group[i].reshape(-1) for i in same]).view(len(same), -1, _CPU_ROW)
+            rows = torch.linalg.vector_norm(stacked, dim=2, dtype=dtype)
+            out[same] = rows.to(torch.float64).square_().sum(dim=1).sqrt_()
+    stacked_ids = {i for same in by_size.values() if len(same) > 1 for i in same}
+    long = [i for i in rest if i not in stacked_ids]
+    if long:
+        rows: list[Tensor] = []
+        counts = []
+        for i in long:
+            parts = _row_norms(group[i], dtype)
+            rows += parts
+            counts.append(sum(p.numel() for p in parts))
+        sq = torch.cat(rows).to(torch.float64).square_()
+        owners = torch.repeat_interleave(torch.arange(len(long), device=sq.device), torch.tensor(counts, device=sq.device))
+        out[long] = torch.zeros(len(long), dtype=torch.float64, device=sq.device).index_add_(0, owners, sq).sqrt_()
     for i in ((out < _CPU_TRUSTED_NORM) | torch.isinf(out)).nonzero().flatten().tolist():
         t = group[i]
         out[i] = _single_norm(t, torch.complex128 if t.is_complex() else torch.float64)

@@ -361,3 +361,23 @@ def test_long_gradients_get_exact_norms(dtype: torch.dtype, form: str) -> None:
     model.weight.grad = tensors[0].clone()
     opt.step()
     assert float(slo.last_grad_norms[""]) == pytest.approx(math.sqrt(ref[0]), rel=1e-6, abs=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e15])
+def test_norms_of_many_equal_tensors_match_one_at_a_time_and_float64(dtype: torch.dtype, scale: float) -> None:
+    # equal sizes of 2 to 64 rows of 512 entries take one stacked kernel call; mixed with other sizes
+    from slo_torch import layer_sq_norms
+
+    if dtype == torch.float16 and scale != 1.0:
+        pytest.skip("outside float16's range")
+    torch.manual_seed(0)
+    sizes = (1024, 1024, 4096, 300, 4096, 4096, 32768, 32768, 33280, 513, 1024)
+    tensors = [(torch.randn(n, dtype=torch.float64) * scale).to(dtype).view(-1, 4 if n % 4 == 0 else 1) for n in sizes]
+    tensors[5] = tensors[5] * 0  # a zero tensor among equal ones
+    index = torch.arange(len(sizes))
+    together = layer_sq_norms(tensors, index, len(sizes))
+    alone = torch.cat([layer_sq_norms([t], torch.tensor([0]), 1) for t in tensors])
+    ref = torch.stack([t.double().pow(2).sum() for t in tensors])
+    assert together.tolist() == pytest.approx(alone.tolist(), rel=1e-14, abs=0.0)
+    assert together.tolist() == pytest.approx(ref.tolist(), rel=1e-6, abs=0.0)
