@@ -82,8 +82,8 @@ def _row_norms(t: Tensor, dtype: torch.dtype | None) -> list[Tensor]:
 def _cpu_norms(group: Sequence[Tensor], dtype: torch.dtype | None) -> Tensor:
     """Float64 norms of CPU tensors accumulated in ``dtype`` (None: their own, float32 or complex64): one
     ``torch._foreach_norm`` for the dense real tensors of at most :data:`_CPU_ROW` entries; for the others the
-    norms of their rows of :data:`_CPU_ROW` entries (one call for all tensors of one size up to 64 rows, else
-    :func:`_row_norms`), squared and summed per tensor in double;
+    norms of their rows of :data:`_CPU_ROW` entries (tensors of one size up to 64 rows stacked, 64 rows a call,
+    else :func:`_row_norms`), squared and summed per tensor in double;
     then each one that may be inexact (below :data:`_CPU_TRUSTED_NORM`, zero included, or infinite) recomputed
     in double. Reading the values waits for nothing on the CPU."""
     short = [i for i, t in enumerate(group) if not (t.is_sparse or t.is_complex()) and t.numel() <= _CPU_ROW]
@@ -93,18 +93,20 @@ def _cpu_norms(group: Sequence[Tensor], dtype: torch.dtype | None) -> Tensor:
         norms = torch._foreach_norm(tensors, 2, dtype=dtype) if dtype else torch._foreach_norm(tensors, 2)
         out[short] = torch.stack(norms).to(torch.float64)
     rest = sorted(set(range(len(group))) - set(short))
-    # tensors of one size up to 64 rows (e.g. every weight of a stack of equal layers): one stacked kernel call
-    # for all their rows instead of a few small calls per tensor (a copy of at most 64 rows per tensor)
+    # tensors of one size up to 64 rows (e.g. every weight of a stack of equal layers): their rows in stacked
+    # kernel calls of at most 64 rows (as in _row_norms) instead of a few small calls per tensor
     by_size: dict[int, list[int]] = {}
     for i in rest:
         t = group[i]
         if not (t.is_sparse or t.is_complex()) and t.numel() % _CPU_ROW == 0 and t.numel() <= 64 * _CPU_ROW:
             by_size.setdefault(t.numel(), []).append(i)
     for numel, same in by_size.items():
-        if len(same) > 1:
-            stacked = torch.stack([group[i].reshape(-1) for i in same]).view(len(same), -1, _CPU_ROW)
+        per_call = max(1, 64 // (numel // _CPU_ROW))
+        for j in range(0, len(same) if len(same) > 1 else 0, per_call):
+            part = same[j:j + per_call]
+            stacked = torch.stack([group[i].reshape(-1) for i in part]).view(len(part), -1, _CPU_ROW)
             rows = torch.linalg.vector_norm(stacked, dim=2, dtype=dtype)
-            out[same] = rows.to(torch.float64).square_().sum(dim=1).sqrt_()
+            out[part] = rows.to(torch.float64).square_().sum(dim=1).sqrt_()
     stacked_ids = {i for same in by_size.values() if len(same) > 1 for i in same}
     long = [i for i in rest if i not in stacked_ids]
     if long:
