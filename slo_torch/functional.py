@@ -74,7 +74,7 @@ def _row_norms(t: Tensor, dtype: torch.dtype | None) -> list[Tensor]:
     # 64 rows (32768 entries, torch's grain size) per call: each runs on one thread, with no parallel region
     # whose threads an oversubscribed CPU may not schedule (one call for all rows: 4-100x the float32 kernel there)
     rows = [torch.linalg.vector_norm(m[i:i + 64], dim=1, dtype=dtype) for i in range(0, m.shape[0], 64)]
-    if n < v.numel():
+    if n < v.numel() or not rows:  # the shorter rest; 0 for a tensor without entries (e.g. an empty sparse one)
         rows.append(torch.linalg.vector_norm(v[n:], dtype=dtype).reshape(1))
     return rows
 

@@ -381,3 +381,13 @@ def test_norms_of_many_equal_tensors_match_one_at_a_time_and_float64(dtype: torc
     ref = torch.stack([t.double().pow(2).sum() for t in tensors])
     assert together.tolist() == pytest.approx(alone.tolist(), rel=1e-14, abs=0.0)
     assert together.tolist() == pytest.approx(ref.tolist(), rel=1e-6, abs=0.0)
+
+
+def test_norm_of_a_sparse_gradient_without_entries_is_zero() -> None:
+    # the long-tensor path of the CPU norms: a sparse tensor with no stored values, alone and beside others
+    from slo_torch import layer_sq_norms
+
+    empty = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0), (1000,))
+    assert layer_sq_norms([empty], torch.tensor([0]), 1).tolist() == [0.0]
+    full = torch.ones(1024)
+    assert layer_sq_norms([empty, full], torch.tensor([0, 1]), 2).tolist() == pytest.approx([0.0, 1024.0], rel=1e-6)
