@@ -40,6 +40,7 @@ __all__ = [
     "nfa_decomposition",
     "nfa_summary",
     "check_symmetric",
+    "symmetry_excess",
     "summary_memory",
     "NORM_KEYS",
 ]
@@ -176,23 +177,35 @@ def _add_term(A: Tensor, T: Tensor) -> Tensor:
 SYMMETRY_TOL = 1e-5
 
 
-def check_symmetric(K: Tensor) -> None:
-    """Raise ``ValueError`` if some ``|K_ij - K_ji| > tol * sqrt(|K_ii K_jj|)`` (``tol``: ``SYMMETRY_TOL``), taken
-    over blocks of rows in float64 (no ``k x k`` temporary). The NFA terms use ``K = K^T``
-    (``dW^T K W0 = (W0^T K dW)^T``). NaN entries pass (they give NaN correlations downstream)."""
+def _symmetry_tol(dtype: torch.dtype) -> float:
+    """``SYMMETRY_TOL``, or ``16 eps`` of a floating ``dtype`` whose rounding is coarser (half precision)."""
+    return max(SYMMETRY_TOL, 16 * torch.finfo(dtype).eps) if dtype.is_floating_point else SYMMETRY_TOL
+
+
+def symmetry_excess(K: Tensor) -> tuple[Tensor, float]:
+    """``(max_ij |K_ij - K_ji| - tol sqrt(|K_ii K_jj|), tol)`` (``tol``: ``SYMMETRY_TOL``) as a 0-dim float64 tensor
+    on ``K``'s device (no host transfer), taken over blocks of rows (no ``k x k`` temporary); above 0 where ``K``
+    is not symmetric (:func:`check_symmetric`). NaN entries give NaN (they give NaN correlations downstream)."""
     if K.ndim != 2 or K.shape[0] != K.shape[1]:
         raise ValueError(f"K must be a square k x k matrix, got shape {tuple(K.shape)}")
-    k = K.shape[0]
-    tol = max(SYMMETRY_TOL, 16 * torch.finfo(K.dtype).eps) if K.is_floating_point() else SYMMETRY_TOL
+    k, tol = K.shape[0], _symmetry_tol(K.dtype)
     root = K.diagonal().double().abs().sqrt()
     excess = K.new_full((), -1.0, dtype=torch.float64)
     for r in _row_slices(k, k):
         gap = (K[r].double() - K[:, r].t().double()).abs()
         excess = torch.maximum(excess, (gap - tol * root[r, None] * root[None, :]).max())
-    if bool(excess > 0):
+    return excess, tol
+
+
+def check_symmetric(K: Tensor, excess: float | None = None) -> None:
+    """Raise ``ValueError`` if some ``|K_ij - K_ji| > tol * sqrt(|K_ii K_jj|)`` (:func:`symmetry_excess`; pass its
+    value as ``excess`` when it has reached the host already). The NFA terms use ``K = K^T``
+    (``dW^T K W0 = (W0^T K dW)^T``)."""
+    value = symmetry_excess(K)[0] if excess is None else excess
+    if float(value) > 0:
         raise ValueError(
             "K must be a symmetric covariance: some |K_ij - K_ji| exceeds "
-            f"{tol:.0e} * sqrt(|K_ii K_jj|) (by {float(excess):.3g}); pass K = (K + K.T) / 2 if yours is symmetric "
+            f"{_symmetry_tol(K.dtype):.0e} * sqrt(|K_ii K_jj|) (by {float(value):.3g}); pass K = (K + K.T) / 2 if yours is symmetric "
             "up to rounding, or the K that ptk_covariance returns"
         )
 
@@ -232,9 +245,11 @@ def nfa_decomposition(W: Tensor, W0: Tensor, K: Tensor) -> dict[str, float]:
     ``nfm_init = |W0^T W0|``, ``nfm_cross = |W0^T dW + dW^T W0|``, ``nfm_centered = |dW^T dW|``,
     ``agop_init = |W0^T K W0|``, ``agop_cross = |W0^T K dW + dW^T K W0|``, ``agop_centered = |dW^T K dW|``.
     """
-    check_symmetric(K)
+    excess = symmetry_excess(K)[0]
     norms = _terms(W, W0.to(W), K, None, 1.0)[3]
-    return dict(zip(NORM_KEYS, norms.tolist()))
+    *values, asymmetry = torch.cat([norms.double(), excess.to(norms.device).reshape(1)]).tolist()
+    check_symmetric(K, asymmetry)
+    return dict(zip(NORM_KEYS, values))
 
 
 def nfa_summary(
@@ -248,32 +263,38 @@ def nfa_summary(
     (``O(k d²)``): ``F = W^T W``, the decomposition terms, whose sum is ``G = W^T K W`` (``_terms``); the
     kernel alignment comes from ``K W`` and one more ``d x d`` product
     (:func:`gram_alignment`, no ``k x k`` ``W W^T``). Each term is freed once its norm is taken and added;
-    all scalars reach the host in one transfer (after the one of :func:`check_symmetric`, which must decide
-    before any term is formed). :func:`summary_memory` accounts for what this allocates.
+    all scalars reach the host in one transfer, with the check that ``K`` is symmetric
+    (:func:`symmetry_excess`: an asymmetric ``K`` is refused by name once the values arrive).
+    :func:`summary_memory` accounts for what this allocates.
 
     A layer with fewer outputs than inputs (``k < d``), AGOP power 1 and no kept matrices is measured
     from its ``k x k`` Gram matrices instead (:func:`diagnostics.output_space.output_space_summary`: the same
     values to rounding, without any ``d x d`` term)."""
     W0 = W0.to(W)
-    check_symmetric(K)
+    excess = symmetry_excess(K)[0]  # read with the results: no host transfer of its own
     if _output_space(W.shape, power, keep_matrices, W.device):
         corrs, norms = output_space_summary(W, W0, K, method)
-        return summary_record(corrs, relative_change(W, W - W0), norms, None, None)
+        return summary_record(corrs, relative_change(W, W - W0), norms, None, None, K, excess)
     F, G, c, norms, KW = _terms(W, W0, K, method, power)
     alignment = gram_alignment(W, KW, K, F, method)
     del KW
     uc = nfm_agop_correlation(F, G, method, power)  # the UC-NFA
     if not keep_matrices:
         F = G = None
-    return summary_record(torch.stack([uc, c, alignment]), relative_change(W, W - W0), norms, F, G)
+    return summary_record(torch.stack([uc, c, alignment]), relative_change(W, W - W0), norms, F, G, K, excess)
 
 
 def summary_record(
-    corrs: Tensor, rel_change: Tensor, norms: Tensor, F: Tensor | None, G: Tensor | None
+    corrs: Tensor, rel_change: Tensor, norms: Tensor, F: Tensor | None, G: Tensor | None,
+    K: Tensor | None = None, excess: Tensor | None = None,
 ) -> dict[str, Any]:
     """The record of :func:`nfa_summary` from ``corrs = [UC-NFA, C-NFA, kernel alignment]``, the
-    :func:`relative_change` and the six ``NORM_KEYS`` norms, with one host transfer."""
-    values = torch.cat([corrs, torch.stack([rel_change]).to(corrs), norms.to(corrs)]).tolist()
+    :func:`relative_change` and the six ``NORM_KEYS`` norms, with one host transfer; with ``K`` and its
+    :func:`symmetry_excess` ``excess``, :func:`check_symmetric` on the value that transfer brought."""
+    extra = [] if excess is None else [excess.reshape(1).to(corrs)]
+    values = torch.cat([corrs, torch.stack([rel_change]).to(corrs), norms.to(corrs), *extra]).tolist()
+    if excess is not None:
+        check_symmetric(K, values.pop())
     return {
         "uc_nfa": values[0],
         "c_nfa": values[1],

@@ -330,3 +330,21 @@ def test_an_asymmetric_K_is_refused_by_name() -> None:
                lambda: nfa_summary(wide, wide0, bad_small), lambda: nfa_summary(W, W0, scaled)):
         with pytest.raises(ValueError, match="symmetric"):
             fn()
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6)])  # the d x d and the k x k route
+def test_nfa_summary_reads_its_values_once(shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    # one host transfer per layer (a synchronisation on a GPU), the symmetry check of K included
+    from diagnostics.nfa import nfa_summary
+
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(*shape, generator=g, dtype=torch.float64)
+    W = W0 + 0.1 * torch.randn(*shape, generator=g, dtype=torch.float64)
+    J = torch.randn(10, shape[0], generator=g, dtype=torch.float64)
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, **k: reads.append(1) or _real(self, *a, **k))
+    nfa_summary(W, W0, J.t() @ J, keep_matrices=False)
+    monkeypatch.undo()
+    assert len(reads) == 1
