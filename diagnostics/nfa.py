@@ -182,8 +182,8 @@ def _symmetry_tol(dtype: torch.dtype) -> float:
     return max(SYMMETRY_TOL, 16 * torch.finfo(dtype).eps) if dtype.is_floating_point else SYMMETRY_TOL
 
 
-def symmetry_excess(K: Tensor) -> tuple[Tensor, float]:
-    """``(max_ij |K_ij - K_ji| - tol sqrt(|K_ii K_jj|), tol)`` (``tol``: ``SYMMETRY_TOL``) as a 0-dim float64 tensor
+def symmetry_excess(K: Tensor) -> Tensor:
+    """``max_ij |K_ij - K_ji| - tol sqrt(|K_ii K_jj|)`` (``tol``: ``SYMMETRY_TOL``) as a 0-dim float64 tensor
     on ``K``'s device (no host transfer), taken over blocks of rows (no ``k x k`` temporary); above 0 where ``K``
     is not symmetric (:func:`check_symmetric`). NaN entries give NaN (they give NaN correlations downstream)."""
     if K.ndim != 2 or K.shape[0] != K.shape[1]:
@@ -194,14 +194,14 @@ def symmetry_excess(K: Tensor) -> tuple[Tensor, float]:
     for r in _row_slices(k, k):
         gap = (K[r].double() - K[:, r].t().double()).abs()
         excess = torch.maximum(excess, (gap - tol * root[r, None] * root[None, :]).max())
-    return excess, tol
+    return excess
 
 
 def check_symmetric(K: Tensor, excess: float | None = None) -> None:
     """Raise ``ValueError`` if some ``|K_ij - K_ji| > tol * sqrt(|K_ii K_jj|)`` (:func:`symmetry_excess`; pass its
     value as ``excess`` when it has reached the host already). The NFA terms use ``K = K^T``
     (``dW^T K W0 = (W0^T K dW)^T``)."""
-    value = symmetry_excess(K)[0] if excess is None else excess
+    value = symmetry_excess(K) if excess is None else excess
     if float(value) > 0:
         raise ValueError(
             "K must be a symmetric covariance: some |K_ij - K_ji| exceeds "
@@ -245,7 +245,7 @@ def nfa_decomposition(W: Tensor, W0: Tensor, K: Tensor) -> dict[str, float]:
     ``nfm_init = |W0^T W0|``, ``nfm_cross = |W0^T dW + dW^T W0|``, ``nfm_centered = |dW^T dW|``,
     ``agop_init = |W0^T K W0|``, ``agop_cross = |W0^T K dW + dW^T K W0|``, ``agop_centered = |dW^T K dW|``.
     """
-    excess = symmetry_excess(K)[0]
+    excess = symmetry_excess(K)
     norms = _terms(W, W0.to(W), K, None, 1.0)[3]
     *values, asymmetry = torch.cat([norms.double(), excess.to(norms.device).reshape(1)]).tolist()
     check_symmetric(K, asymmetry)
@@ -271,7 +271,7 @@ def nfa_summary(
     from its ``k x k`` Gram matrices instead (:func:`diagnostics.output_space.output_space_summary`: the same
     values to rounding, without any ``d x d`` term)."""
     W0 = W0.to(W)
-    excess = symmetry_excess(K)[0]  # read with the results: no host transfer of its own
+    excess = symmetry_excess(K)  # read with the results: no host transfer of its own
     if _output_space(W.shape, power, keep_matrices, W.device):
         corrs, norms = output_space_summary(W, W0, K, method)
         return summary_record(corrs, relative_change(W, W - W0), norms, None, None, K, excess)
