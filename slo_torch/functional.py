@@ -100,14 +100,15 @@ def _cpu_norms(group: Sequence[Tensor], dtype: torch.dtype | None) -> Tensor:
         t = group[i]
         if not (t.is_sparse or t.is_complex()) and t.numel() % _CPU_ROW == 0 and t.numel() <= 64 * _CPU_ROW:
             by_size.setdefault(t.numel(), []).append(i)
-    for numel, same in by_size.items():
-        per_call = max(1, 64 // (numel // _CPU_ROW))
-        for j in range(0, len(same) if len(same) > 1 else 0, per_call):
+    equal = [same for same in by_size.values() if len(same) > 1]
+    for same in equal:
+        per_call = max(1, 64 // (group[same[0]].numel() // _CPU_ROW))
+        for j in range(0, len(same), per_call):
             part = same[j:j + per_call]
             stacked = torch.stack([group[i].reshape(-1) for i in part]).view(len(part), -1, _CPU_ROW)
-            rows = torch.linalg.vector_norm(stacked, dim=2, dtype=dtype)
-            out[part] = rows.to(torch.float64).square_().sum(dim=1).sqrt_()
-    stacked_ids = {i for same in by_size.values() if len(same) > 1 for i in same}
+            row_norms = torch.linalg.vector_norm(stacked, dim=2, dtype=dtype)
+            out[part] = row_norms.to(torch.float64).square_().sum(dim=1).sqrt_()
+    stacked_ids = {i for same in equal for i in same}
     long = [i for i in rest if i not in stacked_ids]
     if long:
         rows: list[Tensor] = []
